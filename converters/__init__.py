@@ -1,0 +1,1 @@
+"""Converters: Hugging Face checkpoints to GGUF or quantized ONNX."""

@@ -1,0 +1,28 @@
+"""edgelm: convert, run and serve language models on edge devices.
+
+    import edgelm
+    with edgelm.load() as m:                      # the embedded SmolLM2-135M-Instruct
+        for chunk in m.stream_chat([{"role": "user", "content": "Hi"}]):
+            print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+from .errors import *  # noqa: F401,F403  (the typed errors are part of the public API)
+from .errors import EdgelmError
+from .loader import default_model_path, load
+from .model import Model, collect
+from .params import GenerationParams
+from .types import Chunk, Completion, ModelInfo, Timings, Usage
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("edgelm")
+except Exception:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
+    "default_model_path", "collect", "__version__",
+]

@@ -1,0 +1,92 @@
+"""The `edgelm` command: a thin layer over the library API.
+
+Each command lives in its own module and calls `edgelm.*`; errors are mapped to messages and exit codes
+through :data:`EXIT_CODES` (set EDGELM_DEBUG=1 to see the traceback instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from edgelm import errors
+
+# error type -> exit code; the first matching entry (in order) wins
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (errors.InvalidParameterError, 2),
+    (errors.UnknownBackendError, 2),
+    (errors.UnknownQuantizationError, 2),
+    (errors.UnknownDeviceError, 2),
+    (errors.ModelNotFoundError, 3),
+    (errors.InvalidSourceError, 3),
+    (errors.InvalidModelFileError, 4),
+    (errors.UnsupportedModelError, 4),
+    (errors.BackendNotInstalledError, 5),
+    (errors.ContextLengthExceededError, 6),
+    (errors.QualityBudgetError, 7),
+    (errors.DoesNotFitError, 8),
+    (errors.OutputExistsError, 9),
+    (errors.EdgelmError, 1),
+]
+
+
+def exit_code_for(exc: BaseException) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return 1
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn edgelm's typed errors into a one-line message and the exit code from EXIT_CODES."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except errors.EdgelmError as exc:
+            if os.environ.get("EDGELM_DEBUG"):
+                raise
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            sys.exit(exit_code_for(exc))
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _version() -> str:
+    from edgelm import __version__
+
+    return __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(_version(), "-V", "--version", prog_name="edgelm")
+def main() -> None:
+    """edgelm: run language models on edge devices.
+
+    \b
+    Quick start (the embedded SmolLM2-135M-Instruct needs no download):
+      edgelm run "What is the capital of France?"
+      edgelm chat
+      edgelm info model.gguf --json
+
+    Every command has --help.  Set EDGELM_DEBUG=1 for tracebacks instead of one-line errors.
+    """
+
+
+def _register() -> None:
+    from . import generate
+
+    for module in (generate,):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

@@ -1,0 +1,229 @@
+"""`edgelm run`, `edgelm chat`, `edgelm info`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from . import handle_errors
+
+
+def load_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that choose how a model is loaded (shared by run, chat, serve, bench)."""
+    options = [
+        click.option("--backend", default="auto", show_default=True,
+                     help="auto (by file format), llamacpp or onnxruntime."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu, metal, cuda, ..."),
+        click.option("--threads", type=int, default=None, help="CPU threads [default: the cores available]."),
+        click.option("--n-ctx", type=int, default=None,
+                     help="Context window in tokens [default: the model's, capped at 4096]."),
+        click.option("--kv-cache", default=None, help="KV cache type: f16 (default), q8_0, q4_0, ..."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Generation parameters, named as in the library (GenerationParams)."""
+    options = [
+        click.option("-n", "--max-tokens", type=int, default=None, help="Stop after this many tokens [default: none]."),
+        click.option("-t", "--temperature", type=float, default=None, help="0 = greedy [default: 0.8]."),
+        click.option("--top-p", type=float, default=None, help="Nucleus sampling, in (0, 1] [default: 0.95]."),
+        click.option("--top-k", type=int, default=None, help="0 disables [default: 40]."),
+        click.option("--min-p", type=float, default=None, help="[default: 0.05]."),
+        click.option("--repeat-penalty", type=float, default=None, help="1.0 disables [default: 1.0]."),
+        click.option("--seed", type=int, default=None, help="Fix the sampling seed for repeatable output."),
+        click.option("--stop", multiple=True, help="Stop at this string (repeatable); it is not printed."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+SAMPLING_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop")
+
+
+def pop_sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = {name: kwargs.pop(name) for name in SAMPLING_NAMES}
+    params["stop"] = list(params["stop"]) or None
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def load_model(model: str | None, kwargs: dict[str, Any]):
+    import edgelm
+
+    return edgelm.load(
+        model,
+        backend=kwargs.pop("backend"),
+        device=kwargs.pop("device"),
+        threads=kwargs.pop("threads"),
+        n_ctx=kwargs.pop("n_ctx"),
+        kv_cache=kwargs.pop("kv_cache"),
+    )
+
+
+def _print_stats(last: Any) -> None:
+    if last is None or last.usage is None or last.timings is None:
+        return
+    u, t = last.usage, last.timings
+    click.secho(
+        f"[{u.prompt_tokens} prompt tokens, {u.completion_tokens} generated, "
+        f"first token {t.prompt_seconds * 1000:.0f} ms, {t.tokens_per_second(u.completion_tokens):.1f} tok/s, "
+        f"finish: {last.finish_reason}]",
+        dim=True,
+        err=True,
+    )
+
+
+def stream_to_terminal(chunks: Any) -> Any:
+    last = None
+    for chunk in chunks:
+        if chunk.text:
+            click.echo(chunk.text, nl=False)
+        last = chunk
+    click.echo()
+    return last
+
+
+@click.command("run")
+@click.argument("args", nargs=-1, required=True, metavar="[MODEL] PROMPT")
+@click.option("--raw", is_flag=True, help="Complete the prompt as plain text instead of as a chat message.")
+@click.option("-s", "--system", default=None, help="System message (chat mode).")
+@click.option("--stats", is_flag=True, help="Print token counts and speed to stderr afterwards.")
+@load_options
+@sampling_options
+@handle_errors
+def run_command(args: tuple[str, ...], raw: bool, system: str | None, stats: bool, **kwargs: Any) -> None:
+    """Stream a model's answer to PROMPT.
+
+    MODEL is a .gguf file or an ONNX folder; without it the embedded SmolLM2-135M-Instruct answers.  PROMPT is
+    sent as a chat message through the model's own chat template (use --raw for plain completion); "-" reads
+    it from stdin.
+
+    \b
+    Examples:
+      edgelm run "What is the capital of France?"
+      edgelm run model.gguf "Write a haiku about the sea" -t 0.7 -n 64
+      edgelm run --raw "Once upon a time" --stop "." --seed 1
+      echo "Summarise: ..." | edgelm run model.gguf -
+    """
+    if len(args) > 2:
+        raise click.UsageError(f"Expected [MODEL] PROMPT, got {len(args)} arguments: quote the prompt.")
+    model, prompt = (args[0], args[1]) if len(args) == 2 else (None, args[0])
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    params = pop_sampling(kwargs)
+    with load_model(model, kwargs) as m:
+        if raw:
+            chunks = m.stream(prompt, **params)
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            chunks = m.stream_chat(messages, **params)
+        last = stream_to_terminal(chunks)
+        if stats:
+            _print_stats(last)
+
+
+CHAT_HELP = "Commands: /reset clears the conversation, /bye (or Ctrl-D) quits, /help shows this."
+
+
+@click.command("chat")
+@click.argument("model", required=False)
+@click.option("-s", "--system", default=None, help="System message for the whole conversation.")
+@click.option("--stats", is_flag=True, help="Print token counts and speed after each answer.")
+@load_options
+@sampling_options
+@handle_errors
+def chat_command(model: str | None, system: str | None, stats: bool, **kwargs: Any) -> None:
+    """Chat with a model in the terminal (multi-turn, streaming).
+
+    Without MODEL, chats with the embedded SmolLM2-135M-Instruct.  Type a message and press Enter; /reset
+    starts over, /bye or Ctrl-D quits.  Input may also be piped, one message per line.
+
+    \b
+    Examples:
+      edgelm chat
+      edgelm chat model.gguf --system "You are terse." -t 0.2
+    """
+    params = pop_sampling(kwargs)
+    interactive = sys.stdin.isatty()
+    with load_model(model, kwargs) as m:
+        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        base = list(history)
+        if interactive:
+            click.secho(f"edgelm chat with {m.info.name or m.info.path} ({m.info.backend}). {CHAT_HELP}", dim=True,
+                        err=True)
+        while True:
+            try:
+                line = input(">>> ") if interactive else sys.stdin.readline()
+            except EOFError:
+                break
+            if not interactive and line == "":
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/bye", "/exit", "/quit"):
+                break
+            if line == "/reset":
+                history = list(base)
+                click.secho("(conversation cleared)", dim=True, err=True)
+                continue
+            if line in ("/help", "/?"):
+                click.echo(CHAT_HELP, err=True)
+                continue
+            history.append({"role": "user", "content": line})
+            parts: list[str] = []
+            last = None
+            try:
+                for chunk in m.stream_chat(history, **params):
+                    if chunk.text:
+                        parts.append(chunk.text)
+                        click.echo(chunk.text, nl=False)
+                    last = chunk
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+                click.echo()
+                click.secho("(answer interrupted)", dim=True, err=True)
+            else:
+                click.echo()
+            history.append({"role": "assistant", "content": "".join(parts)})
+            if stats:
+                _print_stats(last)
+
+
+@click.command("info")
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+@handle_errors
+def info_command(model: str | None, as_json: bool) -> None:
+    """Show a model's metadata: format, architecture, quantization, parameters, context length.
+
+    Reads only the file's header (fast, nothing is loaded); without MODEL, describes the embedded default.
+
+    \b
+    Examples:
+      edgelm info model.gguf
+      edgelm info model.gguf --json | jq .quantization
+    """
+    from edgelm.loader import inspect
+
+    facts = inspect(model)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    width = max(len(k) for k in facts)
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif key == "parameters":
+            value = f"{value:,}"
+        elif key == "size_bytes":
+            value = f"{value:,} ({value / 1e6:.1f} MB)"
+        click.echo(f"{key:<{width}}  {value}")
+
+
+COMMANDS = [run_command, chat_command, info_command]

@@ -1,0 +1,232 @@
+"""The Model API: one object over any backend.
+
+The backend yields token ids; this module turns them into text exactly once for every backend: UTF-8 safe
+incremental decoding, stop strings that never leak into the output, context-window checks, usage and timings.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from typing import Any, Iterator, Sequence
+
+from . import chat as chat_templates
+from .errors import ContextLengthExceededError, InvalidParameterError, ModelClosedError
+from .params import GenerationParams
+from .types import Chunk, Completion, ModelInfo, Timings, Usage
+
+
+class Model:
+    """A loaded model.  Create it with :func:`edgelm.load`; use it as a context manager or call :meth:`close`.
+
+    One generation runs at a time per model; other threads wait for it (the server queues on top of this).
+    """
+
+    def __init__(self, backend: Any, info: ModelInfo, defaults: GenerationParams | None = None) -> None:
+        self._backend = backend
+        self.info = info
+        self.defaults = defaults or GenerationParams()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # --- tokens ---------------------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> Any:
+        if self._closed:
+            raise ModelClosedError(f"Model {self.info.path} is closed.", fix="Load it again with edgelm.load().")
+        return self._backend
+
+    @property
+    def n_ctx(self) -> int:
+        return self.backend.n_ctx
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidParameterError(f"Invalid text to tokenize: {text!r:.80}.", fix="Pass a str.",
+                                        parameter="text", value=text)
+        return self.backend.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        backend = self.backend
+        return b"".join(backend.token_bytes(int(t)) for t in tokens).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
+        backend = self.backend
+        return chat_templates.render(
+            backend.chat_template,
+            messages,
+            bos_token=backend.bos_token,
+            eos_token=backend.eos_token,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    # --- generation -----------------------------------------------------------------------------------------
+
+    def params(self, **overrides: Any) -> GenerationParams:
+        """This model's defaults with ``overrides`` applied and validated."""
+        return self.defaults.merged(**overrides)
+
+    def stream(self, prompt: str, **params: Any) -> Iterator[Chunk]:
+        """Stream a completion of raw ``prompt`` text (no chat template)."""
+        if not isinstance(prompt, str):
+            raise InvalidParameterError(f"Invalid prompt: {prompt!r:.80}.", fix="Pass the prompt as a str.",
+                                        parameter="prompt", value=prompt)
+        p = self.params(**params)
+        tokens = self.tokenize(prompt, add_special=True, parse_special=False)
+        return self._stream_tokens(tokens, p)
+
+    def stream_chat(self, messages: Any, **params: Any) -> Iterator[Chunk]:
+        """Stream the assistant's reply to ``messages``, formatted by the model's own chat template."""
+        p = self.params(**params)
+        return self._stream_tokens(self.chat_tokens(messages), p)
+
+    def chat_tokens(self, messages: Any) -> list[int]:
+        text = self.apply_chat_template(messages)
+        bos = self.backend.bos_token
+        # templates usually write the BOS text themselves; never add a second one
+        add_special = not (bos and text.startswith(bos))
+        return self.backend.tokenize(text, add_special=add_special, parse_special=True)
+
+    def generate(self, prompt: str, **params: Any) -> Completion:
+        return collect(self.stream(prompt, **params))
+
+    def chat(self, messages: Any, **params: Any) -> Completion:
+        return collect(self.stream_chat(messages, **params))
+
+    def stream_tokens(self, tokens: Sequence[int], **params: Any) -> Iterator[Chunk]:
+        """Stream from already-tokenized input (used by the server and benchmarks)."""
+        return self._stream_tokens(list(tokens), self.params(**params))
+
+    def _stream_tokens(self, tokens: list[int], p: GenerationParams) -> Iterator[Chunk]:
+        backend = self.backend
+        n_ctx = backend.n_ctx
+        n_prompt = len(tokens)
+        if n_prompt == 0:
+            raise InvalidParameterError("The prompt is empty (0 tokens).", fix="Pass some text to complete.",
+                                        parameter="prompt", value="")
+        if n_prompt >= n_ctx:
+            raise ContextLengthExceededError(
+                f"The prompt has {n_prompt} tokens but the context window is {n_ctx} tokens "
+                f"(and at least one token must be left to generate).",
+                fix="Shorten the prompt, or load the model with a larger n_ctx "
+                f"(the model was trained for {self.info.trained_context_length or 'an unknown number of'} tokens).",
+                prompt_tokens=n_prompt,
+                n_ctx=n_ctx,
+            )
+        # generator body in a separate function so the checks above raise at call time, not at first next()
+        return self._run(backend, tokens, p)
+
+    def _run(self, backend: Any, tokens: list[int], p: GenerationParams) -> Iterator[Chunk]:
+        room = backend.n_ctx - len(tokens)
+        limit = room if p.max_tokens is None else min(p.max_tokens, room)
+        stops = p.stop
+        longest_stop = max((len(s) for s in stops), default=0)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        token_bytes, is_eog = backend.token_bytes, backend.is_eog
+        pending = ""
+        n_out = 0
+        finish = "length"
+        stopped_by_string = False
+        start = time.perf_counter()
+        first = None
+        with self._lock:
+            if self._closed:
+                raise ModelClosedError(f"Model {self.info.path} is closed.", fix="Load it again with edgelm.load().")
+            source = backend.generate(tokens, p)
+            try:
+                for token in source:
+                    if first is None:
+                        first = time.perf_counter()
+                    if is_eog(token):
+                        finish = "stop"
+                        break
+                    n_out += 1
+                    piece = decoder.decode(token_bytes(token))
+                    if piece:
+                        if stops:
+                            pending += piece
+                            cut = _find_stop(pending, stops, len(piece) + longest_stop)
+                            if cut >= 0:
+                                pending = pending[:cut]
+                                finish, stopped_by_string = "stop", True
+                                break
+                            keep = _partial_stop_suffix(pending, stops)
+                            emit = pending[: len(pending) - keep]
+                            pending = pending[len(pending) - keep :]
+                            if emit:
+                                yield Chunk(emit)
+                        else:
+                            yield Chunk(piece)
+                    if n_out >= limit:
+                        break
+            finally:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+            tail = pending if stopped_by_string else pending + decoder.decode(b"", final=True)
+            if stops and not stopped_by_string:
+                cut = _find_stop(tail, stops, len(tail))
+                if cut >= 0:
+                    tail, finish = tail[:cut], "stop"
+            end = time.perf_counter()
+            first = first or end
+            timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start)
+            yield Chunk(tail, finish_reason=finish, usage=Usage(len(tokens), n_out), timings=timings)
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            self._closed = True
+            self._backend.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"<edgelm.Model {i.name or i.path} {i.architecture} {i.quantization} backend={i.backend} n_ctx={i.context_length}>"
+
+
+def collect(chunks: Iterator[Chunk]) -> Completion:
+    """Join a stream into one :class:`Completion`."""
+    parts: list[str] = []
+    last = None
+    for chunk in chunks:
+        parts.append(chunk.text)
+        last = chunk
+    assert last is not None and last.finish_reason is not None and last.usage is not None
+    return Completion("".join(parts), last.finish_reason, last.usage, last.timings)
+
+
+def _find_stop(text: str, stops: Sequence[str], window: int) -> int:
+    """Index of the earliest stop string in the last ``window`` characters of ``text``, or -1."""
+    start = max(0, len(text) - window)
+    best = -1
+    for s in stops:
+        i = text.find(s, start)
+        if i >= 0 and (best < 0 or i < best):
+            best = i
+    return best
+
+
+def _partial_stop_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that could still become a stop string: hold it back."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:n]):
+                keep = n
+                break
+    return keep

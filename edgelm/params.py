@@ -1,0 +1,122 @@
+"""Generation parameters: one validated record shared by the library, the CLI and the server."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Iterable
+
+from .errors import InvalidParameterError
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling and stopping settings.
+
+    ``temperature=0`` is greedy decoding.  ``top_k=0``, ``top_p=1`` and ``min_p=0`` switch those filters off.
+    ``max_tokens=None`` generates until an end-of-generation token or the end of the context window.
+    ``stop`` strings end generation and are never part of the output.
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    grammar: str | None = None  # GBNF grammar text (constrained decoding, llama.cpp backend)
+    speculative: str | None = None  # None | "prompt-lookup" | "draft"
+
+    def __post_init__(self) -> None:
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, Iterable):
+            stop = tuple(stop)
+        else:
+            raise _bad("stop", stop, "a string or a list of strings")
+        for s in stop:
+            if not isinstance(s, str) or s == "":
+                raise _bad("stop", stop, "non-empty strings")
+        object.__setattr__(self, "stop", stop)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise _bad("max_tokens", self.max_tokens, "an integer >= 1 (or None for no limit)")
+        _number("temperature", self.temperature, lo=0.0)
+        _number("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise _bad("top_k", self.top_k, "an integer >= 0 (0 disables it)")
+        _number("min_p", self.min_p, lo=0.0, hi=1.0)
+        _number("repeat_penalty", self.repeat_penalty, lo=0.0, lo_open=True)
+        if not _is_int(self.repeat_last_n) or self.repeat_last_n < -1:
+            raise _bad("repeat_last_n", self.repeat_last_n, "an integer >= -1 (-1 = whole context)")
+        _number("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        _number("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
+            raise _bad("seed", self.seed, "an integer in [0, 2**32) or None for a random seed")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise _bad("grammar", self.grammar, "GBNF grammar text")
+        if self.speculative not in (None, "prompt-lookup", "draft"):
+            raise _bad("speculative", self.speculative, 'None, "prompt-lookup" or "draft"')
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def merged(self, **overrides: Any) -> "GenerationParams":
+        """A copy with ``overrides`` applied (``None`` values are ignored except for max_tokens/seed/stop)."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise InvalidParameterError(
+                f"Unknown generation parameter {unknown[0]!r}.",
+                fix=f"Use one of: {', '.join(sorted(names))}.",
+                parameter=unknown[0],
+                value=overrides[unknown[0]],
+            )
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stop"] = list(self.stop)
+        return data
+
+
+def _bad(name: str, value: Any, expected: str) -> InvalidParameterError:
+    return InvalidParameterError(
+        f"Invalid value for {name}: {value!r}.", fix=f"{name} must be {expected}.", parameter=name, value=value
+    )
+
+
+def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
+    if not _is_number(value) or math.isnan(value):
+        raise _bad(name, value, "a number")
+    ok = True
+    if lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if hi is not None:
+        ok = ok and value <= hi
+    if not ok:
+        left = "(" if lo_open else "["
+        rng = f"{left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
+        raise _bad(name, value, f"a number in {rng}")
+
+
+PARAMETER_NAMES = tuple(f.name for f in fields(GenerationParams))

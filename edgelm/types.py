@@ -1,0 +1,78 @@
+"""Records the library hands back: model facts, streamed chunks, finished completions."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    format: str  # "gguf" | "onnx"
+    backend: str
+    architecture: str
+    quantization: str
+    parameters: int
+    context_length: int  # the context window this instance was loaded with (n_ctx)
+    trained_context_length: int | None = None
+    name: str | None = None
+    size_bytes: int = 0
+    device: str = "cpu"
+    threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)  # backend details: n_gpu_layers, provider, kv cache, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds, measured around the backend (prompt = until the first generated token)."""
+
+    prompt_seconds: float
+    generation_seconds: float
+    total_seconds: float
+
+    def tokens_per_second(self, completion_tokens: int) -> float:
+        # the first token comes out of prompt processing; decode speed counts the ones after it
+        n = completion_tokens - 1
+        return n / self.generation_seconds if n > 0 and self.generation_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a stream.  The last chunk of every stream has ``finish_reason``, ``usage`` and ``timings``."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings | None = None
+
+    def __str__(self) -> str:
+        return self.text

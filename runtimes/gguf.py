@@ -1,0 +1,293 @@
+"""A small, strict GGUF header reader.
+
+llama.cpp can abort the whole process on a malformed file, so every GGUF is read and checked here first:
+magic, version, every metadata value, every tensor's type and shape, and that the file really holds all the
+tensor data the header describes (a truncated download is the common case).  Only the header is read;
+tensor data is never touched, so this costs milliseconds even for multi-GB files.
+
+Also the one place that knows GGUF's type tables (tensor types, llama.cpp file types) for the rest of edgelm.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm.errors import InvalidModelFileError, ModelNotFoundError
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# ggml tensor type id -> (name, elements per block, bytes per block)
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+
+# llama.cpp `general.file_type` (enum llama_ftype) -> quantization name as users type it
+FILE_TYPES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0", 38: "MXFP4_MOE",
+}
+
+# GGUF metadata value types: id -> struct format (None for string / array)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+# string arrays longer than this (vocabularies, merges) are skipped, not decoded; their length is kept
+MAX_DECODED_STRINGS = 4096
+
+
+@dataclass(frozen=True)
+class SkippedArray:
+    """Stands in for a long string array (e.g. tokenizer.ggml.tokens) that was not decoded."""
+
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    type_id: int
+    offset: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES.get(self.type_id, (f"type{self.type_id}", 0, 0))[0]
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def n_bytes(self) -> int | None:
+        spec = GGML_TYPES.get(self.type_id)
+        if spec is None:
+            return None
+        _, block, size = spec
+        return self.n_elements // block * size
+
+
+@dataclass
+class GGUFHeader:
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: list[TensorInfo]
+    data_offset: int
+    file_size: int
+    required_size: int = field(default=0)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "unknown"))
+
+    @property
+    def name(self) -> str | None:
+        value = self.metadata.get("general.name")
+        return str(value) if value is not None else None
+
+    @property
+    def context_length(self) -> int | None:
+        value = self.metadata.get(f"{self.architecture}.context_length")
+        return int(value) if value is not None else None
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def quantization(self) -> str:
+        file_type = self.metadata.get("general.file_type")
+        if file_type is not None and int(file_type) in FILE_TYPES:
+            return FILE_TYPES[int(file_type)]
+        # no file_type: name the type holding most bytes
+        by_type: dict[str, int] = {}
+        for t in self.tensors:
+            by_type[t.type_name] = by_type.get(t.type_name, 0) + (t.n_bytes or 0)
+        return max(by_type, key=by_type.get) if by_type else "unknown"
+
+    @property
+    def chat_template(self) -> str | None:
+        value = self.metadata.get("tokenizer.chat_template")
+        return value if isinstance(value, str) else None
+
+    def arch_value(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    @property
+    def bits_per_weight(self) -> float:
+        n = self.parameters
+        return 8.0 * (self.required_size - self.data_offset) / n if n else 0.0
+
+
+class _Reader:
+    def __init__(self, buf: mmap.mmap | bytes, path: Path) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.path = path
+        self.size = len(buf)
+
+    def fail(self, what: str) -> InvalidModelFileError:
+        return InvalidModelFileError(
+            f"{self.path} is not a valid GGUF file: {what} (at byte {self.pos} of {self.size}).",
+            fix="The file is corrupt or truncated; download or convert it again.",
+            path=str(self.path),
+        )
+
+    def need(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise self.fail(f"header ends early, needed {n} more bytes")
+
+    def scalar(self, fmt: str) -> Any:
+        n = struct.calcsize(fmt)
+        self.need(n)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, limit: int = 1 << 30) -> str:
+        n = self.scalar("<Q")
+        if n > limit:
+            raise self.fail(f"string length {n} is implausible")
+        self.need(n)
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        n = self.scalar("<Q")
+        self.need(n)
+        self.pos += n
+
+    def value(self, type_id: int) -> Any:
+        if type_id in _SCALARS:
+            return self.scalar(_SCALARS[type_id])
+        if type_id == _STRING:
+            return self.string()
+        if type_id == _ARRAY:
+            item_type = self.scalar("<I")
+            count = self.scalar("<Q")
+            if item_type in _NUMPY:
+                dtype = np.dtype(_NUMPY[item_type])
+                nbytes = count * dtype.itemsize
+                self.need(nbytes)
+                arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+                self.pos += nbytes
+                return arr.astype(bool) if item_type == 7 else arr
+            if item_type == _STRING:
+                if count > MAX_DECODED_STRINGS:
+                    for _ in range(count):
+                        self.skip_string()
+                    return SkippedArray(count)
+                return [self.string() for _ in range(count)]
+            if item_type == _ARRAY:
+                return [self.value(_ARRAY) for _ in range(count)]
+            raise self.fail(f"unknown array item type {item_type}")
+        raise self.fail(f"unknown metadata value type {type_id}")
+
+
+def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
+    """Read and check a GGUF file's header; raise :class:`InvalidModelFileError` on anything malformed."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"Model file not found: {p}.", fix="Check the path.", path=str(p))
+    if p.is_dir():
+        raise InvalidModelFileError(f"{p} is a folder, not a GGUF file.", fix="Pass the .gguf file inside it.", path=str(p))
+    file_size = p.stat().st_size
+    if file_size < 24:
+        raise InvalidModelFileError(
+            f"{p} is not a GGUF file: only {file_size} bytes.", fix="Download or convert the model again.", path=str(p)
+        )
+    with open(p, "rb") as fh:
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse(buf, p, file_size)
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _parse(buf: mmap.mmap, path: Path, file_size: int) -> GGUFHeader:
+    r = _Reader(buf, path)
+    magic = bytes(buf[:4])
+    if magic != GGUF_MAGIC:
+        raise InvalidModelFileError(
+            f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF').",
+            fix="Pass a .gguf model, or convert a Hugging Face model with `edgelm convert SRC --to gguf`.",
+            path=str(path),
+        )
+    r.pos = 4
+    version = r.scalar("<I")
+    if version not in (2, 3):
+        raise r.fail(f"unsupported GGUF version {version} (this reader knows 2 and 3)")
+    n_tensors = r.scalar("<Q")
+    n_kv = r.scalar("<Q")
+    # each tensor info / kv pair needs well over 8 bytes: reject absurd counts before looping on them
+    if n_tensors > file_size // 8 or n_kv > file_size // 8:
+        raise r.fail(f"implausible counts ({n_tensors} tensors, {n_kv} metadata keys)")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = r.string(limit=65536)
+        type_id = r.scalar("<I")
+        metadata[key] = r.value(type_id)
+    tensors: list[TensorInfo] = []
+    for _ in range(n_tensors):
+        name = r.string(limit=65536)
+        n_dims = r.scalar("<I")
+        if n_dims > 8:
+            raise r.fail(f"tensor {name!r} has {n_dims} dimensions")
+        shape = tuple(r.scalar("<Q") for _ in range(n_dims))
+        type_id = r.scalar("<I")
+        offset = r.scalar("<Q")
+        tensors.append(TensorInfo(name, shape, type_id, offset))
+    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT) or DEFAULT_ALIGNMENT)
+    data_offset = (r.pos + alignment - 1) // alignment * alignment
+    required = data_offset
+    for t in tensors:
+        nbytes = t.n_bytes
+        if nbytes is None:  # a tensor type newer than this table: its end is at least its offset
+            nbytes = 0
+        spec = GGML_TYPES.get(t.type_id)
+        if spec and t.shape and t.shape[0] % spec[1]:
+            raise r.fail(f"tensor {t.name!r} row of {t.shape[0]} is not a multiple of {spec[0]}'s block {spec[1]}")
+        required = max(required, data_offset + t.offset + nbytes)
+    header = GGUFHeader(path, version, metadata, tensors, data_offset, file_size, required)
+    if file_size < required:
+        raise InvalidModelFileError(
+            f"{path} is truncated: the header describes {required:,} bytes of tensors but the file has {file_size:,}.",
+            fix="The download or conversion was interrupted; fetch or convert the model again.",
+            path=str(path),
+            file_size=file_size,
+            required_size=required,
+        )
+    return header
