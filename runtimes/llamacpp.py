@@ -324,6 +324,47 @@ class LlamaCppBackend(BackendBase):
         finally:
             smpl.close()
 
+    def token_logprobs(self, tokens: Sequence[int]) -> "np.ndarray":
+        """Log-probability the model gives each of tokens[1:] after the tokens before it (for perplexity).
+
+        Evaluates from an empty cache with logits for every position; the cache is left empty afterwards.
+        """
+        import numpy as np
+
+        if len(tokens) > self.n_ctx:
+            raise InvalidParameterError(
+                f"Cannot score {len(tokens)} tokens with n_ctx={self.n_ctx}.", fix="Use shorter windows.",
+                parameter="tokens", value=len(tokens),
+            )
+        self.reset_cache()
+        b = self._batch.batch
+        out = np.empty(len(tokens) - 1, dtype=np.float64)
+        try:
+            for i in range(0, len(tokens), self.n_batch):
+                part = tokens[i : i + self.n_batch]
+                b.n_tokens = len(part)
+                for j, tok in enumerate(part):
+                    b.token[j] = tok
+                    b.pos[j] = i + j
+                    b.seq_id[j][0] = 0
+                    b.n_seq_id[j] = 1
+                    b.logits[j] = True
+                rc = llama_cpp.llama_decode(self._ctx.ctx, b)
+                if rc != 0:
+                    raise BackendError(f"llama.cpp decode failed with code {rc} while scoring.",
+                                       fix="Use shorter windows or a larger n_ctx.")
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx.ctx),
+                                               shape=(len(part), self.n_vocab))
+                m = logits.max(axis=1, keepdims=True)
+                lse = m[:, 0].astype(np.float64) + np.log(np.exp(logits - m).sum(axis=1, dtype=np.float64))
+                # logits at position k predict token k+1
+                nxt = np.asarray(tokens[i + 1 : i + 1 + len(part)], dtype=np.int64)
+                rows = np.arange(len(nxt))
+                out[i : i + len(nxt)] = logits[rows, nxt].astype(np.float64) - lse[: len(nxt)]
+        finally:
+            self.reset_cache()
+        return out
+
     # --- facts ----------------------------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
