@@ -165,7 +165,12 @@ class Model:
                 close = getattr(source, "close", None)
                 if close is not None:
                     close()
-            tail = pending if stopped_by_string else pending + decoder.decode(b"", final=True)
+            if stopped_by_string:
+                tail = pending
+            elif finish == "length":  # cut by the limit: drop a character whose remaining bytes never came
+                tail = pending + decoder.decode(b"", final=False)
+            else:  # the model ended on invalid bytes: show them as U+FFFD
+                tail = pending + decoder.decode(b"", final=True)
             if stops and not stopped_by_string:
                 cut = _find_stop(tail, stops, len(tail))
                 if cut >= 0:

@@ -96,7 +96,7 @@ class LlamaCppBackend(BackendBase):
         self.options = options
         self._vocab = model.vocab
         self.n_ctx = ctx.n_ctx()
-        self.n_batch = min(options.n_batch, self.n_ctx)
+        self.n_batch = llama_cpp.llama_n_batch(ctx.ctx)  # llama.cpp may round n_ctx up; ask, don't assume
         self._batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}

@@ -1,0 +1,69 @@
+"""A scripted backend for fast unit tests of everything above the runtime (edgelm.model, CLI plumbing).
+
+Its vocabulary is a list of byte strings, so tests can split multi-byte UTF-8 characters across tokens
+exactly where they want.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+from edgelm.runtimes.base import BackendBase, LoadOptions
+
+EOS = 0
+
+
+class FakeBackend(BackendBase):
+    name: ClassVar[str] = "fake"
+    script: ClassVar[list[int]] = []  # token ids generate() yields, in order
+
+    def __init__(self, vocab: list[bytes], n_ctx: int = 64) -> None:
+        self.vocab = vocab
+        self.n_ctx = n_ctx
+        self.bos_token = "<s>"
+        self.eos_token = "</s>"
+        self.chat_template = None
+        self.generated: list[int] = []
+        self.closed = False
+        self.calls: list[tuple[list[int], Any]] = []
+        self.stopped_early = False
+
+    @classmethod
+    def accepts(cls, path: Path) -> bool:
+        return path.suffix == ".fake"
+
+    @classmethod
+    def load(cls, path: Path, options: LoadOptions) -> "FakeBackend":
+        vocab = [b"</s>"] + [line.encode("utf-8") for line in path.read_text(encoding="utf-8").split("|")]
+        return cls(vocab, n_ctx=options.n_ctx or 64)
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        # one token per character: ids are 1000 + code point (never collide with the scripted vocab)
+        return [1000 + ord(c) for c in text]
+
+    def token_bytes(self, token: int) -> bytes:
+        if token >= 1000:
+            return chr(token - 1000).encode("utf-8")
+        return b"" if token == EOS else self.vocab[token]
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOS
+
+    def generate(self, tokens: Sequence[int], params: Any) -> Iterator[int]:
+        self.calls.append((list(tokens), params))
+        self.generated = []
+        try:
+            for token in self.script:
+                self.generated.append(token)
+                yield token
+        except GeneratorExit:
+            self.stopped_early = True
+            raise
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": "fake", "architecture": "fake", "quantization": "none", "parameters": 1,
+                "trained_context_length": self.n_ctx}
+
+    def close(self) -> None:
+        self.closed = True
