@@ -1,0 +1,81 @@
+"""The `edgelm` command, run as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import edgelm
+
+from .conftest import run_cli
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.returncode == 0 and edgelm.__version__ in r.stdout
+
+
+def test_help_teaches_with_examples():
+    r = run_cli("run", "--help")
+    assert r.returncode == 0
+    assert "Examples:" in r.stdout and "--temperature" in r.stdout and "--stop" in r.stdout
+
+
+def test_info_json_reads_the_header(default_gguf):
+    r = run_cli("info", str(default_gguf), "--json")
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts["format"] == "gguf" and facts["architecture"] == "llama" and facts["quantization"] == "Q4_1"
+    assert facts["context_length"] == 8192 and facts["parameters"] > 100_000_000
+
+
+def test_info_without_model_describes_the_default():
+    r = run_cli("info")
+    assert r.returncode == 0 and "Q4_1" in r.stdout and "parameters" in r.stdout
+
+
+def test_missing_model_is_a_one_line_error_with_the_path(tmp_path):
+    r = run_cli("run", str(tmp_path / "absent.gguf"), "Hi")
+    assert r.returncode == 3
+    assert "absent.gguf" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_bad_parameter_exit_code_and_message():
+    r = run_cli("run", "Hi", "--temperature", "-1")
+    assert r.returncode == 2
+    assert "temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_run_streams_an_answer_from_the_default_model():
+    r = run_cli("run", "--system", "You are a helpful assistant.", "What is the capital of France?",
+                "-t", "0", "-n", "24", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "tok/s" in r.stderr
+
+
+@pytest.mark.slow
+def test_run_raw_with_stop_and_stdin(default_gguf):
+    r = run_cli("run", str(default_gguf), "-", "--raw", "-t", "0", "-n", "40", "--stop", "7", input="Count: 1, 2, 3,")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith("4") and "7" not in r.stdout
+
+
+@pytest.mark.slow
+def test_context_overflow_exit_code(default_gguf):
+    r = run_cli("run", str(default_gguf), "--raw", "--n-ctx", "256", "word " * 400)
+    assert r.returncode == 6
+    assert "context window" in r.stderr
+
+
+@pytest.mark.slow
+def test_chat_is_multi_turn_over_piped_input():
+    r = run_cli("chat", "-t", "0", "-n", "12", "--system", "You are a helpful assistant.",
+                input="What is the capital of France?\n/reset\nAnd of Italy?\n/bye\n")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "conversation cleared" in r.stderr
+    assert len([line for line in r.stdout.splitlines() if line.strip()]) >= 2
