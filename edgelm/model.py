@@ -7,12 +7,15 @@ incremental decoding, stop strings that never leak into the output, context-wind
 from __future__ import annotations
 
 import codecs
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import chat as chat_templates
-from .errors import ContextLengthExceededError, InvalidParameterError, ModelClosedError
+from .errors import (BackendError, ContextLengthExceededError, InvalidParameterError, ModelClosedError,
+                     ModelNotFoundError)
 from .params import GenerationParams
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
@@ -179,6 +182,33 @@ class Model:
             first = first or end
             timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start)
             yield Chunk(tail, finish_reason=finish, usage=Usage(len(tokens), n_out), timings=timings)
+
+    # --- prompt cache ---------------------------------------------------------------------------------------
+
+    def save_state(self, path: str | os.PathLike[str]) -> int:
+        """Save the KV cache of the last sequence (e.g. a long system prompt) to ``path``; return its tokens.
+
+        A later :meth:`load_state` (also in another process) restores it, so a prompt starting with those tokens
+        skips their evaluation.  Written atomically (temporary file, then rename).
+        """
+        with self._lock:
+            return self._state_backend("save_state").save_state(Path(path))
+
+    def load_state(self, path: str | os.PathLike[str]) -> int:
+        """Restore a cache written by :meth:`save_state`; a state of another model or build raises
+        :class:`StateMismatchError`."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelNotFoundError(f"State file not found: {path}.", fix="Check the path.", path=str(path))
+        with self._lock:
+            return self._state_backend("load_state").load_state(path)
+
+    def _state_backend(self, method: str) -> Any:
+        backend = self.backend
+        if not hasattr(backend, method):
+            raise BackendError(f"The {self.info.backend} backend cannot {method.replace('_', ' ')}.",
+                               fix="Use a GGUF model on the llama.cpp backend for saved prompt caches.")
+        return backend
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import llama_cpp
 from llama_cpp import _internals as internals
 
-from edgelm.errors import BackendError, InvalidParameterError, UnsupportedModelError
+from edgelm.errors import BackendError, InvalidParameterError, StateMismatchError, UnsupportedModelError
 from edgelm.params import GenerationParams
 
 from .base import KV_CACHE_TYPES, BackendBase, LoadOptions
@@ -29,6 +29,8 @@ log = logging.getLogger("edgelm.llamacpp")
 # KV cache element type name -> ggml type id
 KV_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 assert set(KV_TYPE_IDS) == set(KV_CACHE_TYPES)
+STATE_MAGIC = b"EDGELMKV"
+STATE_VERSION = 1
 DEFAULT_MAX_CTX = 4096  # default n_ctx cap: the trained context of many models costs GBs of KV cache
 
 # --- llama.cpp's log: kept in a ring buffer (to explain load failures) and forwarded to `logging` ----------
@@ -107,6 +109,9 @@ class LlamaCppBackend(BackendBase):
         self.bos_token = model.token_get_text(bos) if bos >= 0 else ""
         self.eos_token = model.token_get_text(eos) if eos >= 0 else ""
         self.n_vocab = model.n_vocab()
+        self.draft: LlamaCppBackend | None = None
+        self.max_draft = int(options.extra.get("max_draft", 8))
+        self.speculation_stats: dict[str, Any] = {}
 
     # --- loading --------------------------------------------------------------------------------------------
 
@@ -183,7 +188,37 @@ class LlamaCppBackend(BackendBase):
                 fix="Try a smaller n_ctx, or the default kv_cache.",
                 path=str(path),
             ) from exc
-        return cls(path, header, model, ctx, options)
+        backend = cls(path, header, model, ctx, options)
+        try:
+            backend._attach_draft(options)
+        except BaseException:
+            backend.close()
+            raise
+        return backend
+
+    def _attach_draft(self, options: LoadOptions) -> None:
+        spec = options.extra.get("speculative")
+        if spec not in (None, "prompt-lookup", "draft"):
+            raise InvalidParameterError(f"Invalid speculative: {spec!r}.",
+                                        fix='Use None, "prompt-lookup" or "draft" (with draft_model=...).',
+                                        parameter="speculative", value=spec)
+        draft_path = options.extra.get("draft_model")
+        if draft_path is None:
+            return
+        draft_file = Path(draft_path).expanduser()
+        sub = LoadOptions(threads=options.threads, n_ctx=self.n_ctx, device=options.device,
+                          n_gpu_layers=options.n_gpu_layers, use_mmap=options.use_mmap, n_batch=options.n_batch)
+        self.draft = LlamaCppBackend.load(draft_file, sub)
+        if self.draft.n_vocab != self.n_vocab or any(
+            self.draft.token_bytes(t) != self.token_bytes(t) for t in range(0, self.n_vocab, max(1, self.n_vocab // 512))
+        ):
+            self.draft.close()
+            self.draft = None
+            raise InvalidParameterError(
+                f"The draft model {draft_file} has another vocabulary than {self.path}.",
+                fix="Use a smaller model of the same family (same tokenizer) as draft_model.",
+                parameter="draft_model", value=str(draft_file),
+            )
 
     # --- tokens ---------------------------------------------------------------------------------------------
 
@@ -210,8 +245,8 @@ class LlamaCppBackend(BackendBase):
 
     # --- evaluation -----------------------------------------------------------------------------------------
 
-    def _decode(self, tokens: Sequence[int], start: int) -> None:
-        """Evaluate ``tokens`` at positions start.. in batches; logits only for the last one."""
+    def _decode(self, tokens: Sequence[int], start: int, logits_all: bool = False) -> None:
+        """Evaluate ``tokens`` at positions start.. in batches; logits for the last one (or all of them)."""
         batch = self._batch
         b = batch.batch
         step = self.n_batch
@@ -224,7 +259,7 @@ class LlamaCppBackend(BackendBase):
                 b.pos[j] = start + i + j
                 b.seq_id[j][0] = 0
                 b.n_seq_id[j] = 1
-                b.logits[j] = False
+                b.logits[j] = logits_all
             b.logits[n - 1] = True
             rc = llama_cpp.llama_decode(self._ctx.ctx, b)
             if rc != 0:
@@ -308,8 +343,13 @@ class LlamaCppBackend(BackendBase):
         llama_cpp.llama_sampler_chain_add(smpl.sampler, sampler)
 
     def generate(self, tokens: Sequence[int], params: GenerationParams) -> Iterator[int]:
+        mode = self._speculation_mode(params)
         smpl = self._sampler(params, tokens)  # before touching the cache: a bad grammar leaves it intact
         self.prepare(tokens)
+        if mode is not None:
+            smpl.close()
+            yield from self._generate_speculative(tokens, mode)
+            return
         sample = llama_cpp.llama_sampler_sample
         chain, ctx = smpl.sampler, self._ctx.ctx
         pos = len(tokens)
@@ -323,6 +363,75 @@ class LlamaCppBackend(BackendBase):
                 pos += 1
         finally:
             smpl.close()
+
+    # --- speculative decoding -------------------------------------------------------------------------------
+
+    def _speculation_mode(self, params: GenerationParams) -> str | None:
+        """The drafting method for this call, or None.  Drafts are verified greedily, so speculation applies to
+        plain greedy decoding (temperature 0, no grammar, no penalties), where its output is identical."""
+        mode = params.speculative or self.options.extra.get("speculative")
+        if mode is None and self.draft is not None:
+            mode = "draft"
+        if mode == "draft" and self.draft is None:
+            raise InvalidParameterError(
+                "speculative='draft' needs a draft model, and none was loaded.",
+                fix='Load with edgelm.load(model, draft_model="small.gguf"), or use speculative="prompt-lookup".',
+                parameter="speculative", value=mode,
+            )
+        plain_greedy = params.greedy and not params.grammar and params.repeat_penalty == 1.0 \
+            and not params.presence_penalty and not params.frequency_penalty
+        return mode if mode and plain_greedy else None
+
+    def _argmax(self, i: int) -> int:
+        import numpy as np
+
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, i), shape=(self.n_vocab,))
+        return int(row.argmax())
+
+    def _generate_speculative(self, tokens: Sequence[int], mode: str) -> Iterator[int]:
+        """Greedy decoding that evaluates [token, *draft] in one batch and keeps the drafts llama.cpp agrees with.
+
+        Every yielded token is the argmax after the tokens before it, exactly as in plain greedy decoding; drafts
+        only decide how many positions one llama_decode call checks.
+        """
+        drafter = _PromptLookup(tokens) if mode == "prompt-lookup" else _DraftModel(self.draft, tokens)
+        k = self.max_draft
+        stats = self.speculation_stats = {"mode": mode, "rounds": 0, "drafted": 0, "accepted": 0}
+        token = self._argmax(-1)
+        pos = len(tokens)
+        while True:
+            yield token
+            drafter.append(token)
+            if pos >= self.n_ctx:
+                return
+            room = self.n_ctx - pos - 1
+            draft = drafter.propose(min(k, room)) if room > 0 else []
+            self._decode([token, *draft], pos, logits_all=bool(draft))
+            if not draft:
+                pos += 1
+                token = self._argmax(-1)
+                continue
+            accepted = []
+            nxt = self._argmax(0)
+            for i, d in enumerate(draft):
+                if nxt != d:
+                    break
+                accepted.append(d)
+                nxt = self._argmax(i + 1)
+            keep = pos + 1 + len(accepted)
+            if len(accepted) < len(draft):  # forget the rejected drafts
+                llama_cpp.llama_memory_seq_rm(self._ctx.memory, 0, keep, -1)
+                del self.cached_tokens[keep:]
+            stats["rounds"] += 1
+            stats["drafted"] += len(draft)
+            stats["accepted"] += len(accepted)
+            # grow the draft while drafts are right, shrink it to what was right when they are not
+            k = min(self.max_draft, k * 2) if len(accepted) == len(draft) else max(2, len(accepted) + 1)
+            pos = keep
+            for d in accepted:
+                yield d
+                drafter.append(d)
+            token = nxt
 
     def token_logprobs(self, tokens: Sequence[int]) -> "np.ndarray":
         """Log-probability the model gives each of tokens[1:] after the tokens before it (for perplexity).
@@ -365,6 +474,93 @@ class LlamaCppBackend(BackendBase):
             self.reset_cache()
         return out
 
+    # --- persistent KV state ---------------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """Identifies the model file's contents cheaply: a hash of its GGUF header (metadata + tensor table)."""
+        if getattr(self, "_fingerprint", None) is None:
+            import hashlib
+
+            with open(self.path, "rb") as fh:
+                digest = hashlib.sha256(fh.read(self.header.data_offset))
+            digest.update(str(self.header.file_size).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def state_identity(self) -> dict[str, Any]:
+        return {
+            "model": self.fingerprint(),
+            "model_name": self.header.name or self.path.name,
+            "kv_cache": self.options.kv_cache or "f16",
+            "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
+        }
+
+    def save_state(self, path: Path) -> int:
+        """Write the KV cache of the current sequence (and its tokens) to ``path``; return the token count."""
+        import json
+        import os
+        import tempfile
+
+        import numpy as np
+
+        tokens = np.asarray(self.cached_tokens, dtype=np.int32)
+        size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, buf, size, 0)
+        header = json.dumps({"version": STATE_VERSION, **self.state_identity(), "n_tokens": len(tokens),
+                             "n_bytes": written}).encode()
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(STATE_MAGIC + len(header).to_bytes(4, "little") + header)
+                fh.write(tokens.tobytes())
+                fh.write(memoryview(buf)[:written])
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return len(tokens)
+
+    def load_state(self, path: Path) -> int:
+        """Restore a KV cache written by :meth:`save_state` for this same model; return the token count."""
+        import json
+
+        import numpy as np
+
+        path = Path(path)
+        data = path.read_bytes()
+        if not data.startswith(STATE_MAGIC):
+            raise StateMismatchError(f"{path} is not an edgelm state file.", fix="Pass a file written by save_state().",
+                                     path=str(path))
+        n = int.from_bytes(data[8:12], "little")
+        meta = json.loads(data[12 : 12 + n])
+        mine = self.state_identity()
+        for key in ("model", "kv_cache", "llama_cpp_python"):
+            if meta.get(key) != mine[key]:
+                what = {"model": f"model {meta.get('model_name')!r}, not {mine['model_name']!r} ({self.path})",
+                        "kv_cache": f"kv_cache={meta.get('kv_cache')!r}, not {mine['kv_cache']!r}",
+                        "llama_cpp_python": f"llama-cpp-python {meta.get('llama_cpp_python')}, "
+                        f"not {mine['llama_cpp_python']}"}[key]
+                raise StateMismatchError(f"The state in {path} was saved for {what}.",
+                                         fix="Rebuild the state with this model (run the prompt and save_state again).",
+                                         path=str(path), mismatch=key)
+        n_tokens = int(meta["n_tokens"])
+        if n_tokens >= self.n_ctx:
+            raise StateMismatchError(f"The state in {path} holds {n_tokens} tokens, more than n_ctx={self.n_ctx}.",
+                                     fix=f"Load the model with n_ctx > {n_tokens}.", path=str(path))
+        start = 12 + n
+        tokens = np.frombuffer(data, dtype=np.int32, count=n_tokens, offset=start).tolist()
+        blob = data[start + 4 * n_tokens :]
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        self.reset_cache()
+        if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(blob), 0) == 0:
+            self.reset_cache()
+            raise StateMismatchError(f"llama.cpp refused the state in {path}: {_recent_errors()}.",
+                                     fix="Rebuild the state with this model and settings.", path=str(path))
+        self.cached_tokens = tokens
+        return n_tokens
+
     # --- facts ----------------------------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
@@ -385,13 +581,79 @@ class LlamaCppBackend(BackendBase):
                 "use_mmap": o.use_mmap,
                 "extra_buffers": bool(self._model.params.use_extra_bufts),
                 "n_batch": self.n_batch,
+                "speculative": o.extra.get("speculative") or ("draft" if self.draft is not None else None),
+                "draft_model": str(self.draft.path) if self.draft is not None else None,
                 "bits_per_weight": round(h.bits_per_weight, 3),
                 "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
             },
         }
 
     def close(self) -> None:
+        draft = getattr(self, "draft", None)
+        if draft is not None:
+            draft.close()
+            self.draft = None
         for obj in (getattr(self, "_batch", None), getattr(self, "_ctx", None), getattr(self, "_model", None)):
             if obj is not None:
                 obj.close()
         self.cached_tokens = []
+
+
+class _PromptLookup:
+    """Drafts by n-gram lookup: the tokens that followed the latest earlier occurrence of the current suffix."""
+
+    SIZES = (4, 3, 2)
+
+    def __init__(self, tokens: Sequence[int]) -> None:
+        self.history: list[int] = []
+        self.index: dict[tuple[int, ...], int] = {}
+        for t in tokens:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        h = self.history
+        h.append(token)
+        end = len(h) - 1  # the n-gram ending just before `token` is now followed by something
+        for n in self.SIZES:
+            if end >= n:
+                self.index[tuple(h[end - n : end])] = end - n
+
+    def propose(self, k: int) -> list[int]:
+        h = self.history
+        for n in self.SIZES:
+            if len(h) >= n:
+                start = self.index.get(tuple(h[-n:]))
+                if start is not None:
+                    return h[start + n : start + n + k]
+        return []
+
+
+class _DraftModel:
+    """Drafts with a smaller model of the same tokenizer, greedily (its KV cache follows the history)."""
+
+    def __init__(self, draft: "LlamaCppBackend", tokens: Sequence[int]) -> None:
+        self.draft = draft
+        self.history = list(tokens)
+
+    def append(self, token: int) -> None:
+        self.history.append(token)
+
+    def propose(self, k: int) -> list[int]:
+        d = self.draft
+        h = self.history
+        if len(h) + k >= d.n_ctx:
+            k = d.n_ctx - len(h) - 1
+        if k <= 0:
+            return []
+        d.prepare(h)
+        out = []
+        pos = len(h)
+        for _ in range(k):
+            t = d._argmax(-1)
+            if d.is_eog(t):
+                break
+            out.append(t)
+            if len(out) < k:
+                d._decode_one(t, pos)
+                pos += 1
+        return out
