@@ -70,6 +70,8 @@ def load(
     flash_attn: bool | None = None,
     kv_cache: str | None = None,
     n_batch: int = 512,
+    speculative: str | None = None,
+    draft_model: str | os.PathLike[str] | None = None,
     defaults: GenerationParams | dict[str, Any] | None = None,
     **backend_options: Any,
 ) -> Model:
@@ -80,6 +82,8 @@ def load(
     device: "auto" (the best this machine and build offer), "cpu", "gpu", "metal", "cuda", ...
     threads: CPU threads (default: the cores this process may use).  n_ctx: context window (default: the
     model's trained length, capped at 4096).  kv_cache: "f16" (default), "q8_0", "q4_0"...
+    speculative: default drafting for greedy generation: "prompt-lookup" (n-gram drafts from the prompt) or
+    "draft" (needs draft_model, a smaller GGUF with the same tokenizer); output is identical to plain greedy.
     defaults: generation parameters used when a call does not give them.
     """
     from edgelm import runtimes
@@ -121,7 +125,8 @@ def load(
         kv_cache=kv_cache,
         n_batch=n_batch,
         providers=resolved.providers,
-        extra=backend_options,
+        extra={**backend_options, **({"speculative": speculative} if speculative else {}),
+               **({"draft_model": draft_model} if draft_model is not None else {})},
     )
     if isinstance(defaults, dict):
         defaults = GenerationParams().merged(**defaults)

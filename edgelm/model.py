@@ -185,6 +185,13 @@ class Model:
 
     # --- prompt cache ---------------------------------------------------------------------------------------
 
+    def reset_cache(self) -> None:
+        """Forget the cached prompt, so the next call evaluates its prompt from scratch (benchmarks use this)."""
+        with self._lock:
+            reset = getattr(self.backend, "reset_cache", None)
+            if reset is not None:
+                reset()
+
     def save_state(self, path: str | os.PathLike[str]) -> int:
         """Save the KV cache of the last sequence (e.g. a long system prompt) to ``path``; return its tokens.
 

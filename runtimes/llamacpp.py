@@ -561,7 +561,23 @@ class LlamaCppBackend(BackendBase):
         self.cached_tokens = tokens
         return n_tokens
 
-    # --- facts ----------------------------------------------------------------------------------------------
+    # --- facts --------------------------------------------------------------------------------------------
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of K and V cache at this n_ctx (what kv_cache= quantization saves)."""
+        from .gguf import GGML_TYPES
+
+        h = self.header
+        n_layer = int(h.arch_value("block_count", 0))
+        n_embd = int(h.arch_value("embedding_length", 0))
+        n_head = int(h.arch_value("attention.head_count", 1) or 1)
+        n_head_kv = h.arch_value("attention.head_count_kv", n_head)
+        n_head_kv = int(n_head_kv if not hasattr(n_head_kv, "__len__") else max(n_head_kv))
+        head_k = int(h.arch_value("attention.key_length", n_embd // n_head))
+        head_v = int(h.arch_value("attention.value_length", n_embd // n_head))
+        _, block, size = GGML_TYPES[KV_TYPE_IDS[self.options.kv_cache or "f16"]]
+        elements = n_layer * self.n_ctx * n_head_kv * (head_k + head_v)
+        return elements * size // block
 
     def describe(self) -> dict[str, Any]:
         h = self.header
@@ -584,6 +600,7 @@ class LlamaCppBackend(BackendBase):
                 "speculative": o.extra.get("speculative") or ("draft" if self.draft is not None else None),
                 "draft_model": str(self.draft.path) if self.draft is not None else None,
                 "bits_per_weight": round(h.bits_per_weight, 3),
+                "kv_cache_bytes": self.kv_cache_bytes(),
                 "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
             },
         }

@@ -82,9 +82,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import generate
+    from . import generate, measure
 
-    for module in (generate,):
+    for module in (generate, measure):
         for command in module.COMMANDS:
             main.add_command(command)
 

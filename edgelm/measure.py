@@ -1,0 +1,203 @@
+"""`edgelm.bench` and `edgelm.evaluate`: speed, memory and quality of models on this machine.
+
+Each benchmarked configuration runs in a fresh child process, so load time and peak RSS are that model's alone
+(not the sum of everything loaded before it).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+from .errors import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    backend: str
+    quantization: str
+    kv_cache: str
+    n_ctx: int
+    threads: int
+    load_seconds: float
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_tokens_per_second: float  # medians over the runs
+    tokens_per_second: float
+    time_to_first_token: float
+    peak_rss: int  # bytes, of the process that loaded and ran only this model
+    kv_cache_bytes: int | None = None
+    runs: int = 0
+    spread: dict[str, list[float]] = field(default_factory=dict)  # metric -> [min, max]
+    speculative: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _bench_one(model: str | None, runs: int, prompt_tokens: int, gen_tokens: int, load_kwargs: dict[str, Any],
+               speculative: str | None, prompt: str | None) -> dict[str, Any]:
+    import edgelm
+    from edgelm.quality import eval_text
+
+    t0 = time.perf_counter()
+    m = edgelm.load(model, **load_kwargs)
+    load_seconds = time.perf_counter() - t0
+    with m:
+        if prompt is None:
+            ids = m.tokenize(eval_text(), add_special=False)[:prompt_tokens]
+        else:
+            ids = m.tokenize(prompt, add_special=False)
+        if len(ids) + gen_tokens >= m.n_ctx:
+            raise InvalidParameterError(
+                f"{len(ids)} prompt + {gen_tokens} generated tokens do not fit n_ctx={m.n_ctx}.",
+                fix="Use a smaller --prompt-tokens/--tokens or a larger --n-ctx.", parameter="prompt_tokens",
+                value=len(ids),
+            )
+        pp, tg, ttft, gen = [], [], [], []
+        for i in range(runs + 1):  # run 0 warms caches up and is not counted
+            m.reset_cache()
+            last = None
+            for chunk in m.stream_tokens(ids, max_tokens=gen_tokens, temperature=0, speculative=speculative):
+                last = chunk
+            if i == 0:
+                continue
+            t, u = last.timings, last.usage
+            ttft.append(t.prompt_seconds)
+            pp.append(u.prompt_tokens / t.prompt_seconds if t.prompt_seconds else 0.0)
+            tg.append(t.tokens_per_second(u.completion_tokens))
+            gen.append(u.completion_tokens)
+        info = m.info
+        return BenchResult(
+            model=info.name or os.path.basename(info.path),
+            backend=info.backend,
+            quantization=info.quantization,
+            kv_cache=str(info.extra.get("kv_cache", "f16")),
+            n_ctx=info.context_length,
+            threads=info.threads,
+            load_seconds=load_seconds,
+            prompt_tokens=len(ids),
+            generated_tokens=int(statistics.median(gen)),
+            prompt_tokens_per_second=statistics.median(pp),
+            tokens_per_second=statistics.median(tg),
+            time_to_first_token=statistics.median(ttft),
+            peak_rss=_peak_rss_bytes(),
+            kv_cache_bytes=info.extra.get("kv_cache_bytes"),
+            runs=runs,
+            spread={"prompt_tokens_per_second": [min(pp), max(pp)], "tokens_per_second": [min(tg), max(tg)],
+                    "time_to_first_token": [min(ttft), max(ttft)]},
+            speculative=speculative,
+        ).to_dict()
+
+
+def bench(
+    models: Sequence[str | None] | str | None = None,
+    *,
+    runs: int = 3,
+    prompt_tokens: int = 256,
+    gen_tokens: int = 64,
+    kv_caches: Iterable[str | None] = (None,),
+    speculative: str | None = None,
+    prompt: str | None = None,
+    isolate: bool = True,
+    **load_kwargs: Any,
+) -> list[BenchResult]:
+    """Benchmark each model (default: the embedded one) for each KV cache type; medians of ``runs`` runs.
+
+    ``prompt`` replaces the built-in prompt (the first ``prompt_tokens`` tokens of the evaluation text).
+    ``isolate=False`` runs in this process (peak_rss then covers everything this process did).
+    """
+    if models is None or isinstance(models, str):
+        models = [models]
+    if not isinstance(runs, int) or runs < 1:
+        raise InvalidParameterError(f"Invalid runs: {runs!r}.", fix="runs must be an integer >= 1.",
+                                    parameter="runs", value=runs)
+    for name, value in (("prompt_tokens", prompt_tokens), ("gen_tokens", gen_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise InvalidParameterError(f"Invalid {name}: {value!r}.", fix=f"{name} must be an integer >= 1.",
+                                        parameter=name, value=value)
+    jobs = [(model, runs, prompt_tokens, gen_tokens, {**load_kwargs, "kv_cache": kv}, speculative, prompt)
+            for model in models for kv in kv_caches]
+    results = []
+    for job in jobs:
+        if isolate:
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                data = pool.submit(_bench_one, *job).result()
+        else:
+            data = _bench_one(*job)
+        results.append(BenchResult(**data))
+    return results
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    model: str
+    kv_cache: str
+    perplexity: float
+    tokens_scored: int
+    windows: int
+    window: int
+    kv_cache_bytes: int | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate(model: str | None = None, *, text: str | None = None, window: int = 512, windows: int | None = 4,
+             kv_caches: Iterable[str | None] = (None,), **load_kwargs: Any) -> list[EvalResult]:
+    """Perplexity of ``model`` on ``text`` (default: the built-in evaluation text), per KV cache type."""
+    import edgelm
+    from edgelm.quality import perplexity
+
+    out = []
+    for kv in kv_caches:
+        t0 = time.perf_counter()
+        with edgelm.load(model, kv_cache=kv, **{"n_ctx": max(window, 512), **load_kwargs}) as m:
+            r = perplexity(m, text, window=window, windows=windows)
+            out.append(EvalResult(
+                model=m.info.name or os.path.basename(m.info.path), kv_cache=str(m.info.extra.get("kv_cache", "f16")),
+                perplexity=r.perplexity, tokens_scored=r.tokens_scored, windows=r.windows, window=r.window,
+                kv_cache_bytes=m.info.extra.get("kv_cache_bytes"), seconds=time.perf_counter() - t0,
+            ))
+    return out
+
+
+def plot(results: Sequence[BenchResult], path: str) -> None:
+    """A bar chart of decode and prompt tokens/s per configuration (needs matplotlib: edgelm[bench])."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        from .errors import BackendNotInstalledError
+
+        raise BackendNotInstalledError("--plot needs matplotlib, which is not installed.",
+                                       fix='Install it with: pip install "edgelm[bench]"') from exc
+    labels = [f"{r.model}\n{r.quantization} kv={r.kv_cache}" for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.2 * len(results) + 2), 4))
+    for ax, key, title in ((axes[0], "tokens_per_second", "decode tokens/s"),
+                           (axes[1], "prompt_tokens_per_second", "prompt tokens/s")):
+        values = [getattr(r, key) for r in results]
+        lows = [v - r.spread.get(key, [v, v])[0] for v, r in zip(values, results)]
+        highs = [r.spread.get(key, [v, v])[1] - v for v, r in zip(values, results)]
+        ax.bar(range(len(values)), values, yerr=[lows, highs], capsize=4, color="#4a7ebb")
+        ax.set_xticks(range(len(values)), labels, fontsize=8)
+        ax.set_title(f"{title} (median, min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
