@@ -79,3 +79,15 @@ def test_chat_is_multi_turn_over_piped_input():
     assert "Paris" in r.stdout
     assert "conversation cleared" in r.stderr
     assert len([line for line in r.stdout.splitlines() if line.strip()]) >= 2
+
+
+@pytest.mark.slow
+def test_quickstart_example_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
+    r = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "tok/s" in r.stdout and "raw completion:" in r.stdout
