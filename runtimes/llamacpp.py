@@ -247,20 +247,10 @@ class LlamaCppBackend(BackendBase):
 
     def _decode(self, tokens: Sequence[int], start: int, logits_all: bool = False) -> None:
         """Evaluate ``tokens`` at positions start.. in batches; logits for the last one (or all of them)."""
-        batch = self._batch
-        b = batch.batch
         step = self.n_batch
         for i in range(0, len(tokens), step):
             part = tokens[i : i + step]
-            n = len(part)
-            b.n_tokens = n
-            for j, tok in enumerate(part):
-                b.token[j] = tok
-                b.pos[j] = start + i + j
-                b.seq_id[j][0] = 0
-                b.n_seq_id[j] = 1
-                b.logits[j] = logits_all
-            b.logits[n - 1] = True
+            b = self._fill_batch(part, start + i, logits_all)
             rc = llama_cpp.llama_decode(self._ctx.ctx, b)
             if rc != 0:
                 self.reset_cache()
@@ -270,6 +260,19 @@ class LlamaCppBackend(BackendBase):
                     fix="The context may be full; use a shorter prompt or a larger n_ctx.",
                 )
             self.cached_tokens.extend(part)
+
+    def _fill_batch(self, tokens: Sequence[int], start: int, logits_all: bool) -> Any:
+        """Put ``tokens`` at positions start.. of sequence 0 into the batch; logits for the last (or all)."""
+        b = self._batch.batch
+        b.n_tokens = len(tokens)
+        for j, tok in enumerate(tokens):
+            b.token[j] = tok
+            b.pos[j] = start + j
+            b.seq_id[j][0] = 0
+            b.n_seq_id[j] = 1
+            b.logits[j] = logits_all
+        b.logits[len(tokens) - 1] = True
+        return b
 
     def _decode_one(self, token: int, pos: int) -> None:
         b = self._batch.batch
@@ -446,19 +449,11 @@ class LlamaCppBackend(BackendBase):
                 parameter="tokens", value=len(tokens),
             )
         self.reset_cache()
-        b = self._batch.batch
         out = np.empty(len(tokens) - 1, dtype=np.float64)
         try:
             for i in range(0, len(tokens), self.n_batch):
                 part = tokens[i : i + self.n_batch]
-                b.n_tokens = len(part)
-                for j, tok in enumerate(part):
-                    b.token[j] = tok
-                    b.pos[j] = i + j
-                    b.seq_id[j][0] = 0
-                    b.n_seq_id[j] = 1
-                    b.logits[j] = True
-                rc = llama_cpp.llama_decode(self._ctx.ctx, b)
+                rc = llama_cpp.llama_decode(self._ctx.ctx, self._fill_batch(part, i, True))
                 if rc != 0:
                     raise BackendError(f"llama.cpp decode failed with code {rc} while scoring.",
                                        fix="Use shorter windows or a larger n_ctx.")
