@@ -1,0 +1,481 @@
+"""Hugging Face checkpoint -> self-contained, quantized ONNX model folder.
+
+The exporter is onnxruntime-genai's model builder (``onnxruntime_genai.models.builder``): it writes one decoder
+graph with onnxruntime's fused contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits for
+4/8-bit weights, GatherBlockQuantized embeddings), a preallocated KV cache layout (``past_present_share_buffer``)
+and a ``genai_config.json`` that onnxruntime-genai's decode loop reads.  That graph plus that loop is the fastest
+way onnxruntime decodes on a CPU, so edgelm's onnxruntime backend runs exactly what this module writes.
+
+The builder runs in a child process (it imports torch and transformers; a crash there must not take the caller
+with it) and writes into a temporary folder next to ``output``; the folder is renamed into place only after the
+result was checked, so a failed conversion never leaves a half-written model behind.
+
+Output folder::
+
+    model.onnx, model.onnx.data   the graph and its external weights
+    genai_config.json             onnxruntime-genai's runtime settings (I/O names, KV layout, search defaults)
+    tokenizer.json, tokenizer_config.json, chat_template.jinja (when the source has one), ...
+    edgelm.json                   edgelm's manifest (see MANIFEST_VERSION and :func:`read_manifest`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgelm.errors import (ConversionError, InvalidSourceError, OutputExistsError, UnknownQuantizationError,
+                           UnsafeWeightsError, UnsupportedModelError)
+
+QUANTS = ("int4", "int8", "fp16", "fp32")
+MANIFEST = "edgelm.json"
+MANIFEST_VERSION = 1
+BUILDER_MODULE = "onnxruntime_genai.models.builder"
+# weight quantization methods of the builder (MatMulNBits): plain round-to-nearest, or llama.cpp-style k-quant
+# search; the *_last variants keep the output projection (lm_head) at 8 bits
+ALGOS = ("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed")
+DEFAULT_ALGO = "default"
+
+# Hugging Face architecture -> the onnxruntime-genai builder's model family.  Text decoders only: the builder
+# knows more (vision/audio models, MoE variants) but edgelm's backend feeds token ids and nothing else.
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "PhiForCausalLM": "phi",
+    "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "GraniteForCausalLM": "granite",
+    "OlmoForCausalLM": "olmo",
+    "NemotronForCausalLM": "nemotron",
+    "SmolLM3ForCausalLM": "smollm3",
+    "InternLM2ForCausalLM": "internlm2",
+    "Ernie4_5ForCausalLM": "ernie4_5",
+}
+
+# tokenizer/template files carried from the source when the builder did not write them itself
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "chat_template.json", "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                 "added_tokens.json")
+
+Progress = Callable[[str, float], None]
+
+
+def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Progress | None = None,
+                    **options: Any) -> Path:
+    """Convert the Hugging Face checkpoint in ``source_dir`` into an ONNX model folder at ``output``.
+
+    quant: "int4" (MatMulNBits 4-bit weights), "int8" (MatMulNBits 8-bit weights), "fp16" or "fp32".
+    progress: called as ``progress(message, fraction)`` with fraction in [0, 1].
+
+    Options (all optional):
+      block_size (int, 32): weights per quantization block for int4/int8 (16, 32, 64, 128, 256).
+      symmetric (bool, True): symmetric int4/int8 quantization (no zero points).
+      accuracy_level (int, 4): MatMulNBits compute type for activations: 1 fp32, 2 fp16, 3 bf16, 4 int8
+        (dynamic per-block int8 quantization of activations, the fastest on CPUs).
+      execution_provider (str, "cpu"): the EP the graph is built for: cpu, cuda, dml, webgpu.
+      overwrite (bool, False): replace an existing ``output`` folder.
+      timeout (float, None): seconds the exporter may run.
+
+    Returns ``output``.  Raises InvalidSourceError, UnsafeWeightsError, UnsupportedModelError,
+    UnknownQuantizationError, OutputExistsError or ConversionError; on any failure ``output`` is untouched.
+    """
+    source_dir = Path(source_dir).expanduser()
+    output = Path(output).expanduser()
+    report = progress or (lambda message, fraction: None)
+    opts = _options(quant, options)
+    config = check_source(source_dir)
+    arch = config["architectures"][0]
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        if not opts["overwrite"]:
+            raise OutputExistsError(f"The output {output} already exists.",
+                                    fix="Choose another output folder, or pass overwrite=True (--force).",
+                                    path=str(output))
+        if not output.is_dir() or not (output / MANIFEST).exists():
+            raise OutputExistsError(
+                f"The output {output} exists and is not an edgelm ONNX folder; refusing to replace it.",
+                fix="Choose another output folder, or remove it yourself.", path=str(output))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        report(f"Exporting {arch} to ONNX ({quant}) with onnxruntime-genai's model builder", 0.0)
+        _run_builder(source_dir, tmp, quant, opts, report)
+        report("Copying tokenizer files and writing the manifest", 0.9)
+        for name in CARRIED_FILES:
+            src = source_dir / name
+            if src.is_file() and not (tmp / name).exists():
+                shutil.copy2(src, tmp / name)
+        manifest = build_manifest(source_dir, tmp, config, quant, opts)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        check_output_folder(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+        _put_in_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report(f"Wrote {output}", 1.0)
+    return output
+
+
+# --- checks -------------------------------------------------------------------------------------------------
+
+def _options(quant: str, options: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(quant, str) or quant.lower() not in QUANTS:
+        raise UnknownQuantizationError(f"Unknown ONNX quantization {quant!r}.",
+                                       fix=f"Use one of: {', '.join(QUANTS)}.", quant=quant)
+    known = {"block_size": 32, "symmetric": True, "accuracy_level": 4, "algo": DEFAULT_ALGO,
+             "execution_provider": "cpu", "overwrite": False, "timeout": None}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        from edgelm.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"Unknown ONNX conversion option {unknown[0]!r}.",
+                                    fix=f"Use one of: {', '.join(known)}.", parameter=unknown[0],
+                                    value=options[unknown[0]])
+    opts = {**known, **{k: v for k, v in options.items() if v is not None}}
+    opts["quant"] = quant.lower()
+    from edgelm.errors import InvalidParameterError
+
+    if opts["block_size"] not in (16, 32, 64, 128, 256):
+        raise InvalidParameterError(f"Invalid block_size: {opts['block_size']!r}.",
+                                    fix="Use 16, 32, 64, 128 or 256.", parameter="block_size",
+                                    value=opts["block_size"])
+    if opts["accuracy_level"] not in (0, 1, 2, 3, 4):
+        raise InvalidParameterError(f"Invalid accuracy_level: {opts['accuracy_level']!r}.",
+                                    fix="Use 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8 activations).",
+                                    parameter="accuracy_level", value=opts["accuracy_level"])
+    if opts["algo"] not in ALGOS:
+        raise InvalidParameterError(f"Invalid algo: {opts['algo']!r}.", fix=f"Use one of: {', '.join(ALGOS)}.",
+                                    parameter="algo", value=opts["algo"])
+    if opts["execution_provider"] not in ("cpu", "cuda", "dml", "webgpu"):
+        raise InvalidParameterError(f"Invalid execution_provider: {opts['execution_provider']!r}.",
+                                    fix="Use cpu, cuda, dml or webgpu.", parameter="execution_provider",
+                                    value=opts["execution_provider"])
+    return opts
+
+
+def check_source(source_dir: Path) -> dict[str, Any]:
+    """The source's config.json, after checking that the folder is a checkpoint this exporter can convert."""
+    if not source_dir.is_dir():
+        raise InvalidSourceError(f"{source_dir} is not a folder.",
+                                 fix="Pass a Hugging Face checkpoint folder (config.json, *.safetensors, "
+                                 "tokenizer.json).", path=str(source_dir))
+    cfg_path = source_dir / "config.json"
+    if not cfg_path.is_file():
+        raise InvalidSourceError(f"{source_dir} has no config.json, so it is not a Hugging Face checkpoint.",
+                                 fix="Pass the folder that holds config.json and the weights.",
+                                 path=str(source_dir))
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidSourceError(f"{cfg_path} is not valid JSON ({exc}).", fix="Restore the file from the source.",
+                                 path=str(cfg_path)) from exc
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"The ONNX exporter does not support architecture {arch!r} ({cfg_path}).",
+            fix=f"Supported for ONNX: {', '.join(ARCHITECTURES)}. Convert to GGUF instead (to='gguf'), "
+            "which covers more architectures.", architecture=arch, path=str(source_dir))
+    if not (source_dir / "tokenizer.json").is_file():
+        raise InvalidSourceError(
+            f"{source_dir} has no tokenizer.json; the ONNX runtime needs the fast (Rust) tokenizer file.",
+            fix="Save one with transformers: AutoTokenizer.from_pretrained(src).save_pretrained(src).",
+            path=str(source_dir))
+    if not any(source_dir.glob("*.safetensors")):
+        if any(source_dir.glob("*.bin")) or any(source_dir.glob("*.pt")):
+            raise UnsafeWeightsError(
+                f"{source_dir} holds only pickle weights (*.bin), which can run code when loaded.",
+                fix="Convert them to safetensors first (transformers: model.save_pretrained(dir, "
+                "safe_serialization=True)) from a source you trust.", path=str(source_dir))
+        raise InvalidSourceError(f"{source_dir} has no *.safetensors weights.",
+                                 fix="Pass a complete checkpoint folder.", path=str(source_dir))
+    return config
+
+
+def _builder_args(source_dir: Path, out: Path, cache: Path, opts: dict[str, Any]) -> list[str]:
+    args = [sys.executable, "-m", BUILDER_MODULE, "-i", str(source_dir), "-o", str(out), "-p", opts["quant"],
+            "-e", opts["execution_provider"], "-c", str(cache)]
+    extra = ["hf_token=false"]
+    if opts["quant"] in ("int4", "int8"):
+        extra += [f"block_size={opts['block_size']}", f"is_symmetric={str(bool(opts['symmetric'])).lower()}"]
+        if opts["accuracy_level"]:
+            extra.append(f"accuracy_level={opts['accuracy_level']}")
+        if opts["algo"] and opts["algo"] != "default":
+            extra.append(f"algo_config={opts['algo']}")
+    return args + ["--extra_options", *extra]
+
+
+_SAVING = re.compile(r"(\d+)/(\d+) \[")
+
+
+def _run_builder(source_dir: Path, out: Path, quant: str, opts: dict[str, Any], report: Progress) -> None:
+    try:
+        import onnxruntime_genai  # noqa: F401  (the builder lives in this package)
+    except ImportError as exc:
+        raise ConversionError(f"ONNX conversion needs onnxruntime-genai's model builder, which is not installed "
+                              f"({exc}).", fix='Install it with: pip install "edgelm[convert]"') from exc
+    cache = out / ".builder-cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = _builder_args(source_dir, out, cache, opts)
+    tail: list[str] = []
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            errors="replace", bufsize=1)
+    last = 0.0
+    try:
+        assert proc.stdout is not None
+        buf = ""
+        while True:
+            chunk = proc.stdout.read(256)
+            if not chunk:
+                break
+            buf += chunk
+            # tqdm writes \r-separated updates: treat \r and \n alike
+            *lines, buf = re.split(r"[\r\n]", buf)
+            for line in lines:
+                line = line.strip()
+                if not line:
+                    continue
+                tail.append(line)
+                del tail[:-30]
+                step = _fraction(line)
+                if step is not None and step[1] - last >= 0.05:
+                    last = step[1]
+                    report(*step)
+            timeout = opts["timeout"]
+            if timeout and time.monotonic() - start > timeout:
+                proc.kill()
+                raise ConversionError(f"The ONNX exporter ran longer than timeout={timeout} s and was stopped.",
+                                      fix="Allow more time (timeout=...).")
+        rc = proc.wait()
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+    shutil.rmtree(cache, ignore_errors=True)
+    if rc != 0:
+        reason = next((line for line in reversed(tail) if re.search(r"Error|Exception|error:", line)), None)
+        raise ConversionError(
+            f"onnxruntime-genai's model builder failed (exit code {rc}) converting {source_dir} to {quant}: "
+            f"{reason or ' | '.join(tail[-3:])}",
+            fix="Check that the checkpoint loads with transformers (>= 5) and that its architecture is supported; "
+            "run `python -m onnxruntime_genai.models.builder` by hand to see the whole log.",
+            returncode=rc, log="\n".join(tail))
+    if not (out / "model.onnx").is_file() or not (out / "genai_config.json").is_file():
+        raise ConversionError(f"The model builder finished but wrote no model.onnx/genai_config.json in {out}.",
+                              fix="Run `python -m onnxruntime_genai.models.builder` by hand to see why.",
+                              log="\n".join(tail))
+
+
+def _fraction(line: str) -> tuple[str, float] | None:
+    """Map the builder's log lines to overall progress: reading weights, quantizing, then saving tensors."""
+    m = _SAVING.search(line)
+    if m and line.startswith("Saving"):
+        done, total = int(m.group(1)), int(m.group(2))
+        return f"Writing tensors {done}/{total}", 0.6 + 0.3 * done / max(total, 1)
+    if "Loading weights" in line or "Reading" in line:
+        return "Reading weights", 0.1
+    if "start to quantize" in line:
+        return "Quantizing weights (MatMulNBits)", 0.3
+    return None
+
+
+# --- manifest ---------------------------------------------------------------------------------------------
+
+def _token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value if isinstance(v, int)]
+
+
+def build_manifest(source_dir: Path, out: Path, config: dict[str, Any], quant: str,
+                   opts: dict[str, Any]) -> dict[str, Any]:
+    genai = json.loads((out / "genai_config.json").read_text(encoding="utf-8"))
+    model = genai["model"]
+    dec = model["decoder"]
+    gen_cfg = {}
+    if (source_dir / "generation_config.json").is_file():
+        gen_cfg = json.loads((source_dir / "generation_config.json").read_text(encoding="utf-8"))
+    eos = list(dict.fromkeys(_token_ids(model.get("eos_token_id")) + _token_ids(gen_cfg.get("eos_token_id"))
+                             + _token_ids(config.get("eos_token_id"))))
+    bos = model.get("bos_token_id", config.get("bos_token_id"))
+    text_cfg = config.get("text_config") or config
+    n_params = _count_parameters(source_dir)
+    data_files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name.startswith("model.onnx."))
+    template = None
+    if (out / "chat_template.jinja").is_file():
+        template = "chat_template.jinja"
+    return {
+        "format": "edgelm-onnx",
+        "version": MANIFEST_VERSION,
+        "name": config.get("_name_or_path") or source_dir.name,
+        "architecture": config["architectures"][0],
+        "model_type": config.get("model_type"),
+        "quantization": quant,
+        "quantization_options": ({"block_size": opts["block_size"], "symmetric": bool(opts["symmetric"]),
+                                  "accuracy_level": opts["accuracy_level"], "algo": opts["algo"],
+                                  "op": "MatMulNBits",
+                                  "bits": 4 if quant == "int4" else 8}
+                                 if quant in ("int4", "int8") else None),
+        "execution_provider": opts["execution_provider"],
+        "parameters": n_params,
+        "context_length": int(model.get("context_length") or text_cfg.get("max_position_embeddings") or 2048),
+        "vocab_size": int(model.get("vocab_size") or text_cfg.get("vocab_size")),
+        "bos_token_id": bos,
+        "eos_token_ids": eos,
+        "pad_token_id": model.get("pad_token_id"),
+        "model_file": dec["filename"],
+        "external_data": data_files,
+        "kv_cache": {
+            "layers": dec["num_hidden_layers"],
+            "kv_heads": dec["num_key_value_heads"],
+            "attention_heads": dec["num_attention_heads"],
+            "head_size": dec["head_size"],
+            "layout": "BNSH",  # [batch, kv_heads, sequence, head_size]
+            "past_key": dec["inputs"]["past_key_names"],
+            "past_value": dec["inputs"]["past_value_names"],
+            "present_key": dec["outputs"]["present_key_names"],
+            "present_value": dec["outputs"]["present_value_names"],
+            "shared_buffer": bool(genai.get("search", {}).get("past_present_share_buffer", False)),
+        },
+        "chat_template": template,
+        "exporter": {"name": "onnxruntime-genai model builder", "version": _version("onnxruntime-genai")},
+    }
+
+
+def _count_parameters(source_dir: Path) -> int:
+    """Parameter count from the safetensors headers (no weights are read)."""
+    import struct
+
+    total = 0
+    for f in source_dir.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in t["shape"]:
+                    count *= d
+                total += count
+    return total
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of an ONNX folder; typed errors for a missing or corrupt one."""
+    from edgelm.errors import InvalidModelFileError, ModelNotFoundError
+
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ModelNotFoundError(f"{folder} has no {MANIFEST}, so it was not written by `edgelm convert --to onnx`.",
+                                 fix="Convert the model with `edgelm convert SRC --to onnx -o DIR`.", path=str(folder))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidModelFileError(f"{path} is not valid JSON ({exc}).", fix="Convert the model again.",
+                                    path=str(path)) from exc
+    if not isinstance(data, dict) or data.get("format") != "edgelm-onnx":
+        raise InvalidModelFileError(f"{path} is not an edgelm ONNX manifest.", fix="Convert the model again.",
+                                    path=str(path))
+    if int(data.get("version", 0)) > MANIFEST_VERSION:
+        raise UnsupportedModelError(f"{path} has manifest version {data.get('version')}, newer than this edgelm "
+                                    f"reads ({MANIFEST_VERSION}).", fix="Upgrade edgelm.", path=str(path))
+    return data
+
+
+def check_output_folder(folder: Path) -> dict[str, Any]:
+    """Check that every file an ONNX folder needs is there and plausible; return its manifest.
+
+    Catches a missing or truncated model.onnx / external data file and a missing tokenizer before onnxruntime
+    is asked to load them (its own messages for those are cryptic).
+    """
+    from edgelm.errors import InvalidModelFileError, ModelNotFoundError
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    model_file = folder / manifest.get("model_file", "model.onnx")
+    if not model_file.is_file():
+        raise ModelNotFoundError(f"{folder} has no {model_file.name}.", fix="Convert the model again.",
+                                 path=str(model_file))
+    for name in ("genai_config.json", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise ModelNotFoundError(f"{folder} has no {name}; the folder is incomplete.",
+                                     fix="Copy the whole folder written by `edgelm convert --to onnx`, or convert "
+                                     "again.", path=str(folder / name))
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        try:
+            proto = onnx.load(str(model_file), load_external_data=False)
+        except Exception as exc:
+            raise InvalidModelFileError(f"{model_file} is not a readable ONNX model ({type(exc).__name__}: {exc}).",
+                                        fix="The file is corrupt or truncated: convert the model again.",
+                                        path=str(model_file)) from exc
+        _check_external_data(folder, proto)
+    return manifest
+
+
+def _check_external_data(folder: Path, proto: Any) -> None:
+    """Every external tensor's file exists and is long enough for its offset + length."""
+    from edgelm.errors import InvalidModelFileError, ModelNotFoundError
+
+    needed: dict[str, int] = {}
+    for init in proto.graph.initializer:
+        if init.data_location != 1:  # EXTERNAL
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        loc = info.get("location", "")
+        needed[loc] = max(needed.get(loc, 0), end)
+    for loc, end in needed.items():
+        path = folder / loc
+        if not path.is_file():
+            raise ModelNotFoundError(f"{folder} is missing the external weights file {loc}.",
+                                     fix="Copy the whole folder (model.onnx and its .data file), or convert again.",
+                                     path=str(path))
+        size = path.stat().st_size
+        if size < end:
+            raise InvalidModelFileError(f"{path} is truncated: {size} bytes, but the graph needs {end}.",
+                                        fix="The copy is incomplete or corrupt: copy it again, or convert again.",
+                                        path=str(path), size=size, expected=end)
+
+
+def _put_in_place(tmp: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        try:
+            os.replace(tmp, output)
+        except BaseException:
+            os.replace(old, output)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
