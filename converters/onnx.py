@@ -84,6 +84,7 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
       accuracy_level (int, 4): MatMulNBits compute type for activations: 1 fp32, 2 fp16, 3 bf16, 4 int8
         (dynamic per-block int8 quantization of activations, the fastest on CPUs).
       execution_provider (str, "cpu"): the EP the graph is built for: cpu, cuda, dml, webgpu.
+      builder_options (dict, None): more ``--extra_options key=value`` pairs for the model builder.
       overwrite (bool, False): replace an existing ``output`` folder.
       timeout (float, None): seconds the exporter may run.
 
@@ -136,7 +137,7 @@ def _options(quant: str, options: dict[str, Any]) -> dict[str, Any]:
         raise UnknownQuantizationError(f"Unknown ONNX quantization {quant!r}.",
                                        fix=f"Use one of: {', '.join(QUANTS)}.", quant=quant)
     known = {"block_size": 32, "symmetric": True, "accuracy_level": 4, "algo": DEFAULT_ALGO,
-             "execution_provider": "cpu", "overwrite": False, "timeout": None}
+             "execution_provider": "cpu", "overwrite": False, "timeout": None, "builder_options": None}
     unknown = sorted(set(options) - set(known))
     if unknown:
         from edgelm.errors import InvalidParameterError
@@ -215,6 +216,7 @@ def _builder_args(source_dir: Path, out: Path, cache: Path, opts: dict[str, Any]
             extra.append(f"accuracy_level={opts['accuracy_level']}")
         if opts["algo"] and opts["algo"] != "default":
             extra.append(f"algo_config={opts['algo']}")
+    extra += [f"{k}={v}" for k, v in (opts["builder_options"] or {}).items()]
     return args + ["--extra_options", *extra]
 
 
