@@ -216,6 +216,10 @@ def _builder_args(source_dir: Path, out: Path, cache: Path, opts: dict[str, Any]
             extra.append(f"accuracy_level={opts['accuracy_level']}")
         if opts["algo"] and opts["algo"] != "default":
             extra.append(f"algo_config={opts['algo']}")
+    if not opts["symmetric"] and opts["quant"] in ("int4", "int8"):
+        # the builder's asymmetric GatherBlockQuantized embedding shared with lm_head does not load in
+        # onnxruntime 1.32 (uint8 output type error): keep input and output embeddings separate
+        extra.append("shared_embeddings=false")
     extra += [f"{k}={v}" for k, v in (opts["builder_options"] or {}).items()]
     return args + ["--extra_options", *extra]
 

@@ -83,6 +83,15 @@ def _genai():
     return og
 
 
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+
+        return onnxruntime.__version__
+    except ImportError:  # pragma: no cover
+        return "(not installed)"
+
+
 def available_providers() -> list[str]:
     import onnxruntime
 
@@ -355,11 +364,15 @@ class OnnxBackend(BackendBase):
             self._gen_params = params
         except Exception as exc:
             msg = str(exc)
-            if any(w in msg for w in ("NOT_IMPLEMENTED", "not implemented", "opset", "Could not find an implementation")):
+            if any(w in msg for w in ("NOT_IMPLEMENTED", "not implemented", "opset", "Opset",
+                                      "Could not find an implementation", "is not a registered function/op")):
+                hint = ("load it with device='cpu', or convert it again for this provider (execution_provider=...)"
+                        if provider != "CPUExecutionProvider" else
+                        "upgrade onnxruntime and onnxruntime-genai (pip install -U \"edgelm[onnx]\"), or convert "
+                        "the model again with this edgelm")
                 raise UnsupportedModelError(
-                    f"onnxruntime cannot run {folder} on {provider}: {msg}",
-                    fix="The graph uses an operator or opset this execution provider lacks: load it with "
-                    "device='cpu', or convert it again for this provider (execution_provider=...).",
+                    f"onnxruntime {_ort_version()} cannot run {folder} on {provider}: {msg.strip()}",
+                    fix=f"The graph uses an operator or opset this onnxruntime/provider lacks: {hint}.",
                     path=str(folder), provider=provider) from exc
             if "protobuf" in msg.lower() or "parse" in msg.lower() or "external data" in msg.lower():
                 raise InvalidModelFileError(f"onnxruntime could not read {folder}: {msg}",

@@ -352,3 +352,24 @@ def test_overwrite_replaces_an_earlier_conversion(onnx_models, tmp_path):
     with edgelm.load(out, threads=1) as m:
         assert m.info.quantization == "int8"
         assert m.generate("The", temperature=0, max_tokens=4).usage.completion_tokens >= 1
+
+
+@pytest.mark.slow
+def test_operator_or_opset_the_runtime_lacks_is_unsupported_model(onnx_models, tmp_path):
+    import onnx
+
+    for name in ("unknown-op", "future-opset"):
+        d = tmp_path / name
+        shutil.copytree(onnx_models["llama-int4"], d)
+        proto = onnx.load(str(d / "model.onnx"), load_external_data=False)
+        if name == "unknown-op":
+            proto.graph.node[-1].op_type = "NoSuchOperator"
+            proto.graph.node[-1].domain = "com.microsoft"
+        else:
+            for o in proto.opset_import:
+                if o.domain in ("", "ai.onnx"):
+                    o.version = 99
+        onnx.save(proto, str(d / "model.onnx"))
+        with pytest.raises(UnsupportedModelError, match="cannot run .* on CPUExecutionProvider") as err:
+            edgelm.load(d)
+        assert "upgrade onnxruntime" in str(err.value)
