@@ -26,6 +26,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.InvalidModelFileError, 4),
     (errors.UnsupportedModelError, 4),
     (errors.BackendNotInstalledError, 5),
+    (errors.ExecutionProviderError, 5),  # an onnxruntime execution provider's package is not installed
     (errors.ContextLengthExceededError, 6),
     (errors.QualityBudgetError, 7),
     (errors.DoesNotFitError, 8),
