@@ -302,7 +302,8 @@ class OnnxBackend(BackendBase):
             "size_bytes": size,
             "bits_per_weight": round(size * 8 / m["parameters"], 3) if m.get("parameters") else bits,
             "built_for": m.get("execution_provider"),
-            "kv_cache": m.get("kv_cache"),
+            "kv_cache": {k: v for k, v in (m.get("kv_cache") or {}).items()
+                         if k in ("layers", "kv_heads", "head_size", "layout", "shared_buffer")},
             "eos_token_ids": m.get("eos_token_ids"),
             "bos_token_id": m.get("bos_token_id"),
             "chat_template": m.get("chat_template") is not None,
