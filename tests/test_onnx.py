@@ -373,3 +373,17 @@ def test_operator_or_opset_the_runtime_lacks_is_unsupported_model(onnx_models, t
         with pytest.raises(UnsupportedModelError, match="cannot run .* on CPUExecutionProvider") as err:
             edgelm.load(d)
         assert "upgrade onnxruntime" in str(err.value)
+
+
+@pytest.mark.slow
+def test_cli_info_and_run_on_an_onnx_folder(onnx_models):
+    from .conftest import run_cli
+
+    r = run_cli("info", str(onnx_models["llama-int4"]), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert (info["format"], info["architecture"], info["quantization"]) == ("onnx", "llama", "int4")
+    r = run_cli("run", str(onnx_models["llama-int4"]), "Hello", "-t", "0", "-n", "4")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("run", str(onnx_models["llama-int4"]), "Hello", "--device", "cuda")
+    assert r.returncode == 5 and "onnxruntime-gpu" in r.stderr
