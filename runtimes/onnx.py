@@ -460,13 +460,20 @@ class OnnxBackend(BackendBase):
             raise BackendError("The onnxruntime model is closed.", fix="Load it again with edgelm.load().")
 
     def reset_cache(self) -> None:
+        """Forget the cached tokens; the generator and its KV buffer stay (a new one costs ~85 ms at 4096)."""
+        self.cached_tokens = []
+
+    def _drop_generator(self) -> None:
         self._gen = None
         self.cached_tokens = []
 
-    def _new_generator(self) -> Any:
-        og = _genai()
-        self._gen = None  # free the old KV buffer first
-        self._gen = og.Generator(self._model, self._gen_params)
+    def _empty_generator(self) -> Any:
+        """The generator, rewound to an empty sequence (created on first use)."""
+        if self._gen is None:
+            og = _genai()
+            self._gen = og.Generator(self._model, self._gen_params)
+        else:
+            self._gen.rewind_to(0)
         self.cached_tokens = []
         return self._gen
 
@@ -480,7 +487,7 @@ class OnnxBackend(BackendBase):
             n += 1
         try:
             if self._gen is None or n == 0:
-                gen = self._new_generator()
+                gen = self._empty_generator()
                 n = 0
             else:
                 gen = self._gen
@@ -488,7 +495,7 @@ class OnnxBackend(BackendBase):
                 del cached[n:]
             gen.append_tokens(list(tokens[n:]))
         except Exception as exc:
-            self.reset_cache()
+            self._drop_generator()
             raise BackendError(f"onnxruntime-genai failed to evaluate the prompt ({len(tokens)} tokens, "
                                f"n_ctx={self.n_ctx}): {exc}", fix="Use a shorter prompt or a larger n_ctx.") from exc
         self.cached_tokens = list(tokens)
@@ -526,7 +533,7 @@ class OnnxBackend(BackendBase):
         except GeneratorExit:
             raise
         except Exception as exc:
-            self.reset_cache()
+            self._drop_generator()
             raise BackendError(f"onnxruntime-genai failed while decoding: {exc}",
                                fix="Load the model again; if it repeats, convert it again.") from exc
 
@@ -545,7 +552,7 @@ class OnnxBackend(BackendBase):
         except GeneratorExit:
             raise
         except Exception as exc:
-            self.reset_cache()
+            self._drop_generator()
             raise BackendError(f"onnxruntime-genai failed while decoding: {exc}",
                                fix="Load the model again; if it repeats, convert it again.") from exc
 
@@ -562,7 +569,7 @@ class OnnxBackend(BackendBase):
         out = np.empty(len(tokens) - 1, dtype=np.float64)
         step = max(1, int(self.options.n_batch))
         try:
-            gen = self._new_generator()
+            gen = self._empty_generator()
             for i in range(0, len(tokens), step):
                 part = list(tokens[i : i + step])
                 gen.append_tokens(part)
@@ -575,6 +582,7 @@ class OnnxBackend(BackendBase):
         except InvalidParameterError:
             raise
         except Exception as exc:
+            self._drop_generator()
             raise BackendError(f"onnxruntime-genai failed while scoring {len(tokens)} tokens: {exc}",
                                fix="Use shorter windows.") from exc
         finally:
