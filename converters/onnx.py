@@ -119,6 +119,9 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
         manifest = build_manifest(source_dir, tmp, config, quant, opts)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         check_output_folder(tmp)
+        if opts["execution_provider"] == "cpu":
+            report("Checking that the model decodes on this machine", 0.95)
+            _smoke_test(tmp, manifest, quant)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
@@ -206,9 +209,18 @@ def check_source(source_dir: Path) -> dict[str, Any]:
     return config
 
 
+def _builder_target(opts: dict[str, Any]) -> str:
+    """The builder's -e: its CPU fp16 graph (MultiHeadAttention + casts) fails to decode in onnxruntime 1.32
+    ('Shape mismatch attempting to re-use buffer'), while its CUDA fp16 graph (GroupQueryAttention) runs on the
+    CPU provider too and gives fp32's greedy tokens; fp16 for CPU is therefore built as that graph."""
+    if opts["quant"] == "fp16" and opts["execution_provider"] == "cpu":
+        return "cuda"
+    return opts["execution_provider"]
+
+
 def _builder_args(source_dir: Path, out: Path, cache: Path, opts: dict[str, Any]) -> list[str]:
     args = [sys.executable, "-m", BUILDER_MODULE, "-i", str(source_dir), "-o", str(out), "-p", opts["quant"],
-            "-e", opts["execution_provider"], "-c", str(cache)]
+            "-e", _builder_target(opts), "-c", str(cache)]
     extra = ["hf_token=false"]
     if opts["quant"] in ("int4", "int8"):
         extra += [f"block_size={opts['block_size']}", f"is_symmetric={str(bool(opts['symmetric'])).lower()}"]
@@ -285,6 +297,11 @@ def _run_builder(source_dir: Path, out: Path, quant: str, opts: dict[str, Any], 
         raise ConversionError(f"The model builder finished but wrote no model.onnx/genai_config.json in {out}.",
                               fix="Run `python -m onnxruntime_genai.models.builder` by hand to see why.",
                               log="\n".join(tail))
+    if _builder_target(opts) != opts["execution_provider"]:  # run where it was asked for, not on the build target
+        cfg_path = out / "genai_config.json"
+        genai = json.loads(cfg_path.read_text(encoding="utf-8"))
+        genai["model"]["decoder"].setdefault("session_options", {})["provider_options"] = []
+        cfg_path.write_text(json.dumps(genai, indent=4), encoding="utf-8")
 
 
 def _fraction(line: str) -> tuple[str, float] | None:
@@ -298,6 +315,33 @@ def _fraction(line: str) -> tuple[str, float] | None:
     if "start to quantize" in line:
         return "Quantizing weights (MatMulNBits)", 0.3
     return None
+
+
+def _smoke_test(folder: Path, manifest: dict[str, Any], quant: str) -> None:
+    """Evaluate a short prompt and decode two tokens with onnxruntime-genai on CPU; a graph that onnxruntime
+    cannot run fails the conversion here instead of leaving a model that fails at its first use."""
+    import onnxruntime_genai as og
+
+    try:
+        cfg = og.Config(str(folder))
+        cfg.clear_providers()
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}}))
+        model = og.Model(cfg)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=16, do_sample=False)
+        gen = og.Generator(model, params)
+        vocab = int(manifest.get("vocab_size") or 4)
+        gen.append_tokens([1 % vocab, 2 % vocab, 3 % vocab])
+        for _ in range(2):
+            gen.generate_next_token()
+        del gen, model
+    except Exception as exc:
+        hint = ("fp16 graphs from onnxruntime-genai's builder are meant for GPU execution providers; on a CPU "
+                "use int4, int8 or fp32 (or convert with execution_provider='cuda'/'dml'/'webgpu' for a GPU)"
+                if quant == "fp16" else "try another quantization, or convert to GGUF instead")
+        raise ConversionError(
+            f"The exported {quant} model does not run on this machine's onnxruntime (CPU): "
+            f"{str(exc).strip()[:400]}", fix=f"{hint[0].upper()}{hint[1:]}.", quant=quant) from exc
 
 
 # --- manifest ---------------------------------------------------------------------------------------------
@@ -340,6 +384,7 @@ def build_manifest(source_dir: Path, out: Path, config: dict[str, Any], quant: s
                                   "bits": 4 if quant == "int4" else 8}
                                  if quant in ("int4", "int8") else None),
         "execution_provider": opts["execution_provider"],
+        "graph_target": _builder_target(opts),
         "parameters": n_params,
         "context_length": int(model.get("context_length") or text_cfg.get("max_position_embeddings") or 2048),
         "vocab_size": int(model.get("vocab_size") or text_cfg.get("vocab_size")),

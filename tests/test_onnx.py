@@ -164,6 +164,7 @@ def onnx_models(tiny_llama_src, tmp_path_factory):
     return {
         "llama-int4": _convert(tiny_llama_src, root / "llama-int4", "int4"),
         "llama-fp32": _convert(tiny_llama_src, root / "llama-fp32", "fp32"),
+        "llama-fp16": _convert(tiny_llama_src, root / "llama-fp16", "fp16"),
         "qwen3-int4": _convert(qwen_src, root / "qwen3-int4", "int4"),
         "qwen3-fp32": _convert(qwen_src, root / "qwen3-fp32", "fp32"),
         "qwen3-src": qwen_src,
@@ -387,3 +388,14 @@ def test_cli_info_and_run_on_an_onnx_folder(onnx_models):
     assert r.returncode == 0, r.stderr
     r = run_cli("run", str(onnx_models["llama-int4"]), "Hello", "--device", "cuda")
     assert r.returncode == 5 and "onnxruntime-gpu" in r.stderr
+
+
+@pytest.mark.slow
+def test_fp16_decodes_on_cpu_like_fp32(onnx_models):
+    tokens = {}
+    for quant in ("fp32", "fp16"):
+        with edgelm.load(onnx_models[f"llama-{quant}"], threads=2) as m:
+            assert m.info.quantization == quant and m.info.extra["execution_provider"] == "CPUExecutionProvider"
+            ids = m.tokenize("The object of the", add_special=False)
+            tokens[quant] = [t for _, t in zip(range(6), m.backend.generate(ids, m.params(temperature=0)))]
+    assert tokens["fp16"] == tokens["fp32"]
