@@ -399,3 +399,25 @@ def test_fp16_decodes_on_cpu_like_fp32(onnx_models):
             ids = m.tokenize("The object of the", add_special=False)
             tokens[quant] = [t for _, t in zip(range(6), m.backend.generate(ids, m.params(temperature=0)))]
     assert tokens["fp16"] == tokens["fp32"]
+
+
+def test_sentencepiece_style_token_bytes():
+    """Llama-2/Mistral/Gemma-style vocabularies: '▁' is a space and <0xNN> tokens are single raw bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from edgelm.runtimes.onnx import _TokenText
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ("▁", "a", "b", "▁a", "▁ab"):
+        vocab[piece] = len(vocab)
+    merges = [("▁", "a"), ("▁a", "b")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(["<s>", "</s>"])
+    spec = json.loads(tok.to_str())
+    text = _TokenText(spec, tok)
+    ids = tok.encode("ab 日", add_special_tokens=False).ids
+    assert b"".join(text(i) for i in ids) == " ab 日".encode()
+    assert [text(i) for i in ids][-3:] == [b"\xe6", b"\x97", b"\xa5"]  # one raw byte each, never split text
+    assert text(1) == b"" and text(2) == b""  # control tokens
