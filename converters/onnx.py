@@ -442,6 +442,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     from edgelm.errors import InvalidModelFileError, ModelNotFoundError
 
     path = Path(folder) / MANIFEST
+    if not path.is_file() and (Path(folder) / "genai_config.json").is_file():
+        return manifest_from_genai(Path(folder))
     if not path.is_file():
         raise ModelNotFoundError(f"{folder} has no {MANIFEST}, so it was not written by `edgelm convert --to onnx`.",
                                  fix="Convert the model with `edgelm convert SRC --to onnx -o DIR`.", path=str(folder))
@@ -457,6 +459,86 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise UnsupportedModelError(f"{path} has manifest version {data.get('version')}, newer than this edgelm "
                                     f"reads ({MANIFEST_VERSION}).", fix="Upgrade edgelm.", path=str(path))
     return data
+
+
+def manifest_from_genai(folder: Path) -> dict[str, Any]:
+    """A manifest for an onnxruntime-genai model folder that edgelm did not write (the builder's output, or a
+    ready-made genai model): what genai_config.json and the graph say; quantization from the MatMul weights."""
+    from edgelm.errors import InvalidModelFileError
+
+    cfg_path = folder / "genai_config.json"
+    try:
+        genai = json.loads(cfg_path.read_text(encoding="utf-8"))
+        model = genai["model"]
+        dec = model["decoder"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InvalidModelFileError(f"{cfg_path} is not a valid onnxruntime-genai config ({exc}).",
+                                    fix="Restore the file, or convert the model with `edgelm convert --to onnx`.",
+                                    path=str(cfg_path)) from exc
+    hf: dict[str, Any] = {}
+    if (folder / "config.json").is_file():
+        try:
+            hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            hf = {}
+    quant, qopts, params = _graph_quantization(folder / dec.get("filename", "model.onnx"))
+    template = "chat_template.jinja" if (folder / "chat_template.jinja").is_file() else None
+    return {
+        "format": "edgelm-onnx",
+        "version": MANIFEST_VERSION,
+        "name": folder.name,
+        "architecture": (hf.get("architectures") or [model.get("type")])[0],
+        "model_type": model.get("type"),
+        "quantization": quant,
+        "quantization_options": qopts,
+        "execution_provider": "cpu",
+        "parameters": params,
+        "context_length": int(model.get("context_length") or 2048),
+        "vocab_size": int(model.get("vocab_size") or 0) or None,
+        "bos_token_id": model.get("bos_token_id"),
+        "eos_token_ids": _token_ids(model.get("eos_token_id")),
+        "pad_token_id": model.get("pad_token_id"),
+        "model_file": dec.get("filename", "model.onnx"),
+        "external_data": sorted(p.name for p in folder.iterdir() if p.name.startswith(dec.get("filename", "model.onnx") + ".")),
+        "kv_cache": {
+            "layers": dec.get("num_hidden_layers"), "kv_heads": dec.get("num_key_value_heads"),
+            "attention_heads": dec.get("num_attention_heads"), "head_size": dec.get("head_size"), "layout": "BNSH",
+            "shared_buffer": bool(genai.get("search", {}).get("past_present_share_buffer", False)),
+        },
+        "chat_template": template,
+        "exporter": {"name": "onnxruntime-genai model (no edgelm manifest)", "version": None},
+    }
+
+
+def _graph_quantization(model_file: Path) -> tuple[str, dict[str, Any] | None, int]:
+    """(quantization, its options, parameter count) read from the graph's initializers, without the weights."""
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:
+        return "unknown", None, 0
+    try:
+        proto = onnx.load(str(model_file), load_external_data=False)
+    except Exception:
+        return "unknown", None, 0
+    params = 0
+    float_types: set[int] = set()
+    for init in proto.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        params += n
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) and n > 4096:
+            float_types.add(init.data_type)
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            bits = int(a.get("bits", 4))
+            return (f"int{bits}", {"op": "MatMulNBits", "bits": bits, "block_size": a.get("block_size"),
+                                   "accuracy_level": a.get("accuracy_level")}, 0)
+    if onnx.TensorProto.FLOAT16 in float_types:
+        return "fp16", None, params
+    return "fp32", None, params
 
 
 def check_output_folder(folder: Path) -> dict[str, Any]:

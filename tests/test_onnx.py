@@ -421,3 +421,16 @@ def test_sentencepiece_style_token_bytes():
     assert b"".join(text(i) for i in ids) == " ab 日".encode()
     assert [text(i) for i in ids][-3:] == [b"\xe6", b"\x97", b"\xa5"]  # one raw byte each, never split text
     assert text(1) == b"" and text(2) == b""  # control tokens
+
+
+@pytest.mark.slow
+def test_plain_onnxruntime_genai_folder_loads_without_a_manifest(onnx_models, tmp_path):
+    d = tmp_path / "genai-model"
+    shutil.copytree(onnx_models["llama-int4"], d)
+    (d / "edgelm.json").unlink()
+    with edgelm.load(onnx_models["llama-int4"], threads=1) as m:
+        want = m.generate("The object", temperature=0, max_tokens=6).text
+    with edgelm.load(d, threads=1) as m:
+        assert (m.info.format, m.info.quantization, m.info.architecture) == ("onnx", "int4", "llama")
+        assert m.info.extra["quantization_options"]["bits"] == 4
+        assert m.generate("The object", temperature=0, max_tokens=6).text == want
