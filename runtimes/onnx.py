@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import threading
 from collections import Counter, deque
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
@@ -270,7 +269,6 @@ class OnnxBackend(BackendBase):
         self._gen = None
         self._model = None
         self.cached_tokens: list[int] = []
-        self._lock = threading.Lock()
 
     # --- loading ------------------------------------------------------------------------------------------------
 
@@ -573,7 +571,8 @@ class OnnxBackend(BackendBase):
             for i in range(0, len(tokens), step):
                 part = list(tokens[i : i + step])
                 gen.append_tokens(part)
-                logits = np.asarray(gen.get_output("logits"), dtype=np.float32).reshape(-1, self.n_vocab)[-len(part):]
+                raw = np.asarray(gen.get_output("logits"), dtype=np.float32)
+                logits = raw.reshape(-1, raw.shape[-1])[-len(part):]
                 m = logits.max(axis=1, keepdims=True)
                 lse = m[:, 0].astype(np.float64) + np.log(np.exp(logits - m).sum(axis=1, dtype=np.float64))
                 nxt = np.asarray(tokens[i + 1 : i + 1 + len(part)], dtype=np.int64)
