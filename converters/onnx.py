@@ -107,6 +107,7 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
                 f"The output {output} exists and is not an edgelm ONNX folder; refusing to replace it.",
                 fix="Choose another output folder, or remove it yourself.", path=str(output))
     output.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk_space(source_dir, output.parent, opts["quant"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         report(f"Exporting {arch} to ONNX ({quant}) with onnxruntime-genai's model builder", 0.0)
@@ -168,6 +169,20 @@ def _options(quant: str, options: dict[str, Any]) -> dict[str, Any]:
                                     fix="Use cpu, cuda, dml or webgpu.", parameter="execution_provider",
                                     value=opts["execution_provider"])
     return opts
+
+
+BYTES_PER_PARAMETER = {"int4": 0.65, "int8": 1.15, "fp16": 2.0, "fp32": 4.0}  # incl. scales, unshared embeddings
+
+
+def _check_disk_space(source_dir: Path, where: Path, quant: str) -> None:
+    from edgelm.errors import InsufficientDiskSpaceError
+
+    need = int(_count_parameters(source_dir) * BYTES_PER_PARAMETER[quant] * 1.1) + 16 * 2**20
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise InsufficientDiskSpaceError(
+            f"Converting to {quant} needs about {need / 2**20:.0f} MiB in {where}, but only {free / 2**20:.0f} MiB "
+            "is free.", fix="Free some space, or write the output to another disk.", needed=need, free=free)
 
 
 def check_source(source_dir: Path) -> dict[str, Any]:

@@ -434,3 +434,15 @@ def test_plain_onnxruntime_genai_folder_loads_without_a_manifest(onnx_models, tm
         assert (m.info.format, m.info.quantization, m.info.architecture) == ("onnx", "int4", "llama")
         assert m.info.extra["quantization_options"]["bits"] == 4
         assert m.generate("The object", temperature=0, max_tokens=6).text == want
+
+
+def test_not_enough_disk_space_is_refused_before_writing(tiny_llama_src, tmp_path, monkeypatch):
+    import collections
+
+    from edgelm.errors import InsufficientDiskSpaceError
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(InsufficientDiskSpaceError, match="MiB"):
+        convert_to_onnx(tiny_llama_src, tmp_path / "out", "fp32")
+    assert list(tmp_path.iterdir()) == []
