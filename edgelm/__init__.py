@@ -13,6 +13,7 @@ from .errors import EdgelmError
 from .loader import default_model_path, load
 from .model import Model, collect
 from .params import GenerationParams
+from .plan import Plan, recommend
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
 try:
@@ -24,5 +25,5 @@ except Exception:  # running from a source tree that is not installed
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
-    "default_model_path", "collect", "__version__",
+    "default_model_path", "collect", "recommend", "Plan", "__version__",
 ]

@@ -1,21 +1,23 @@
-"""Hardware facts and runtime defaults.  The only place edgelm looks at the machine it runs on.
+"""Hardware facts, device profiles and runtime defaults: the only place edgelm looks at the machine it runs on.
 
-Everything here takes its probes as arguments (with the real machine as default), so tests can pretend to be a
-Raspberry Pi or a Mac.
+Everything takes its probes as arguments (the real machine by default), so tests can pretend to be a Raspberry
+Pi, a Mac or a phone: see :class:`edgelm.platforms.probes.Probes`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Callable
+
+from .detect import Host, detect
+from .probes import Probes
+from .profiles import Device, device_names, profiles, resolve, this_machine
 
 
 @dataclass(frozen=True)
 class RuntimeDefaults:
     """What `edgelm.load(..., device="auto", threads=None)` resolves to on this machine."""
 
-    device: str  # cpu | metal | cuda | vulkan | gpu
+    device: str  # cpu | metal | cuda | vulkan | gpu | auto (onnxruntime picks from `providers`)
     threads: int
     n_gpu_layers: int
     providers: list[str] | None = None  # onnxruntime execution providers, best first
@@ -25,22 +27,42 @@ class RuntimeDefaults:
 DEVICES = ("auto", "cpu", "gpu", "metal", "cuda", "vulkan", "npu", "coreml", "qnn", "nnapi", "directml", "xnnpack")
 
 
-def performance_cores(cpu_count: Callable[[], int | None] = os.cpu_count) -> int:
-    """Threads to use by default: the cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, cpu_count() or 1)
+def default_threads(probes: Probes | None = None) -> int:
+    """Performance cores (physical, not SMT siblings) this process may run on."""
+    from . import darwin, linux, windows
+
+    p = probes or Probes()
+    module = {"Darwin": darwin, "Windows": windows}.get(p.system, linux)
+    cpu = module.cpu(p)
+    perf = int(cpu.get("performance_cores") or cpu.get("cores_logical") or 1)
+    return max(1, min(perf, p.usable_cpus()))
 
 
-def runtime_defaults(backend: str, device: str = "auto", *, gpu_offload: bool | None = None) -> RuntimeDefaults:
-    """Resolve ``device`` for ``backend`` on this machine (llama.cpp offloads every layer when it can)."""
-    threads = performance_cores()
+def preferred_providers(probes: Probes | None = None) -> list[str] | None:
+    """onnxruntime execution providers worth trying here, best first (None: CPU)."""
+    from . import linux
+
+    p = probes or Probes()
+    if p.system == "Darwin":
+        return ["CoreMLExecutionProvider"] if p.machine == "arm64" else None
+    if p.system == "Windows":
+        return ["CUDAExecutionProvider", "DmlExecutionProvider"] if p.env.get("CUDA_PATH") else ["DmlExecutionProvider"]
+    if linux.is_android(p):
+        return ["QNNExecutionProvider", "NnapiExecutionProvider", "XnnpackExecutionProvider"]
+    if linux.gpus(p)["cuda"]:
+        return ["CUDAExecutionProvider"]
+    return None
+
+
+def runtime_defaults(backend: str, device: str = "auto", *, gpu_offload: bool | None = None,
+                     probes: Probes | None = None) -> RuntimeDefaults:
+    """Resolve ``device`` for ``backend`` on this machine: llama.cpp offloads every layer when its build can,
+    onnxruntime gets the execution providers that match the platform; threads = performance cores."""
+    threads = default_threads(probes)
     if backend == "llamacpp":
         if gpu_offload is None:
-            from edgelm.runtimes.llamacpp import supports_gpu_offload
-
-            gpu_offload = supports_gpu_offload()
+            caps = (probes or Probes()).llama_caps()
+            gpu_offload = bool(caps and caps.get("gpu_offload"))
         if device == "cpu":
             return RuntimeDefaults("cpu", threads, 0)
         if device == "auto":
@@ -56,4 +78,10 @@ def runtime_defaults(backend: str, device: str = "auto", *, gpu_offload: bool | 
                 device=device,
             )
         return RuntimeDefaults(device, threads, -1)
-    return RuntimeDefaults("cpu" if device == "auto" else device, threads, 0)
+    if backend == "onnxruntime" and device == "auto":
+        return RuntimeDefaults("auto", threads, 0, providers=preferred_providers(probes))
+    return RuntimeDefaults(device, threads, 0)
+
+
+__all__ = ["Host", "Probes", "Device", "RuntimeDefaults", "DEVICES", "detect", "profiles", "device_names", "resolve",
+           "this_machine", "runtime_defaults", "default_threads", "preferred_providers"]

@@ -83,9 +83,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import generate, measure
+    from . import generate, measure, platforms
 
-    for module in (generate, measure):
+    for module in (generate, measure, platforms):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -1,0 +1,130 @@
+"""`edgelm doctor`, `edgelm devices`, `edgelm recommend`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from . import handle_errors
+
+
+def _gb(n: int | None) -> str:
+    return "?" if not n else f"{n / 1024**3:.1f} GB"
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON (keys: os, arch, cpu, memory, ...).")
+@handle_errors
+def doctor_command(as_json: bool) -> None:
+    """Describe this machine and what edgelm can use on it, and how to fix what is missing.
+
+    \b
+    Shows: OS and architecture, CPU model, features (AVX2/AVX-512/NEON/dotprod/i8mm) and cores, memory, board,
+    GPUs, what the installed llama.cpp build supports, onnxruntime's execution providers, NPU hints.
+
+    \b
+    Examples:
+      edgelm doctor
+      edgelm doctor --json | jq .backends
+    """
+    from edgelm.platforms import detect
+
+    h = detect()
+    if as_json:
+        click.echo(json.dumps(h.to_dict(), indent=2))
+        return
+    cpu, mem = h.cpu, h.memory
+    click.echo(f"system      {h.os} {h.arch}" + (f" - {h.board}" if h.board else ""))
+    click.echo(f"cpu         {cpu.get('model')}: {cpu.get('cores_logical')} logical cores, "
+               f"{cpu.get('performance_cores')} performance + {cpu.get('efficiency_cores')} efficiency, "
+               f"{cpu.get('cores_usable')} usable by this process")
+    click.echo(f"features    {', '.join(cpu.get('features') or []) or 'none detected'}")
+    click.echo(f"memory      {_gb(mem.get('total'))} total, {_gb(mem.get('available'))} available")
+    gpus = [k for k, v in h.gpu.items() if v is True]
+    click.echo(f"gpu         {', '.join(gpus) or 'none'}")
+    llama = h.backends["llamacpp"]
+    if llama.get("installed"):
+        offload = [k for k in ("metal", "cuda", "vulkan") if llama.get(k)]
+        click.echo(f"llama.cpp   llama-cpp-python {llama.get('version')}: GPU offload "
+                   f"{'yes (' + ', '.join(offload) + ')' if llama.get('gpu_offload') else 'no'}, "
+                   f"BLAS {'yes' if llama.get('blas') else 'no'}")
+    else:
+        click.echo("llama.cpp   not installed")
+    onnx = h.backends["onnxruntime"]
+    click.echo(f"onnxruntime {onnx.get('version')}: {', '.join(onnx.get('providers', []))}" if onnx.get("installed")
+               else "onnxruntime not installed")
+    if h.npu:
+        click.echo(f"npu         {'; '.join(h.npu)}")
+    if h.missing:
+        click.secho("\nmissing:", bold=True)
+        for item in h.missing:
+            click.echo(f"  {item['what']}\n    fix: {item['fix']}")
+    else:
+        click.secho("\nnothing missing for this machine", fg="green")
+
+
+@click.command("devices")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+@handle_errors
+def devices_command(as_json: bool) -> None:
+    """List the device profiles `edgelm recommend --device NAME` plans for.
+
+    Add a RAM size to a name to pick a variant, e.g. raspberry-pi-5-8gb or apple-m2-24gb.
+    """
+    from edgelm.platforms.profiles import profiles
+
+    table = profiles()
+    if as_json:
+        click.echo(json.dumps(list(table.values()), indent=2))
+        return
+    click.echo(f"{'name':<24} {'RAM (GB)':<14} {'bandwidth':>10} {'cores':>6}  accelerators / backends")
+    for name, p in table.items():
+        ram = "/".join(f"{g:g}" for g in p["ram_gb"])
+        cores = p["cores"]["performance"] + p["cores"]["efficiency"]
+        acc = ", ".join(p["accelerators"]) or "cpu"
+        click.echo(f"{name:<24} {ram:<14} {p['memory_bandwidth_gbs']:>6.1f} GB/s {cores:>6}  {acc}; "
+                   f"{', '.join(p['backends'])}")
+
+
+@click.command("recommend")
+@click.argument("model", required=False)
+@click.option("--device", default="auto", show_default=True,
+              help="A profile from `edgelm devices` (e.g. raspberry-pi-5-8gb), or auto for this machine.")
+@click.option("--n-ctx", type=int, default=None, help="Context window wanted [default: the model's, up to 4096].")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@handle_errors
+def recommend_command(model: str | None, device: str, n_ctx: int | None, as_json: bool) -> None:
+    """Plan how to run MODEL on a device: backend, quantization, n_ctx, threads, memory and expected speed.
+
+    Memory is weights + KV cache at that n_ctx + runtime overhead, and must fit the device with head-room;
+    speed is estimated from the device's memory bandwidth and the bytes read per token.  When nothing fits,
+    says by how much.
+
+    \b
+    Examples:
+      edgelm recommend model.gguf --device raspberry-pi-4-4gb
+      edgelm recommend --device raspberry-pi-zero-2-w --json
+    """
+    from edgelm.plan import recommend
+
+    plan = recommend(model, device, n_ctx=n_ctx)
+    if as_json:
+        click.echo(json.dumps(plan.to_dict(), indent=2))
+        return
+    b = plan.memory_breakdown
+    click.echo(f"device      {plan.device_title}")
+    click.echo(f"backend     {plan.backend} ({plan.format}), {plan.threads} threads"
+               + (", all layers on the GPU" if plan.n_gpu_layers else ""))
+    click.echo(f"quant       {plan.quant}" + (f"   -> {plan.convert_command}" if plan.convert_command else ""))
+    click.echo(f"n_ctx       {plan.n_ctx} (KV cache {plan.kv_cache})")
+    click.echo(f"memory      {plan.memory_bytes / 2**20:.0f} MB of {plan.device_memory_bytes / 2**20:.0f} MB usable "
+               f"(weights {b['weights'] / 2**20:.0f}, KV {b['kv_cache'] / 2**20:.0f}, "
+               f"runtime {b['overhead'] / 2**20:.0f})")
+    click.echo(f"speed       ~{plan.tokens_per_second:.0f} tokens/s decode (bound by {plan.bound_by})")
+    for note in plan.notes:
+        click.echo(f"note        {note}")
+
+
+COMMANDS = [doctor_command, devices_command, recommend_command]

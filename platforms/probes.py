@@ -1,0 +1,77 @@
+"""Probes: every way edgelm looks at the machine, injectable so tests can pretend to be a Pi, a Mac or a phone.
+
+A :class:`Probes` reads files below ``root`` (``/`` on the real machine, a fake tree in tests), asks the
+``platform`` module through plain values, and asks the installed runtimes what they support through callables.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _llama_caps() -> dict[str, Any] | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    return {
+        "version": getattr(llama_cpp, "__version__", "unknown"),
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "system_info": info,
+    }
+
+
+def _onnx_providers() -> dict[str, Any] | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return {"version": onnxruntime.__version__, "providers": list(onnxruntime.get_available_providers())}
+
+
+def _sysctl(name: str) -> str | None:
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Probes:
+    root: Path = Path("/")
+    system: str = field(default_factory=platform.system)  # Linux | Darwin | Windows
+    machine: str = field(default_factory=platform.machine)  # x86_64 | aarch64 | arm64 | AMD64
+    processor: str = field(default_factory=platform.processor)
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    cpu_count: Callable[[], int] = field(default=lambda: os.cpu_count() or 1)
+    usable_cpus: Callable[[], int] = field(default=_affinity)
+    sysctl: Callable[[str], str | None] = field(default=_sysctl)
+    llama_caps: Callable[[], dict[str, Any] | None] = field(default=_llama_caps)
+    onnx_providers: Callable[[], dict[str, Any] | None] = field(default=_onnx_providers)
+
+    def read(self, path: str) -> str | None:
+        """Text of ``path`` below root, or None when it is absent or unreadable."""
+        try:
+            return (self.root / path.lstrip("/")).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+
+    def exists(self, path: str) -> bool:
+        return (self.root / path.lstrip("/")).exists()
+
+    def glob(self, pattern: str) -> list[Path]:
+        return sorted(self.root.glob(pattern.lstrip("/")))
