@@ -122,8 +122,9 @@ def choose_provider(device: str, preferred: Sequence[str] | None, available: Seq
             f"device={device!r} needs onnxruntime's {' or '.join(wanted)}, which this onnxruntime does not have "
             f"(available: {', '.join(available)}).",
             fix=f"Install {package}, or use device='cpu'.", device=device, provider=first)
+    package = PROVIDERS.get(wanted[0], ("", f"an onnxruntime build with {wanted[0]}"))[1]
     reason = (f"none of the preferred execution providers ({', '.join(wanted)}) is available in this onnxruntime "
-              f"(available: {', '.join(available)}) on {system}")
+              f"(available: {', '.join(available)}) on {system}; install {package} to use it")
     return "CPUExecutionProvider", reason
 
 

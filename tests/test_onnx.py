@@ -102,6 +102,7 @@ def test_provider_choice():
     provider, why = choose_provider("auto", ["CoreMLExecutionProvider", "CPUExecutionProvider"][:1], cpu_only,
                                     system="Darwin")
     assert provider == "CPUExecutionProvider" and "CoreMLExecutionProvider" in why and "Darwin" in why
+    assert "install onnxruntime on macOS" in why
     assert choose_provider("auto", ["XnnpackExecutionProvider", "CPUExecutionProvider"],
                            ["XnnpackExecutionProvider", *cpu_only]) == ("XnnpackExecutionProvider", None)
 
