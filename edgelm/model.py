@@ -181,7 +181,8 @@ class Model:
             end = time.perf_counter()
             first = first or end
             timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start)
-            yield Chunk(tail, finish_reason=finish, usage=Usage(len(tokens), n_out), timings=timings)
+        # the lock is released before the last chunk: a caller that stops there must not keep the model busy
+        yield Chunk(tail, finish_reason=finish, usage=Usage(len(tokens), n_out), timings=timings)
 
     # --- prompt cache ---------------------------------------------------------------------------------------
 

@@ -182,6 +182,15 @@ def test_abandoned_stream_releases_the_model_for_other_threads():
     assert done == ["Hello world."]
 
 
+def test_the_model_is_free_once_the_last_chunk_is_out():
+    m, _ = make([1, EOS])
+    stream = m.stream("x")
+    chunks = [next(stream), next(stream)]
+    assert chunks[-1].finish_reason == "stop"  # the caller holds the suspended stream, and yet:
+    assert m._lock.acquire(timeout=1)
+    m._lock.release()
+
+
 def test_load_by_registered_backend_and_auto_detection(tmp_path):
     path = tmp_path / "m.fake"
     path.write_text("Hi|!", encoding="utf-8")
