@@ -16,6 +16,13 @@ from .params import GenerationParams
 from .plan import Plan, recommend
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
+def serve(*args, **kwargs):
+    """Serve models over the OpenAI- and Ollama-compatible API (blocking); see edgelm.server.serve."""
+    from .server import serve as _serve
+
+    return _serve(*args, **kwargs)
+
+
 try:
     from importlib.metadata import version as _version
 
@@ -25,5 +32,5 @@ except Exception:  # running from a source tree that is not installed
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
-    "default_model_path", "collect", "recommend", "Plan", "__version__",
+    "default_model_path", "collect", "recommend", "Plan", "serve", "__version__",
 ]

@@ -31,6 +31,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.QualityBudgetError, 7),
     (errors.DoesNotFitError, 8),
     (errors.OutputExistsError, 9),
+    (errors.InsecureBindError, 10),
     (errors.EdgelmError, 1),
 ]
 
@@ -83,9 +84,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import generate, measure, platforms
+    from . import generate, measure, platforms, serve
 
-    for module in (generate, measure, platforms):
+    for module in (generate, measure, platforms, serve):
         for command in module.COMMANDS:
             main.add_command(command)
 

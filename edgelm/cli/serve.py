@@ -1,0 +1,51 @@
+"""`edgelm serve`."""
+
+from __future__ import annotations
+
+import click
+
+from . import handle_errors
+
+
+@click.command("serve")
+@click.argument("models", nargs=-1)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", envvar="EDGELM_API_KEY", default=None,
+              help="Require this key (Authorization: Bearer KEY); also from EDGELM_API_KEY.")
+@click.option("--keep-alive", type=float, default=300.0, show_default=True,
+              help="Unload a model after this many idle seconds (it reloads on the next request).")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser requests from this origin.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without --api-key.")
+@click.option("--threads", type=int, default=None, help="CPU threads per model.")
+@click.option("--n-ctx", type=int, default=None, help="Context window per model.")
+@handle_errors
+def serve_command(models: tuple[str, ...], host: str, port: int, api_key: str | None, keep_alive: float,
+                  cors_origins: tuple[str, ...], insecure: bool, threads: int | None, n_ctx: int | None) -> None:
+    """Serve models over OpenAI- and Ollama-compatible HTTP APIs (streamed tokens).
+
+    MODELS are .gguf files or ONNX folders, served by file name or as NAME=PATH; without any, the embedded
+    SmolLM2-135M-Instruct is served as "smollm2-135m-instruct".  Models load on first use.
+
+    \b
+    Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; POST /api/chat, /api/generate,
+    /api/show; GET /api/tags, /api/ps, /api/version; GET /health, /metrics.
+
+    \b
+    Examples:
+      edgelm serve
+      edgelm serve qwen=models/qwen.gguf smollm=models/smollm.gguf --port 9000
+      curl localhost:8080/v1/chat/completions -d '{"model": "smollm2-135m-instruct",
+           "messages": [{"role": "user", "content": "Hi"}], "stream": true}'
+    """
+    from edgelm.server import check_bind, model_names, serve
+
+    check_bind(host, api_key, insecure)  # refuse before loading anything
+    load = {k: v for k, v in {"threads": threads, "n_ctx": n_ctx}.items() if v is not None}
+    names = model_names(list(models) or None)
+    click.secho(f"edgelm serving {', '.join(names)} on http://{host}:{port} (OpenAI: /v1, Ollama: /api)", err=True)
+    serve(names, host=host, port=port, api_key=api_key, insecure=insecure, keep_alive=keep_alive,
+          cors_origins=list(cors_origins) or None, load_kwargs=load)
+
+
+COMMANDS = [serve_command]

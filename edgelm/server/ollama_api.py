@@ -1,0 +1,165 @@
+"""Ollama-compatible routes: /api/chat, /api/generate (NDJSON), /api/tags, /api/show, /api/ps, /api/version."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+import edgelm
+from edgelm.chat import validate_messages
+from edgelm.params import GenerationParams
+
+from . import core
+from .errors import RequestError, ollama_error
+
+OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
+           "num_predict": "max_tokens", "stop": "stop", "repeat_penalty": "repeat_penalty",
+           "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
+           "frequency_penalty": "frequency_penalty"}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def params_from(body: dict[str, Any]) -> dict[str, Any]:
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise RequestError(400, "options must be an object.", param="options")
+    params = {OPTIONS[k]: v for k, v in options.items() if k in OPTIONS and v is not None}
+    if params.get("max_tokens") in (-1, -2):  # Ollama's "no limit"
+        params.pop("max_tokens")
+    fmt = body.get("format")
+    if fmt == "json":
+        params["grammar"] = core.json_grammar("json_object")
+    elif isinstance(fmt, dict):
+        params["grammar"] = core.json_grammar("json_schema", fmt)
+    elif fmt not in (None, ""):
+        raise RequestError(400, f"Unsupported format {fmt!r}: use \"json\" or a JSON schema.", param="format")
+    GenerationParams().merged(**params)
+    return params
+
+
+async def chat(request: Request, body: dict[str, Any]) -> Response:
+    app = request.app.state.edgelm
+    entry = app.registry.entry(body.get("model"))
+    messages = validate_messages(body.get("messages"))
+    params = params_from(body)
+    started = time.perf_counter()
+    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params))
+    return await _respond(app, entry, gen, body, chat=True, started=started)
+
+
+async def generate(request: Request, body: dict[str, Any]) -> Response:
+    app = request.app.state.edgelm
+    entry = app.registry.entry(body.get("model"))
+    prompt = body.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise RequestError(400, "prompt must be a string.", param="prompt")
+    params = params_from(body)
+    if body.get("raw"):
+        build = lambda m: m.stream(prompt, **params)  # noqa: E731
+    else:  # like Ollama: the prompt goes through the model's template as a user message
+        system = body.get("system")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        validate_messages(messages)
+        build = lambda m: m.stream_chat(messages, **params)  # noqa: E731
+    started = time.perf_counter()
+    gen = await core.start(app.registry, entry, build)
+    return await _respond(app, entry, gen, body, chat=False, started=started)
+
+
+async def _respond(app: Any, entry: Any, gen: core.Generation, body: dict[str, Any], *, chat: bool,
+                   started: float) -> Response:
+    load_ns = int(entry.load_seconds * 1e9)
+
+    def piece(text: str) -> dict[str, Any]:
+        base = {"model": entry.name, "created_at": _now()}
+        return {**base, "message": {"role": "assistant", "content": text}} if chat else {**base, "response": text}
+
+    def final(text: str, last: Any) -> dict[str, Any]:
+        t, u = last.timings, last.usage
+        return {**piece(text), "done": True, "done_reason": last.finish_reason,
+                "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": load_ns,
+                "prompt_eval_count": u.prompt_tokens, "prompt_eval_duration": int(t.prompt_seconds * 1e9),
+                "eval_count": u.completion_tokens, "eval_duration": int(t.generation_seconds * 1e9)}
+
+    if body.get("stream", True) is False:
+        parts, last = [], None
+        async for chunk in gen.chunks():
+            parts.append(chunk.text)
+            last = chunk
+        app.metrics.generation(entry.name, last)
+        return JSONResponse(final("".join(parts), last))
+
+    async def ndjson():
+        last = None
+        try:
+            async for chunk in gen.chunks():
+                last = chunk
+                if chunk.finish_reason is None:
+                    yield json.dumps({**piece(chunk.text), "done": False}, ensure_ascii=False) + "\n"
+            yield json.dumps(final(last.text, last), ensure_ascii=False) + "\n"
+            app.metrics.generation(entry.name, last)
+        except Exception as exc:  # after the first byte: a final error line, never a hung connection
+            yield json.dumps(ollama_error(exc)) + "\n"
+
+    return StreamingResponse(ndjson(), media_type="application/x-ndjson")
+
+
+def _details(facts: dict[str, Any]) -> dict[str, Any]:
+    params = facts.get("parameters") or 0
+    return {"format": facts.get("format"), "family": facts.get("architecture"), "families": [facts.get("architecture")],
+            "parameter_size": f"{params / 1e6:.0f}M" if params < 1e9 else f"{params / 1e9:.1f}B",
+            "quantization_level": facts.get("quantization")}
+
+
+def _facts(entry: Any) -> dict[str, Any]:
+    from edgelm.loader import inspect
+
+    return inspect(entry.path)
+
+
+async def tags(request: Request) -> Response:
+    app = request.app.state.edgelm
+    models = []
+    for e in app.registry.entries.values():
+        facts = _facts(e)
+        models.append({"name": e.name, "model": e.name, "modified_at": _now(), "size": facts.get("size_bytes", 0),
+                       "digest": "", "details": _details(facts)})
+    return JSONResponse({"models": models})
+
+
+async def show(request: Request, body: dict[str, Any]) -> Response:
+    app = request.app.state.edgelm
+    entry = app.registry.entry(body.get("model") or body.get("name"))
+    facts = _facts(entry)
+    template = ""
+    if facts.get("format") == "gguf":
+        from edgelm.runtimes.gguf import read_header
+
+        template = read_header(facts["path"]).chat_template or ""
+    info = {f"general.{k}": v for k, v in facts.items() if isinstance(v, (str, int, float, bool))}
+    return JSONResponse({"modelfile": f"FROM {facts['path']}", "parameters": "", "template": template,
+                         "details": _details(facts), "model_info": info, "capabilities": ["completion"]})
+
+
+async def ps(request: Request) -> Response:
+    app = request.app.state.edgelm
+    out = []
+    for e in app.registry.entries.values():
+        if e.model is not None:
+            facts = _facts(e)
+            out.append({"name": e.name, "model": e.name, "size": facts.get("size_bytes", 0), "digest": "",
+                        "details": _details(facts), "size_vram": 0,
+                        "expires_at": datetime.fromtimestamp(e.expires_at, timezone.utc).isoformat()})
+    return JSONResponse({"models": out})
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": edgelm.__version__})

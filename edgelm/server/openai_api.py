@@ -1,0 +1,123 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models (a thin adapter over core)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from edgelm.chat import validate_messages
+from edgelm.params import GenerationParams
+
+from . import core
+from .errors import RequestError, openai_error
+
+# OpenAI request field -> GenerationParams name (top_k, min_p, repeat_penalty are llama.cpp-style extensions)
+FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
+          "top_p": "top_p", "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
+          "frequency_penalty": "frequency_penalty", "top_k": "top_k", "min_p": "min_p",
+          "repeat_penalty": "repeat_penalty"}
+
+
+def params_from(body: dict[str, Any]) -> dict[str, Any]:
+    params = {FIELDS[k]: v for k, v in body.items() if k in FIELDS and v is not None}
+    n = body.get("n", 1)
+    if n != 1:
+        raise RequestError(400, f"n={n!r} is not supported: one choice per request.", param="n")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            params["grammar"] = core.json_grammar("json_object")
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema") or {}
+            params["grammar"] = core.json_grammar("json_schema", spec.get("schema") if isinstance(spec, dict) else None)
+        elif kind != "text":
+            raise RequestError(400, f"Unsupported response_format {fmt!r}.", param="response_format")
+    GenerationParams().merged(**params)  # validate now: errors name the field, before any model is loaded
+    return params
+
+
+def _stream_options(body: dict[str, Any]) -> bool:
+    opts = body.get("stream_options") or {}
+    return bool(isinstance(opts, dict) and opts.get("include_usage"))
+
+
+async def chat_completions(request: Request, body: dict[str, Any]) -> Response:
+    app = request.app.state.edgelm
+    entry = app.registry.entry(body.get("model", app.default_name()))
+    messages = validate_messages(body.get("messages"))
+    params = params_from(body)
+    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params))
+    return await _respond(app, entry.name, gen, body, chat=True)
+
+
+async def completions(request: Request, body: dict[str, Any]) -> Response:
+    app = request.app.state.edgelm
+    entry = app.registry.entry(body.get("model", app.default_name()))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise RequestError(400, "prompt must be a string.", param="prompt")
+    params = params_from(body)
+    gen = await core.start(app.registry, entry, lambda m: m.stream(prompt, **params))
+    return await _respond(app, entry.name, gen, body, chat=False)
+
+
+async def _respond(app: Any, name: str, gen: core.Generation, body: dict[str, Any], *, chat: bool) -> Response:
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    obj = "chat.completion" if chat else "text_completion"
+    if not body.get("stream"):
+        parts, last = [], None
+        async for chunk in gen.chunks():
+            parts.append(chunk.text)
+            last = chunk
+        app.metrics.generation(name, last)
+        text = "".join(parts)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason}
+                  if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason})
+        return JSONResponse({"id": rid, "object": obj, "created": created, "model": name, "choices": [choice],
+                             "usage": last.usage.to_dict()})
+    include_usage = _stream_options(body)
+
+    def event(choice: dict[str, Any] | None, usage: Any = None) -> str:
+        data = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": name,
+                "choices": [choice] if choice is not None else []}
+        if usage is not None:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    async def sse():
+        last = None
+        try:
+            if chat:
+                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            async for chunk in gen.chunks():
+                last = chunk
+                if chunk.text:
+                    yield event({"index": 0, "delta": {"content": chunk.text}, "finish_reason": None} if chat else
+                                {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": None})
+            yield event({"index": 0, "delta": {}, "finish_reason": last.finish_reason} if chat else
+                        {"index": 0, "text": "", "logprobs": None, "finish_reason": last.finish_reason},
+                        usage=None)
+            if include_usage:
+                yield event(None, usage=last.usage.to_dict())
+            app.metrics.generation(name, last)
+        except Exception as exc:  # after the first byte: end the stream with an error event, never hang
+            yield f"data: {json.dumps(openai_error(exc))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def list_models(request: Request) -> Response:
+    app = request.app.state.edgelm
+    return JSONResponse({"object": "list", "data": [
+        {"id": name, "object": "model", "created": app.started, "owned_by": "edgelm"} for name in app.registry.names()]})
