@@ -261,3 +261,23 @@ def test_keep_alive_unloads_idle_models():
 def test_non_loopback_bind_without_key_is_refused():
     r = run_cli("serve", "--host", "0.0.0.0", "--port", str(_free_port()))
     assert r.returncode == 10 and "--api-key" in r.stderr
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def test_examples_openai_client_and_curl_run_against_the_server(server):
+    r = subprocess.run([sys.executable, os.path.join(EXAMPLES, "openai_client.py"), server.url], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+    r = subprocess.run(["bash", os.path.join(EXAMPLES, "curl.sh"), server.url], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "data: [DONE]" in r.stdout and '"done": true' in r.stdout, r.stderr
+
+
+def test_embedded_server_example_streams_an_answer():
+    r = subprocess.run([sys.executable, os.path.join(EXAMPLES, "embedded_server.py"), "Name a colour."],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "[embedded server on http://127.0.0.1:" in r.stdout
+    assert len(r.stdout.split("Name a colour.", 1)[1].strip()) > 10
