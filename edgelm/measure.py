@@ -6,13 +6,11 @@ Each benchmarked configuration runs in a fresh child process, so load time and p
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import resource
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -134,12 +132,44 @@ def bench(
     results = []
     for job in jobs:
         if isolate:
-            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                data = pool.submit(_bench_one, *job).result()
+            data = _in_child(job)
         else:
             data = _bench_one(*job)
         results.append(BenchResult(**data))
     return results
+
+
+def _in_child(job: tuple[Any, ...]) -> dict[str, Any]:
+    """Run one benchmark in a fresh interpreter (a plain subprocess: no re-import of the caller's __main__)."""
+    import json
+    import subprocess
+
+    from . import errors
+
+    code = "from edgelm.measure import _child_main; _child_main()"
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    data = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+    if data is None:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        raise errors.BackendError(f"The benchmark process failed: {tail[0]}", fix="Run with isolate=False to debug.")
+    if "error" in data:  # a typed error in the child is the same typed error here
+        cls = getattr(errors, data["error"]["type"], errors.EdgelmError)
+        raise cls(data["error"]["message"], **data["error"]["details"])
+    return data
+
+
+def _child_main() -> None:
+    import json
+
+    from .errors import EdgelmError
+
+    try:
+        out = _bench_one(*json.load(sys.stdin))
+    except EdgelmError as exc:
+        details = {k: v for k, v in exc.details.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        out = {"error": {"type": type(exc).__name__, "message": str(exc), "details": details}}
+    print(json.dumps(out))
 
 
 @dataclass(frozen=True)
