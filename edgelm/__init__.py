@@ -14,6 +14,15 @@ from .loader import default_model_path, load
 from .model import Model, collect
 from .params import GenerationParams
 from .plan import Plan, recommend
+
+
+def convert(src, **kwargs):
+    """Convert a model to GGUF or ONNX and measure its quality; see edgelm.conversion.convert."""
+    from .conversion import convert as _convert
+
+    return _convert(src, **kwargs)
+
+
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
 def serve(*args, **kwargs):
@@ -32,5 +41,5 @@ except Exception:  # running from a source tree that is not installed
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
-    "default_model_path", "collect", "recommend", "Plan", "serve", "__version__",
+    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "__version__",
 ]

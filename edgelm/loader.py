@@ -52,7 +52,7 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
         return path
     raise ModelNotFoundError(
         f"Model not found: {path} does not exist.",
-        fix="Check the path; convert a Hugging Face model with `edgelm convert SRC -o model.gguf`; "
+        fix="Check the path; convert a Hugging Face model with `edgelm convert SRC --to onnx -o DIR`; "
         f"or omit the model to use the embedded default ({', '.join(DEFAULT_MODEL_NAMES[:2])}).",
         path=str(path),
     )

@@ -23,6 +23,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.UnknownDeviceError, 2),
     (errors.ModelNotFoundError, 3),
     (errors.InvalidSourceError, 3),
+    (errors.HubError, 3),
     (errors.InvalidModelFileError, 4),
     (errors.UnsupportedModelError, 4),
     (errors.BackendNotInstalledError, 5),
@@ -84,9 +85,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import generate, measure, platforms, serve
+    from . import convert, generate, measure, platforms, serve
 
-    for module in (generate, measure, platforms, serve):
+    for module in (generate, convert, measure, platforms, serve):
         for command in module.COMMANDS:
             main.add_command(command)
 
