@@ -148,3 +148,15 @@ def test_onnx_conversion_through_the_cli(tmp_path):
     assert report["format"] == "onnx" and report["quant"] == "int4" and report["size_bytes"] > 0
     with edgelm.load(out) as m:
         assert m.info.format == "onnx" and m.generate("the", max_tokens=4, temperature=0).usage.completion_tokens > 0
+
+
+@pytest.mark.slow
+def test_onnx_int8_report_against_the_fp32_reference(tmp_path):
+    from .hf_fixtures import smollm2_hf_checkpoint
+
+    r = edgelm.convert(str(smollm2_hf_checkpoint()), to="onnx", quant="int8", output=str(tmp_path / "int8"))
+    d = r.to_dict()
+    assert d["reference"].startswith("fp32") and d["format"] == "onnx"
+    assert 0 <= d["ppl_increase"] <= 0.02  # the int8 goal
+    assert d["tokens_per_second"] > 1 and d["size_bytes"] > 100e6
+    assert leftovers(tmp_path) == ["int8"]  # the fp32 reference export was temporary
