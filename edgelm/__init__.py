@@ -14,6 +14,7 @@ from .loader import default_model_path, load
 from .model import Model, collect
 from .params import GenerationParams
 from .plan import Plan, recommend
+from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
 
 def convert(src, **kwargs):
@@ -22,8 +23,6 @@ def convert(src, **kwargs):
 
     return _convert(src, **kwargs)
 
-
-from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
 def serve(*args, **kwargs):
     """Serve models over the OpenAI- and Ollama-compatible API (blocking); see edgelm.server.serve."""
