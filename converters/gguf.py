@@ -32,8 +32,12 @@ def quant_id(name: str) -> int:
 
 
 def requantize(source: Path, output: Path, quant: str, *, overwrite: bool = False, threads: int | None = None,
-               progress: Callable[[str, float], None] | None = None) -> Path:
-    """Write ``source`` (a GGUF) re-quantized to ``quant`` at ``output``."""
+               progress: Callable[[str, float], None] | None = None,
+               verify: Callable[[Path], None] | None = None) -> Path:
+    """Write ``source`` (a GGUF) re-quantized to ``quant`` at ``output``.
+
+    ``verify(path)`` runs on the finished temporary file before it is renamed to ``output``; raising there leaves
+    nothing at ``output``."""
     ftype = quant_id(quant)
     header = read_header(source)  # a malformed source is refused before llama.cpp sees it
     try:
@@ -71,9 +75,58 @@ def requantize(source: Path, output: Path, quant: str, *, overwrite: bool = Fals
                                   fix="Some types need an importance matrix or a higher-precision source (f16).",
                                   quant=quant)
         read_header(tmp)  # what was written is whole
+        if verify:
+            verify(tmp)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
     if progress:
         progress("written", 1.0)
     return output
+
+
+def check_runs(path: Path, timeout: float = 300) -> None:
+    """Load ``path`` with the llama.cpp backend and decode a few tokens, in a child process (llama.cpp aborts the
+    process on some bad files).  A file this llama.cpp cannot load or run is a ConversionError that says why."""
+    import json
+    import subprocess
+    import sys
+
+    code = "from edgelm.converters.gguf import _check_child; _check_child()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                              errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise ConversionError(f"Loading the converted {path.name} did not finish in {timeout:.0f} s.",
+                              fix="Check the file with `edgelm info`.") from exc
+    last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
+    result = json.loads(last[0]) if last and last[0].startswith("{") else {}
+    if proc.returncode == 0 and result.get("ok"):
+        return
+    header = read_header(path)
+    import llama_cpp
+
+    why = result.get("error") or (f"the process died with signal {-proc.returncode}" if proc.returncode < 0 else
+                                  " | ".join(proc.stderr.strip().splitlines()[-3:]) or f"exit {proc.returncode}")
+    raise ConversionError(
+        f"The converted file ({header.architecture}, {header.quantization}) does not run on the llama.cpp in "
+        f"llama-cpp-python {llama_cpp.__version__}: {why}",
+        fix="The converter may know an architecture or tokenizer this llama.cpp does not: upgrade llama-cpp-python "
+        '(pip install -U "edgelm[llamacpp]"), or install the converter version edgelm is tested with '
+        "(`edgelm install-converter --force`).", architecture=header.architecture)
+
+
+def _check_child() -> None:
+    import json
+    import sys
+
+    from edgelm.errors import EdgelmError
+    from edgelm.loader import load
+
+    try:
+        with load(sys.argv[1], backend="llamacpp", n_ctx=64, threads=1) as model:
+            model.generate("Hello", max_tokens=2, temperature=0)
+    except EdgelmError as exc:
+        print(json.dumps({"ok": False, "error": exc.message}))
+        sys.exit(1)
+    print(json.dumps({"ok": True}))

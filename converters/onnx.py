@@ -72,7 +72,7 @@ Progress = Callable[[str, float], None]
 
 
 def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Progress | None = None,
-                    **options: Any) -> Path:
+                    allow_pickle: bool = False, **options: Any) -> Path:
     """Convert the Hugging Face checkpoint in ``source_dir`` into an ONNX model folder at ``output``.
 
     quant: "int4" (MatMulNBits 4-bit weights), "int8" (MatMulNBits 8-bit weights), "fp16" or "fp32".
@@ -87,6 +87,7 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
       builder_options (dict, None): more ``--extra_options key=value`` pairs for the model builder.
       overwrite (bool, False): replace an existing ``output`` folder.
       timeout (float, None): seconds the exporter may run.
+      allow_pickle (bool, False): accept *.bin pickle weights (they can run code when loaded).
 
     Returns ``output``.  Raises InvalidSourceError, UnsafeWeightsError, UnsupportedModelError,
     UnknownQuantizationError, OutputExistsError or ConversionError; on any failure ``output`` is untouched.
@@ -95,7 +96,7 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     output = Path(output).expanduser()
     report = progress or (lambda message, fraction: None)
     opts = _options(quant, options)
-    config = check_source(source_dir)
+    config = check_source(source_dir, allow_pickle=allow_pickle)
     arch = config["architectures"][0]
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         if not opts["overwrite"]:
@@ -185,7 +186,7 @@ def _check_disk_space(source_dir: Path, where: Path, quant: str) -> None:
             "is free.", fix="Free some space, or write the output to another disk.", needed=need, free=free)
 
 
-def check_source(source_dir: Path) -> dict[str, Any]:
+def check_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """The source's config.json, after checking that the folder is a checkpoint this exporter can convert."""
     if not source_dir.is_dir():
         raise InvalidSourceError(f"{source_dir} is not a folder.",
@@ -215,10 +216,13 @@ def check_source(source_dir: Path) -> dict[str, Any]:
             path=str(source_dir))
     if not any(source_dir.glob("*.safetensors")):
         if any(source_dir.glob("*.bin")) or any(source_dir.glob("*.pt")):
+            if allow_pickle:
+                return config
             raise UnsafeWeightsError(
                 f"{source_dir} holds only pickle weights (*.bin), which can run code when loaded.",
                 fix="Convert them to safetensors first (transformers: model.save_pretrained(dir, "
-                "safe_serialization=True)) from a source you trust.", path=str(source_dir))
+                "safe_serialization=True)) from a source you trust, or pass --allow-pickle if you trust this one.",
+                path=str(source_dir))
         raise InvalidSourceError(f"{source_dir} has no *.safetensors weights.",
                                  fix="Pass a complete checkpoint folder.", path=str(source_dir))
     return config

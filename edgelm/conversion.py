@@ -7,15 +7,16 @@ text, and runs a short generation in a child process for decode speed and peak m
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from .errors import ConversionError, InvalidParameterError, InvalidSourceError, QualityBudgetError
+from .errors import InvalidParameterError, InvalidSourceError, OutputExistsError, QualityBudgetError
 
 Progress = Callable[[str, float], None]
 # --quant auto tries these, smallest first, and keeps the first that meets the budgets
@@ -36,7 +37,8 @@ class ConversionReport:
     reference_perplexity: float | None = None
     reference: str | None = None  # what the reference perplexity was measured on
     tokens_per_second: float | None = None
-    peak_rss: int | None = None
+    peak_rss: int | None = None  # bytes, a short generation with the output
+    conversion_peak_rss: int | None = None  # bytes, llama.cpp's HF -> GGUF converter process (HF sources only)
     tried: list[dict[str, Any]] = field(default_factory=list)  # --quant auto: every candidate measured
 
     @property
@@ -81,11 +83,17 @@ def _size(path: Path) -> int:
 
 def convert(src: str, *, to: str = "gguf", quant: str = "q4_k_m", output: str | None = None, overwrite: bool = False,
             revision: str | None = None, eval: bool = True, max_ppl_increase: str | float | None = None,
-            max_size: str | int | None = None, progress: Progress | None = None, **options: Any) -> ConversionReport:
+            max_size: str | int | None = None, allow_pickle: bool = False, progress: Progress | None = None,
+            **options: Any) -> ConversionReport:
     """Convert ``src`` (a Hugging Face folder or Hub id; for GGUF output also a .gguf to re-quantize).
 
     to: "gguf" or "onnx".  quant: a llama.cpp type (q4_k_m, q8_0, f16, ...) or int4/int8/fp16/fp32 for ONNX, or
     "auto" to keep the smallest that meets ``max_size`` / ``max_ppl_increase``.
+
+    A Hugging Face checkpoint becomes GGUF in two steps: llama.cpp's converter writes a 16-bit GGUF (bf16 for bf16
+    checkpoints, f16 otherwise; f32/bf16 when asked for), then llama.cpp's quantizer writes ``quant`` from it; that
+    16-bit file is the reference the quality report compares against, and is removed at the end.
+    allow_pickle: accept *.bin pickle weights (they can run code when loaded).
     """
     from .converters.source import resolve
 
@@ -103,39 +111,97 @@ def convert(src: str, *, to: str = "gguf", quant: str = "q4_k_m", output: str | 
         raise InvalidParameterError("No output path given.", fix="Pass output= (-o on the command line).",
                                     parameter="output", value=None)
     out = Path(output).expanduser()
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise OutputExistsError(f"The output {out} already exists.", fix="Choose another path or pass --overwrite.",
+                                path=str(out))
     report = progress or (lambda message, fraction: None)
-    if str(quant).lower() == "auto":
-        if budget_ppl is None and budget_size is None:
-            raise InvalidParameterError('quant="auto" needs a budget.', fix="Add max_size and/or max_ppl_increase.",
-                                        parameter="quant", value="auto")
-        return _auto(source, to, out, overwrite, eval, budget_ppl, budget_size, report, options)
-    return _one(source, to, str(quant).lower(), out, overwrite, eval, budget_ppl, budget_size, report, options)
+    quant = str(quant).lower()
+    if quant == "auto" and budget_ppl is None and budget_size is None:
+        raise InvalidParameterError('quant="auto" needs a budget.', fix="Add max_size and/or max_ppl_increase.",
+                                    parameter="quant", value="auto")
+    if to == "gguf" and quant != "auto":
+        from .converters.gguf import quant_id
+
+        quant_id(quant)  # an unknown type is refused before minutes of conversion
+    name = source.name if Path(src).expanduser().exists() else str(src)  # a Hub id, not its snapshot hash
+    with _staged(source, name, to, quant, out, allow_pickle, report, options) as staged:
+        if quant == "auto":
+            return _auto(staged, to, out, overwrite, eval, budget_ppl, budget_size, report, options)
+        return _one(staged, to, quant, out, overwrite, eval, budget_ppl, budget_size, report, options)
 
 
-def _write(source: Path, to: str, quant: str, out: Path, overwrite: bool, report: Progress,
-           options: dict[str, Any]) -> Path:
-    if to == "gguf":
-        from .converters.gguf import requantize
-        from .runtimes.gguf import is_gguf
+@dataclass
+class _Staged:
+    """What the writer reads: the source itself, or (Hugging Face -> GGUF) the converter's 16-bit GGUF."""
 
-        if source.is_file() and is_gguf(source):
-            return requantize(source, out, quant, overwrite=overwrite, progress=report,
-                              threads=options.get("threads"))
-        if (source / "config.json").is_file():
-            raise ConversionError(
-                f"{source} is a Hugging Face checkpoint; this version of edgelm converts it to ONNX (to='onnx') but "
-                "not yet to GGUF.",
-                fix="Write an f16 GGUF with llama.cpp's convert_hf_to_gguf.py, then `edgelm convert model-f16.gguf "
-                f"--quant {quant}` quantizes it and measures the quality.", path=str(source))
+    source: Path  # the user's source (folder or file)
+    path: Path  # what the GGUF quantizer reads; for ONNX the source folder
+    reference: str = ""  # how the report names the unquantized reference
+    seconds: float = 0.0  # time already spent converting
+    peak_rss: int | None = None  # the converter process's peak memory
+    allow_pickle: bool = False
+
+
+@contextlib.contextmanager
+def _staged(source: Path, name: str, to: str, quant: str, out: Path, allow_pickle: bool, report: Progress,
+            options: dict[str, Any]) -> Iterator[_Staged]:
+    if to == "onnx":
+        if not source.is_dir():
+            raise InvalidSourceError(f"ONNX conversion needs a Hugging Face folder; {source} is a file.",
+                                     fix="Pass the folder with config.json and the safetensors weights.",
+                                     path=str(source))
+        options["allow_pickle"] = allow_pickle
+        yield _Staged(source, source, "fp32 ONNX of the same source", allow_pickle=allow_pickle)
+        return
+    from .runtimes.gguf import is_gguf, read_header
+
+    unknown = sorted(set(options) - {"threads", "timeout"})
+    if unknown:
+        raise InvalidParameterError(f"Unknown GGUF conversion option {unknown[0]!r}.", fix="Use threads or timeout.",
+                                    parameter=unknown[0], value=options[unknown[0]])
+    if source.is_file() and is_gguf(source):
+        yield _Staged(source, source, f"the source {name}")
+        return
+    if not (source.is_dir() and (source / "config.json").is_file()):
         raise InvalidSourceError(f"{source} is neither a GGUF file nor a Hugging Face folder (no config.json).",
                                  fix="Pass a model folder with config.json, or a .gguf to re-quantize.",
                                  path=str(source))
+    from .converters.hf_gguf import check_hf_source, hf_to_gguf
+    from .converters.onnx import _count_parameters
+
+    check_hf_source(source, allow_pickle=allow_pickle)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = _count_parameters(source) or sum(f.stat().st_size for f in source.glob("*.bin")) // 2  # pickles: 16-bit?
+    need = params * (4 if quant == "f32" else 2) * 2 + (16 << 20)  # the 16-bit file + the output
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        from .errors import InsufficientDiskSpaceError
+
+        raise InsufficientDiskSpaceError(f"{out.parent} has {free / 1e6:.0f} MB free; converting {source.name} needs "
+                                         f"about {need / 1e6:.0f} MB there.", fix="Free some space or write elsewhere.",
+                                         needed=need, free=free)
+    outtype = quant if quant in ("f32", "bf16") else "auto"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".convert", dir=out.parent))
+    try:
+        path = tmp / f"{source.name}-{outtype}.gguf"
+        run = hf_to_gguf(source, path, outtype, allow_pickle=allow_pickle, timeout=options.get("timeout"),
+                         progress=lambda message, fraction: report(message, 0.5 * fraction))
+        header = read_header(path)
+        yield _Staged(source, path, f"{header.quantization} GGUF of {name}", run.seconds, run.peak_rss)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(staged: _Staged, to: str, quant: str, out: Path, overwrite: bool, report: Progress,
+           options: dict[str, Any]) -> Path:
+    if to == "gguf":
+        from .converters.gguf import check_runs, requantize
+
+        return requantize(staged.path, out, quant, overwrite=overwrite, threads=options.get("threads"),
+                          verify=check_runs, progress=lambda message, fraction: report(message, 0.5 + 0.1 * fraction))
     from .converters.onnx import convert_to_onnx
 
-    if not source.is_dir():
-        raise InvalidSourceError(f"ONNX conversion needs a Hugging Face folder; {source} is a file.",
-                                 fix="Pass the folder with config.json and the safetensors weights.", path=str(source))
-    return convert_to_onnx(source, out, quant, progress=report, overwrite=overwrite, **options)
+    return convert_to_onnx(staged.path, out, quant, progress=report, overwrite=overwrite, **options)
 
 
 def _remove(path: Path) -> None:
@@ -145,20 +211,21 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _one(source: Path, to: str, quant: str, out: Path, overwrite: bool, evaluate: bool, budget_ppl: float | None,
+def _one(staged: _Staged, to: str, quant: str, out: Path, overwrite: bool, evaluate: bool, budget_ppl: float | None,
          budget_size: int | None, report: Progress, options: dict[str, Any], reference: tuple[str, float] | None = None
          ) -> ConversionReport:
     t0 = time.perf_counter()
-    _write(source, to, quant, out, overwrite, report, options)
-    seconds = time.perf_counter() - t0
+    _write(staged, to, quant, out, overwrite, report, options)
+    seconds = time.perf_counter() - t0 + staged.seconds
     try:
         result = _describe(out, to, quant, seconds)
+        result.conversion_peak_rss = staged.peak_rss
         if budget_size is not None and result.size_bytes > budget_size:
             raise QualityBudgetError(f"{out.name} is {result.size_bytes / 1e6:.1f} MB, over max_size "
                                      f"{budget_size / 1e6:.1f} MB.", fix="Use a smaller quantization.",
                                      size=result.size_bytes)
         if evaluate:
-            ref = reference or _reference(source, to, out, quant, report)
+            ref = reference or _reference(staged, to, out, quant, report)
             _measure(result, ref, report)
             if budget_ppl is not None and result.ppl_increase > budget_ppl:
                 raise QualityBudgetError(
@@ -184,19 +251,20 @@ def _describe(out: Path, to: str, quant: str, seconds: float) -> ConversionRepor
                             seconds=round(seconds, 2))
 
 
-def _reference(source: Path, to: str, out: Path, quant: str | None, report: Progress) -> tuple[str, float]:
-    """Perplexity of the unquantized model: the source GGUF itself, or an fp32 ONNX export (temporary)."""
+def _reference(staged: _Staged, to: str, out: Path, quant: str | None, report: Progress) -> tuple[str, float]:
+    """Perplexity of the unquantized model: the source GGUF or the converter's 16-bit GGUF, or an fp32 ONNX export
+    (temporary)."""
     if to == "gguf":
-        report("measuring the reference (source) perplexity", 0.6)
-        return (f"the source {source.name}", _perplexity(source))
+        report(f"measuring the reference ({staged.reference}) perplexity", 0.6)
+        return (staged.reference, _perplexity(staged.path))
     if quant == "fp32":
         return ("fp32 (the output itself)", _perplexity(out))
     from .converters.onnx import convert_to_onnx
 
     report("exporting the fp32 reference", 0.6)
     with tempfile.TemporaryDirectory(prefix=".edgelm-ref-", dir=out.parent) as tmp:
-        ref = convert_to_onnx(source, Path(tmp) / "fp32", "fp32")
-        return ("fp32 ONNX of the same source", _perplexity(ref))
+        ref = convert_to_onnx(staged.path, Path(tmp) / "fp32", "fp32", allow_pickle=staged.allow_pickle)
+        return (staged.reference, _perplexity(ref))
 
 
 def _perplexity(path: Path) -> float:
@@ -216,21 +284,16 @@ def _measure(result: ConversionReport, reference: tuple[str, float], report: Pro
     result.peak_rss = run.peak_rss
 
 
-def _auto(source: Path, to: str, out: Path, overwrite: bool, evaluate: bool, budget_ppl: float | None,
+def _auto(staged: _Staged, to: str, out: Path, overwrite: bool, evaluate: bool, budget_ppl: float | None,
           budget_size: int | None, report: Progress, options: dict[str, Any]) -> ConversionReport:
     """Try quantizations smallest first; keep the first that meets every budget."""
-    from .errors import OutputExistsError
-
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"The output {out} already exists.", fix="Choose another path or pass --overwrite.",
-                                path=str(out))
     candidates = AUTO_GGUF if to == "gguf" else AUTO_ONNX
-    reference = _reference(source, to, out, None, report) if evaluate else None
+    reference = _reference(staged, to, out, None, report) if evaluate else None
     tried: list[dict[str, Any]] = []
     for quant in candidates:
         report(f"trying {quant}", 0.0)
         try:
-            result = _one(source, to, quant, out, True, evaluate, budget_ppl, budget_size, report, options, reference)
+            result = _one(staged, to, quant, out, True, evaluate, budget_ppl, budget_size, report, options, reference)
         except QualityBudgetError as exc:
             tried.append({"quant": quant, "kept": False, "reason": exc.message,
                           **{k: exc.details.get(k) for k in ("size", "perplexity") if k in exc.details}})
@@ -240,7 +303,7 @@ def _auto(source: Path, to: str, out: Path, overwrite: bool, evaluate: bool, bud
         result.tried = tried
         return result
     raise QualityBudgetError(
-        f"No quantization of {source.name} meets the budget "
+        f"No quantization of {staged.source.name} meets the budget "
         f"({'max size ' + str(budget_size) + ' bytes' if budget_size else ''}"
         f"{', ' if budget_size and budget_ppl is not None else ''}"
         f"{'max perplexity increase ' + format(budget_ppl * 100, '.2f') + ' %' if budget_ppl is not None else ''}); "

