@@ -89,3 +89,74 @@ def tiny_checkpoint(arch: str, folder: Path) -> Path:
     from .onnx_helpers import tiny_checkpoint as make
 
     return make(arch, folder)
+
+
+# --- tiny random checkpoints for the GGUF converter -----------------------------------------------------------
+# llama.cpp's converter must recognise the tokenizer: a byte-level BPE tokenizer is identified by a hash of how it
+# splits a check text, so the BPE ones reuse SmolLM2's real tokenizer (recognised as "smollm"); the others carry a
+# small SentencePiece model trained here, which the converter reads directly.  Qwen2 and Phi-3 use SentencePiece
+# because transformers 5 loads qwen2/phi3 tokenizers through their own classes, which re-split text differently
+# from SmolLM2's tokenizer.json (hash not recognised).
+
+GGUF_ARCHS = {  # HF model type -> (transformers classes, tokenizer kind, llama.cpp architecture)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "bpe", "llama"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "bpe", "llama"),  # llama.cpp runs Mistral as llama
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "spm", "qwen2"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "bpe", "qwen3"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "spm", "gemma2"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "bpe", "gemma3"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "spm", "phi3"),
+}
+
+
+def _sentencepiece_tokenizer(folder: Path) -> int:
+    """Train a 512-piece SentencePiece BPE model on the built-in evaluation text (about a second)."""
+    import io
+
+    import sentencepiece as spm
+
+    from edgelm.quality import eval_text
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(eval_text().splitlines()), model_writer=buf, vocab_size=512, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True}))
+    return 512
+
+
+def tiny_gguf_checkpoint(model_type: str, folder: Path, *, safetensors: bool = True) -> Path:
+    """A random 2-layer ``model_type`` checkpoint (hidden 64) with a tokenizer llama.cpp's converter recognises."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, tokenizer, _ = GGUF_ARCHS[model_type]
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "bpe":
+        src = smollm2_hf_checkpoint()
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy2(src / name, folder / name)
+        vocab, ids = 49152, dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    else:
+        vocab, ids = _sentencepiece_tokenizer(folder), dict(bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    extra = {"head_dim": 16} if model_type.startswith(("gemma", "qwen3")) else {}
+    if model_type == "mistral":
+        extra["sliding_window"] = None
+    config = getattr(transformers, config_cls)(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=512, **ids, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():  # larger than init's 0.02: the random model prefers some tokens clearly (no greedy ties)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.25)
+    model.save_pretrained(folder)
+    if not safetensors:  # the old pickle format (transformers 5 always writes safetensors)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    return folder

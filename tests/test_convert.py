@@ -106,12 +106,6 @@ def test_truncated_source_is_refused(default_gguf, tmp_path):
     assert not (tmp_path / "out.gguf").exists()
 
 
-def test_hf_checkpoint_to_gguf_says_what_to_do(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(edgelm.ConversionError, match="convert_hf_to_gguf"):
-        edgelm.convert(str(tmp_path), to="gguf", quant="q8_0", output=str(tmp_path / "o.gguf"))
-
-
 def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
