@@ -128,6 +128,17 @@ def test_bench_cli_reports_the_figures(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
+def test_bench_peak_memory_is_the_child_own_not_the_callers(default_gguf):
+    from edgelm.measure import bench
+
+    ballast = bytearray(1 << 30)  # a caller holding 1 GiB (getrusage in the child would start from it)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    (row,) = bench([str(default_gguf)], runs=1, prompt_tokens=16, gen_tokens=4, n_ctx=256)
+    assert 50 * 2**20 < row.peak_rss < 700 * 2**20  # the 98 MB model, llama.cpp and Python
+    del ballast
+
+
 def test_eval_cli_compares_kv_cache_types(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(PASSAGE * 12)
