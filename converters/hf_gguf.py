@@ -175,6 +175,23 @@ def check_hf_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str
 # --- running it -----------------------------------------------------------------------------------------------
 
 _WRITING = re.compile(r"Writing:\s+(\d+)%")
+_PEAK = "EDGELM_PEAK_RSS"
+# runs the converter script as __main__ and prints its peak RSS at exit (VmHWM: getrusage in the parent would start
+# from this process's own RSS, which the kernel carries into children across fork and exec)
+_LAUNCHER = f"""
+import atexit, resource, runpy, sys
+def _peak():
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        peak = kb * 1024
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    print("{_PEAK}", peak, flush=True)
+atexit.register(_peak)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def hf_to_gguf(source_dir: Path, output: Path, outtype: str = "auto", *, allow_pickle: bool = False,
@@ -208,7 +225,7 @@ def hf_to_gguf(source_dir: Path, output: Path, outtype: str = "auto", *, allow_p
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if own_path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(script.parent), os.environ.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, str(script), str(source_dir), "--outfile", str(output), "--outtype", outtype]
+    cmd = [sys.executable, "-c", _LAUNCHER, str(script), str(source_dir), "--outfile", str(output), "--outtype", outtype]
     report(f"converting {arch} with llama.cpp's converter", 0.02)
     start = time.monotonic()
     tail: list[str] = []
@@ -227,6 +244,9 @@ def hf_to_gguf(source_dir: Path, output: Path, outtype: str = "auto", *, allow_p
             for line in (ln.strip() for ln in lines):
                 if not line:
                     continue
+                if line.startswith(_PEAK):
+                    peak = int(line.split()[1])
+                    continue
                 if not line.startswith("Writing:"):
                     tail.append(line)
                     del tail[:-40]
@@ -239,9 +259,7 @@ def hf_to_gguf(source_dir: Path, output: Path, outtype: str = "auto", *, allow_p
                 proc.kill()
                 raise ConversionError(f"llama.cpp's converter ran longer than timeout={timeout} s and was stopped.",
                                       fix="Allow more time (timeout=...).")
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        peak = int(usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024))
+        proc.wait()
     except BaseException:
         if proc.poll() is None:
             proc.kill()
