@@ -118,14 +118,16 @@ def plot(rows, path: str) -> None:
     except ImportError:
         print("matplotlib not installed (pip install \"edgelm[bench]\"): no chart")
         return
+    rows = sorted(rows, key=lambda row: row[2].size_bytes)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     sizes = [r.size_bytes / 1e6 for _, _, r in rows]
     ppls = [r.perplexity for _, _, r in rows]
     ax.plot(sizes, ppls, "o-")
     for (quant, _, r), x, y in zip(rows, sizes, ppls):
         ax.annotate(quant, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ref = rows[0][2].reference_perplexity
-    ax.axhline(ref, color="grey", linestyle="--", linewidth=0.8, label=f"reference ({rows[0][2].reference})")
+    ref = rows[-1][2]
+    ax.axhline(ref.reference_perplexity, color="grey", linestyle="--", linewidth=0.8,
+               label=f"reference ({ref.reference})")
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("perplexity on the built-in text (lower is better)")
     ax.set_title("Quantization: size vs quality")
