@@ -223,3 +223,25 @@ def test_a_file_this_llama_cpp_cannot_run_is_an_error(tiny_llama, tmp_path):
     with pytest.raises(edgelm.ConversionError, match="llamx") as err:
         check_runs(future)
     assert "llama-cpp-python" in str(err.value)
+
+
+def test_auto_from_a_checkpoint_keeps_the_smallest_that_fits(tiny_llama, tmp_path):
+    out = tmp_path / "auto.gguf"
+    r = run_cli("convert", str(tiny_llama), "--quant", "auto", "--max-size", "9MB", "--max-ppl-increase", "400%",
+                "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "tried (smallest first)" in r.stdout and "kept" in r.stdout
+    assert out.is_file() and out.stat().st_size <= 9_000_000 and files_in(tmp_path) == ["auto.gguf"]
+
+
+def test_too_little_disk_space_is_refused_before_converting(tiny_llama, tmp_path, monkeypatch):
+    import shutil
+
+    import edgelm.conversion
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(edgelm.conversion.shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=1_000_000))
+    with pytest.raises(edgelm.InsufficientDiskSpaceError, match="MB free"):
+        edgelm.convert(str(tiny_llama), quant="q8_0", output=str(tmp_path / "o.gguf"))
+    assert files_in(tmp_path) == []
