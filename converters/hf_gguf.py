@@ -160,7 +160,7 @@ def check_hf_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str
             fix="Copy the tokenizer files from the original model, or save them with transformers: "
             "AutoTokenizer.from_pretrained(original).save_pretrained(folder).", path=str(source_dir))
     if not any(source_dir.glob("*.safetensors")):
-        pickles = sorted(p.name for p in (*source_dir.glob("*.bin"), *source_dir.glob("*.pt"), *source_dir.glob("*.pth")))
+        pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in source_dir.glob(pattern))
         if not pickles:
             raise InvalidSourceError(f"{source_dir} has no weights (*.safetensors).",
                                      fix="Pass a complete checkpoint folder.", path=str(source_dir))
@@ -225,7 +225,8 @@ def hf_to_gguf(source_dir: Path, output: Path, outtype: str = "auto", *, allow_p
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if own_path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(script.parent), os.environ.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-c", _LAUNCHER, str(script), str(source_dir), "--outfile", str(output), "--outtype", outtype]
+    cmd = [sys.executable, "-c", _LAUNCHER, str(script), str(source_dir), "--outfile", str(output),
+           "--outtype", outtype]
     report(f"converting {arch} with llama.cpp's converter", 0.02)
     start = time.monotonic()
     tail: list[str] = []
