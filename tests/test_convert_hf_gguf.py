@@ -245,3 +245,10 @@ def test_too_little_disk_space_is_refused_before_converting(tiny_llama, tmp_path
     with pytest.raises(edgelm.InsufficientDiskSpaceError, match="MB free"):
         edgelm.convert(str(tiny_llama), quant="q8_0", output=str(tmp_path / "o.gguf"))
     assert files_in(tmp_path) == []
+
+
+def test_doctor_says_whether_the_converter_is_installed(tmp_path):
+    r = run_cli("doctor", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["gguf_converter"]["installed"] is True
+    r = run_cli("doctor", env={"EDGELM_GGUF_CONVERTER": str(tmp_path / "none")})
+    assert r.returncode == 0 and "edgelm install-converter" in r.stdout

@@ -22,7 +22,8 @@ def doctor_command(as_json: bool) -> None:
 
     \b
     Shows: OS and architecture, CPU model, features (AVX2/AVX-512/NEON/dotprod/i8mm) and cores, memory, board,
-    GPUs, what the installed llama.cpp build supports, onnxruntime's execution providers, NPU hints.
+    GPUs, what the installed llama.cpp build supports, onnxruntime's execution providers, NPU hints, and whether
+    llama.cpp's Hugging Face -> GGUF converter is installed.
 
     \b
     Examples:
@@ -31,9 +32,14 @@ def doctor_command(as_json: bool) -> None:
     """
     from edgelm.platforms import detect
 
+    from edgelm.converters.hf_gguf import converter_home, find_converter
+
     h = detect()
+    found = find_converter()
+    converter = {"installed": found is not None, "path": str(found[0]) if found else None,
+                 "install": "edgelm install-converter", "default_folder": str(converter_home())}
     if as_json:
-        click.echo(json.dumps(h.to_dict(), indent=2))
+        click.echo(json.dumps({**h.to_dict(), "gguf_converter": converter}, indent=2))
         return
     cpu, mem = h.cpu, h.memory
     click.echo(f"system      {h.os} {h.arch}" + (f" - {h.board}" if h.board else ""))
@@ -57,6 +63,8 @@ def doctor_command(as_json: bool) -> None:
                else "onnxruntime not installed")
     if h.npu:
         click.echo(f"npu         {'; '.join(h.npu)}")
+    click.echo(f"HF -> GGUF  {'llama.cpp converter at ' + converter['path'] if found else 'converter not installed'}"
+               f"{'' if found else ' (edgelm install-converter; needed only to convert Hugging Face models to GGUF)'}")
     if h.missing:
         click.secho("\nmissing:", bold=True)
         for item in h.missing:
