@@ -26,7 +26,7 @@ from . import handle_errors
 @click.option("--no-eval", is_flag=True, help="Skip the quality and speed measurements.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept *.bin pickle weights. They can run code when loaded: only for sources you trust.")
-@click.option("--threads", type=int, default=None, help="Threads for llama.cpp's quantizer (default: all cores).")
+@click.option("--threads", type=int, default=None, help="GGUF: threads for llama.cpp's quantizer (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool, revision: str | None,
@@ -86,8 +86,8 @@ def _print(r: Any) -> None:
         click.echo("tried (smallest first):")
         click.echo(f"  {'quant':8} {'size MB':>8} {'perplexity':>10}  result")
         for t in r.tried:
-            size = f"{t['size_bytes'] / 1e6:8.1f}" if t.get("size_bytes") else f"{t['size'] / 1e6:8.1f}" \
-                if t.get("size") else f"{'-':>8}"
+            size_bytes = t.get("size_bytes") or t.get("size")
+            size = f"{size_bytes / 1e6:8.1f}" if size_bytes else f"{'-':>8}"
             ppl = f"{t['perplexity']:10.3f}" if t.get("perplexity") else f"{'-':>10}"
             click.echo(f"  {t['quant']:8} {size} {ppl}  {'kept' if t['kept'] else t.get('reason', 'rejected')}")
 
