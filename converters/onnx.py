@@ -40,7 +40,7 @@ MANIFEST_VERSION = 1
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
 # weight quantization methods of the builder (MatMulNBits): plain round-to-nearest, or llama.cpp-style k-quant
 # search; the *_last variants keep the output projection (lm_head) at 8 bits
-ALGOS = ("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed")
+ALGOS = ("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed", "gptq")
 DEFAULT_ALGO = "default"
 
 # Hugging Face architecture -> the onnxruntime-genai builder's model family.  Text decoders only: the builder
@@ -83,6 +83,11 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
       symmetric (bool, True): symmetric int4/int8 quantization (no zero points).
       accuracy_level (int, 4): MatMulNBits compute type for activations: 1 fp32, 2 fp16, 3 bf16, 4 int8
         (dynamic per-block int8 quantization of activations, the fastest on CPUs).
+      algo (str, "default"): how weights are rounded: default/rtn (round to nearest), k_quant (llama.cpp-style
+        scale search), *_last (int8 output head), k_quant_mixed (int8 for the most sensitive layers, slower), or
+        gptq (int4: GPTQ with calibration on the standard library's docstrings; minutes on a CPU, same speed).
+      calibration (path, None): with algo="gptq", a UTF-8 text file to calibrate on instead (text like what the
+        model will see: GPTQ fits the rounding to it).
       execution_provider (str, "cpu"): the EP the graph is built for: cpu, cuda, dml, webgpu.
       builder_options (dict, None): more ``--extra_options key=value`` pairs for the model builder.
       overwrite (bool, False): replace an existing ``output`` folder.
@@ -111,8 +116,16 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     _check_disk_space(source_dir, output.parent, opts["quant"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
+        builder_source = source_dir
+        if opts["algo"] == "gptq":
+            from .gptq import gptq_checkpoint
+
+            builder_source = gptq_checkpoint(source_dir, tmp / ".gptq-checkpoint", block_size=opts["block_size"],
+                                             symmetric=opts["symmetric"], text=_calibration(opts["calibration"]),
+                                             progress=lambda message, fraction: report(message, 0.5 * fraction))
         report(f"Exporting {arch} to ONNX ({quant}) with onnxruntime-genai's model builder", 0.0)
-        _run_builder(source_dir, tmp, quant, opts, report)
+        _run_builder(builder_source, tmp, quant, opts, report)
+        shutil.rmtree(tmp / ".gptq-checkpoint", ignore_errors=True)
         report("Copying tokenizer files and writing the manifest", 0.9)
         for name in CARRIED_FILES:
             src = source_dir / name
@@ -141,7 +154,7 @@ def _options(quant: str, options: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(quant, str) or quant.lower() not in QUANTS:
         raise UnknownQuantizationError(f"Unknown ONNX quantization {quant!r}.",
                                        fix=f"Use one of: {', '.join(QUANTS)}.", quant=quant)
-    known = {"block_size": 32, "symmetric": True, "accuracy_level": 4, "algo": DEFAULT_ALGO,
+    known = {"block_size": 32, "symmetric": True, "accuracy_level": 4, "algo": DEFAULT_ALGO, "calibration": None,
              "execution_provider": "cpu", "overwrite": False, "timeout": None, "builder_options": None}
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -165,6 +178,14 @@ def _options(quant: str, options: dict[str, Any]) -> dict[str, Any]:
     if opts["algo"] not in ALGOS:
         raise InvalidParameterError(f"Invalid algo: {opts['algo']!r}.", fix=f"Use one of: {', '.join(ALGOS)}.",
                                     parameter="algo", value=opts["algo"])
+    if opts["algo"] == "gptq" and opts["quant"] != "int4":
+        raise InvalidParameterError(f"algo='gptq' makes int4 weights; quant is {opts['quant']!r}.",
+                                    fix='Use quant="int4" with algo="gptq".', parameter="algo", value="gptq")
+    if opts["calibration"] is not None:
+        if opts["algo"] != "gptq":
+            raise InvalidParameterError("calibration text is used by algo='gptq' only.", fix='Add algo="gptq".',
+                                        parameter="calibration", value=str(opts["calibration"]))
+        _calibration(opts["calibration"])  # a missing or unreadable file is refused before any work
     if opts["execution_provider"] not in ("cpu", "cuda", "dml", "webgpu"):
         raise InvalidParameterError(f"Invalid execution_provider: {opts['execution_provider']!r}.",
                                     fix="Use cpu, cuda, dml or webgpu.", parameter="execution_provider",
@@ -228,6 +249,25 @@ def check_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str, A
     return config
 
 
+def _calibration(path: Any) -> str | None:
+    """The text of a calibration file (GPTQ), or None for the built-in one."""
+    if path is None:
+        return None
+    from edgelm.errors import InvalidParameterError
+
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidParameterError(f"Cannot read the calibration text {path}: {exc}.",
+                                    fix="Pass a UTF-8 text file of the kind of text the model will see.",
+                                    parameter="calibration", value=str(path)) from exc
+    if len(text.split()) < 500:
+        raise InvalidParameterError(f"The calibration text {path} has {len(text.split())} words; GPTQ needs a few "
+                                    "thousand.", fix="Pass a longer text (10,000 words or more is best).",
+                                    parameter="calibration", value=str(path))
+    return text
+
+
 def _builder_target(opts: dict[str, Any]) -> str:
     """The builder's -e: its CPU fp16 graph (MultiHeadAttention + casts) fails to decode in onnxruntime 1.32
     ('Shape mismatch attempting to re-use buffer'), while its CUDA fp16 graph (GroupQueryAttention) runs on the
@@ -245,9 +285,11 @@ def _builder_args(source_dir: Path, out: Path, cache: Path, opts: dict[str, Any]
         extra += [f"block_size={opts['block_size']}", f"is_symmetric={str(bool(opts['symmetric'])).lower()}"]
         if opts["accuracy_level"]:
             extra.append(f"accuracy_level={opts['accuracy_level']}")
-        if opts["algo"] and opts["algo"] != "default":
+        if opts["algo"] and opts["algo"] not in ("default", "gptq"):
             extra.append(f"algo_config={opts['algo']}")
-    if not opts["symmetric"] and opts["quant"] in ("int4", "int8"):
+    if opts["algo"] == "gptq":  # the GPTQ checkpoint's head is already int4, in a layout the embedding cannot share
+        extra.append("shared_embeddings=false")
+    elif not opts["symmetric"] and opts["quant"] in ("int4", "int8"):
         # the builder's asymmetric GatherBlockQuantized embedding shared with lm_head does not load in
         # onnxruntime 1.32 (uint8 output type error): keep input and output embeddings separate
         extra.append("shared_embeddings=false")

@@ -27,11 +27,16 @@ from . import handle_errors
 @click.option("--allow-pickle", is_flag=True,
               help="Accept *.bin pickle weights. They can run code when loaded: only for sources you trust.")
 @click.option("--threads", type=int, default=None, help="GGUF: threads for llama.cpp's quantizer (default: all cores).")
+@click.option("--algo", default=None,
+              help="ONNX int4/int8: how weights are rounded: default (round to nearest), k_quant, k_quant_mixed, or "
+                   "gptq (int4, calibrated: better quality at the same speed, slower to convert).")
+@click.option("--calibration", default=None, type=click.Path(dir_okay=False),
+              help="ONNX --algo gptq: a UTF-8 text file like what the model will see (default: Python's docstrings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool, revision: str | None,
                     max_ppl_increase: str | None, max_size: str | None, no_eval: bool, allow_pickle: bool,
-                    threads: int | None, as_json: bool) -> None:
+                    threads: int | None, algo: str | None, calibration: str | None, as_json: bool) -> None:
     """Convert SRC to GGUF or quantized ONNX and report what it cost in quality.
 
     SRC is a Hugging Face model folder or Hub id (HF cache used; HF_HUB_OFFLINE=1 for cache only), or for GGUF
@@ -47,6 +52,7 @@ def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool,
       edgelm convert HuggingFaceTB/SmolLM2-135M-Instruct --quant q8_0 -o smollm2-q8_0.gguf
       edgelm convert model-f16.gguf --quant q4_k_m -o model-q4_k_m.gguf
       edgelm convert ./my-hf-model --to onnx --quant int4 -o model-onnx/
+      edgelm convert ./my-hf-model --to onnx --quant int4 --algo gptq -o model-onnx/
       edgelm convert ./my-hf-model --quant auto --max-size 120MB --max-ppl-increase 5% -o small.gguf
     """
     import edgelm.conversion as conv
@@ -63,7 +69,8 @@ def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool,
         report = conv.convert(src, to=to, quant=quant, output=output, overwrite=overwrite, revision=revision,
                               eval=not no_eval, max_ppl_increase=max_ppl_increase, max_size=max_size,
                               allow_pickle=allow_pickle, progress=progress,
-                              **({"threads": threads} if threads else {}))
+                              **{k: v for k, v in (("threads", threads), ("algo", algo), ("calibration", calibration))
+                                 if v is not None})
         bar.update(100 - state["done"], "done")
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

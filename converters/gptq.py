@@ -1,0 +1,233 @@
+"""GPTQ int4 weights for the ONNX exporter (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization").
+
+Round-to-nearest int4 rounds every weight on its own.  GPTQ rounds the columns of each linear layer one at a time and
+spreads each rounding error over the columns not yet rounded, weighted by how the layer's inputs correlate (the
+Hessian X^T X of a few calibration sequences), so the layer's *outputs* change less.  The result is an ordinary int4
+weight (a scale per block of ``block_size`` inputs, integer zero points): the same MatMulNBits kernels run it, at
+the same speed as round-to-nearest.
+
+Layers are quantized in order, each on the outputs of the already-quantized layers before it.  The calibration text
+is the Python standard library's own docstrings (offline, English technical prose, and not the evaluation text),
+or any text given.  The quantized model is written as a GPTQ-format Hugging Face checkpoint (``qweight``,
+``qzeros``, ``scales``, ``g_idx``), which onnxruntime-genai's model builder turns into MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+Progress = Callable[[str, float], None]
+
+# modules whose docstrings make the default calibration text (the evaluation text comes from pydoc_data instead)
+CALIBRATION_MODULES = ("os", "re", "json", "collections", "itertools", "functools", "pathlib", "subprocess",
+                       "argparse", "logging", "threading", "asyncio", "typing", "dataclasses", "random", "statistics",
+                       "datetime", "email", "http.client", "urllib.request", "unittest", "csv", "sqlite3", "zipfile",
+                       "tarfile", "shutil", "tempfile", "textwrap", "string", "decimal")
+
+
+class _Caught(Exception):
+    """Stops the model once the first decoder layer's inputs are captured."""
+
+
+def calibration_text() -> str:
+    parts: list[str] = []
+    for name in CALIBRATION_MODULES:
+        module = importlib.import_module(name)
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 200:
+                parts.append(doc)
+    return "\n\n".join(dict.fromkeys(parts))
+
+
+def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, symmetric: bool = True,
+                    samples: int = 16, seq_len: int = 512, damp: float = 0.01, text: str | None = None,
+                    progress: Progress | None = None) -> Path:
+    """Quantize the linear layers of the decoder blocks in ``source_dir`` with GPTQ and write a GPTQ-format
+    checkpoint (4-bit, ``block_size`` inputs per scale) to ``out_dir``.  Embeddings, norms and the output head are
+    left as they are (the exporter quantizes the head itself)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = progress or (lambda message, fraction: None)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    prefix, layers = _decoder_layers(model)
+    ids = tokenizer(text or calibration_text(), return_tensors="pt").input_ids[0]
+    seq_len = min(seq_len, len(ids))
+    samples = max(1, min(samples, len(ids) // seq_len))
+    stride = len(ids) // samples  # spread over the whole text
+    batches = [ids[i * stride:i * stride + seq_len].unsqueeze(0) for i in range(samples)]
+
+    inputs: list[Any] = []
+    kwargs: dict[str, Any] = {}
+
+    def catch(module: Any, args: tuple, kw: dict[str, Any]) -> None:
+        inputs.append(args[0] if args else kw["hidden_states"])
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Caught
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    with torch.no_grad():
+        for batch in batches:
+            try:
+                model(batch, use_cache=False)
+            except _Caught:
+                pass
+    handle.remove()
+
+    codes: dict[str, tuple[Any, Any, Any]] = {}
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            report(f"GPTQ: layer {index + 1}/{len(layers)}", index / len(layers))
+            linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            hessians = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
+
+            def accumulate(name: str) -> Callable[..., None]:
+                def hook(module: Any, args: tuple, output: Any) -> None:
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    hessians[name] += 2 * x.T @ x / len(batches)
+                return hook
+
+            hooks = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
+            for x in inputs:
+                layer(x, **kwargs)
+            for h in hooks:
+                h.remove()
+            for name, m in linears.items():
+                q, scale, zero, weight = quantize(m.weight.data, hessians[name], block_size, symmetric, damp)
+                m.weight.data = weight
+                codes[f"{prefix}.{index}.{name}"] = (q, scale, zero)
+            outputs = [layer(x, **kwargs) for x in inputs]  # the next layer sees this layer quantized
+            inputs = [o[0] if isinstance(o, tuple) else o for o in outputs]
+        head = model.get_output_embeddings()
+        norm = getattr(model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model, "norm", None)
+        if isinstance(head, torch.nn.Linear) and norm is not None and head.in_features % block_size == 0:
+            report("GPTQ: output head", 0.98)
+            hessian = torch.zeros(head.in_features, head.in_features)
+            for x in inputs:
+                h = norm(x).reshape(-1, head.in_features).float()
+                hessian += 2 * h.T @ h / len(batches)
+            q, scale, zero, _ = quantize(head.weight.data, hessian, block_size, symmetric, damp)
+            codes["lm_head"] = (q, scale, zero)  # the embedding table keeps its float weights
+    report("GPTQ: writing the checkpoint", 1.0)
+    _write(model, source_dir, out_dir, codes, block_size, symmetric)
+    return out_dir
+
+
+def _decoder_layers(model: Any) -> tuple[str, Any]:
+    import torch
+
+    for name, module in model.named_modules():
+        if name.endswith(".layers") and isinstance(module, torch.nn.ModuleList):
+            return name, module
+    raise ValueError("no decoder layers (a '*.layers' ModuleList) found")
+
+
+def quantize(w: Any, hessian: Any, block_size: int, symmetric: bool, damp: float, act_order: bool = True
+             ) -> tuple[Any, Any, Any, Any]:
+    """GPTQ on one weight [out, in]: (codes 0..15 [out, in], scales [out, in/block], zero points [out, in/block],
+    the dequantized weight).
+
+    act_order: round the inputs with the largest Hessian diagonal (the most active) first, while the scales stay
+    those of the original blocks ("static groups"), so the result keeps the plain block layout."""
+    import torch
+
+    W = w.clone().float()
+    n_out, n_in = W.shape
+    H = hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scales = torch.zeros(n_out, n_in // block_size)
+    zeros = torch.zeros(n_out, n_in // block_size)
+    for b in range(n_in // block_size):
+        scale, zero = _block_params(W[:, b * block_size:(b + 1) * block_size], symmetric)
+        scales[:, b], zeros[:, b] = scale.squeeze(1), zero.squeeze(1)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n_in)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros(n_out, n_in, dtype=torch.int32)
+    for start in range(0, n_in, block_size):
+        end = start + block_size
+        W1, Hinv1 = W[:, start:end].clone(), Hinv[start:end, start:end]
+        errors = torch.zeros_like(W1)
+        for i in range(end - start):
+            column, group = W1[:, i], int(perm[start + i]) // block_size
+            scale, zero = scales[:, group], zeros[:, group]
+            q = torch.clamp(torch.round(column / scale) + zero, 0, 15)
+            codes[:, perm[start + i]] = q.to(torch.int32)
+            error = (column - (q - zero) * scale) / Hinv1[i, i]
+            W1[:, i:] -= error.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        W[:, end:] -= errors @ Hinv[start:end, end:]
+    dequantized = ((codes.float().reshape(n_out, -1, block_size) - zeros.unsqueeze(2)) * scales.unsqueeze(2))
+    return codes, scales, zeros, dequantized.reshape(n_out, n_in)
+
+
+def _block_params(W1: Any, symmetric: bool) -> tuple[Any, Any]:
+    """Scale and integer zero point per row of one block (the grid onnxruntime's int4 uses: codes 0..15)."""
+    import torch
+
+    if symmetric:  # the largest magnitude maps to -8 (onnxruntime's symmetric convention), zero point 8
+        big = torch.gather(W1, 1, W1.abs().argmax(1, keepdim=True))
+        scale = big / -8
+        scale[scale == 0] = 1
+        return scale, torch.full_like(scale, 8)
+    lo = torch.clamp(W1.min(1, keepdim=True).values, max=0)
+    hi = torch.clamp(W1.max(1, keepdim=True).values, min=0)
+    scale = (hi - lo) / 15
+    scale[scale == 0] = 1
+    return scale, torch.round(-lo / scale)
+
+
+def _pack(values: Any, axis: int) -> Any:
+    """Eight 4-bit values along ``axis`` into one int32 (GPTQ layout: the first value in the lowest bits)."""
+    import torch
+
+    v = values.to(torch.int64) & 0xF
+    v = v.reshape(v.shape[0] // 8, 8, v.shape[1]) if axis == 0 else v.reshape(v.shape[0], v.shape[1] // 8, 8)
+    packed = torch.zeros(v.shape[0], v.shape[2] if axis == 0 else v.shape[1], dtype=torch.int64)
+    for j in range(8):
+        packed |= (v[:, j, :] if axis == 0 else v[:, :, j]) << (4 * j)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def _write(model: Any, source_dir: Path, out_dir: Path, codes: dict[str, tuple[Any, Any, Any]], block_size: int,
+           symmetric: bool) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name, tensor in model.state_dict().items():
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if base in codes:
+            q, scale, zero = codes[base]
+            tensors[base + ".qweight"] = _pack(q.T.contiguous(), axis=0)  # [in/8, out]
+            tensors[base + ".qzeros"] = _pack((zero.T.contiguous().to(torch.int64) - 1), axis=1)  # GPTQ v1: zero - 1
+            tensors[base + ".scales"] = scale.T.contiguous().to(torch.float16)
+            tensors[base + ".g_idx"] = (torch.arange(q.shape[1]) // block_size).to(torch.int32)
+        elif not (tied and name == "lm_head.weight"):
+            tensors[name] = tensor.contiguous().clone()
+        # a tied head quantized above is written as lm_head.q*, beside the float embedding table
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for f in source_dir.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth")) and \
+                f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out_dir / f.name)
+    config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
+    if "lm_head" in codes:
+        config["tie_word_embeddings"] = False  # the head is int4 now; the embedding table stays float
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": block_size,
+                                     "desc_act": False, "sym": symmetric, "checkpoint_format": "gptq"}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
