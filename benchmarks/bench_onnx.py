@@ -23,7 +23,7 @@ from pathlib import Path
 
 import edgelm
 from edgelm.converters.onnx import BUILDER_MODULE, convert_to_onnx
-from edgelm.platforms import performance_cores
+from edgelm.platforms import default_threads
 
 PROMPT = "<|im_start|>user\nWrite a long story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -85,8 +85,9 @@ def main() -> None:
     ap.add_argument("checkpoint", nargs="?")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=performance_cores())
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--keep", help="folder to keep both ONNX builds in (default: a temporary folder)")
+    ap.add_argument("--algo", default="default", help="edgelm's int4 rounding: default, gptq, ... (see convert_to_onnx)")
     a = ap.parse_args()
     src = Path(a.checkpoint) if a.checkpoint else default_checkpoint()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench-onnx-"))
@@ -97,8 +98,8 @@ def main() -> None:
         print(f"genai builder int4: {time.perf_counter() - t:.1f} s")
     if not ours.exists():
         t = time.perf_counter()
-        convert_to_onnx(src, ours, "int4")
-        print(f"edgelm convert_to_onnx int4: {time.perf_counter() - t:.1f} s")
+        convert_to_onnx(src, ours, "int4", algo=a.algo)
+        print(f"edgelm convert_to_onnx int4 (algo={a.algo}): {time.perf_counter() - t:.1f} s")
     m = edgelm.load(ours, threads=a.threads, n_ctx=1024)
     ids = m.tokenize(PROMPT, add_special=False, parse_special=True)
     g_pp, g_tg, e_pp, e_tg = [], [], [], []

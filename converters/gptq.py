@@ -60,7 +60,7 @@ def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, sy
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     prefix, layers = _decoder_layers(model)
     ids = tokenizer(text or calibration_text(), return_tensors="pt").input_ids[0]
-    seq_len = min(seq_len, len(ids))
+    seq_len = min(seq_len, len(ids), getattr(model.config, "max_position_embeddings", None) or seq_len)
     samples = max(1, min(samples, len(ids) // seq_len))
     stride = len(ids) // samples  # spread over the whole text
     batches = [ids[i * stride:i * stride + seq_len].unsqueeze(0) for i in range(samples)]

@@ -65,7 +65,7 @@ def test_gptq_options_are_checked_before_any_work(tmp_path):
     with pytest.raises(InvalidParameterError, match="int4"):
         convert_to_onnx(src, tmp_path / "o", "int8", algo="gptq")
     with pytest.raises(InvalidParameterError, match="gptq"):
-        convert_to_onnx(src, tmp_path / "o", "int4", calibration=str(tmp_path / "text.txt"))
+        convert_to_onnx(src, tmp_path / "o", "int4", algo="default", calibration=str(tmp_path / "text.txt"))
     with pytest.raises(InvalidParameterError, match="calibration"):
         convert_to_onnx(src, tmp_path / "o", "int4", algo="gptq", calibration=str(tmp_path / "missing.txt"))
     short = tmp_path / "short.txt"
@@ -97,3 +97,23 @@ def test_smollm2_gptq_int4_within_ten_percent_of_fp32(tmp_path):
         c = m.chat([{"role": "system", "content": "You are a helpful assistant."},
                     {"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=16)
         assert "Paris" in c.text, c.text
+
+
+def test_auto_uses_gptq_for_int4_when_the_model_fits_in_memory(tmp_path, caplog):
+    from edgelm.converters.onnx import _options, _resolve_algo
+
+    src = tiny_checkpoint("llama", tmp_path / "tiny")  # 0.43 M parameters: 1.7 MB in fp32
+    opts = _options("int4", {})
+    _resolve_algo(src, opts, memory=8 * 2**30)
+    assert opts["algo"] == "gptq"
+    opts = _options("int4", {})
+    _resolve_algo(src, opts, memory=4 * 2**20)  # a machine with 4 MB free
+    assert opts["algo"] == "default" and "--algo gptq" in caplog.text
+    opts = _options("int8", {})
+    _resolve_algo(src, opts, memory=8 * 2**30)
+    assert opts["algo"] == "default"
+    text = tmp_path / "t.txt"
+    text.write_text("words of calibration text " * 200)
+    opts = _options("int8", {"calibration": str(text)})
+    with pytest.raises(InvalidParameterError, match="int4"):
+        _resolve_algo(src, opts, memory=8 * 2**30)

@@ -340,7 +340,9 @@ def test_failed_export_leaves_nothing_behind(tiny_llama_src, tmp_path):
     cfg["hidden_size"] = 96  # the weights no longer fit the config
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="model builder failed"):
-        convert_to_onnx(src, tmp_path / "out", "int4")
+        convert_to_onnx(src, tmp_path / "out", "int4", algo="default")
+    with pytest.raises(ConversionError, match="GPTQ could not load"):
+        convert_to_onnx(src, tmp_path / "out", "int4", algo="gptq")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

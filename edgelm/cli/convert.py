@@ -28,8 +28,9 @@ from . import handle_errors
               help="Accept *.bin pickle weights. They can run code when loaded: only for sources you trust.")
 @click.option("--threads", type=int, default=None, help="GGUF: threads for llama.cpp's quantizer (default: all cores).")
 @click.option("--algo", default=None,
-              help="ONNX int4/int8: how weights are rounded: default (round to nearest), k_quant, k_quant_mixed, or "
-                   "gptq (int4, calibrated: better quality at the same speed, slower to convert).")
+              help="ONNX int4/int8: how weights are rounded: gptq (int4, calibrated: better quality at the same "
+                   "speed, slower to convert), default (round to nearest), k_quant, k_quant_mixed. Unset: gptq for "
+                   "int4 when the fp32 model fits easily in memory, else round to nearest.")
 @click.option("--calibration", default=None, type=click.Path(dir_okay=False),
               help="ONNX --algo gptq: a UTF-8 text file like what the model will see (default: Python's docstrings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
