@@ -39,6 +39,7 @@ class ConversionReport:
     tokens_per_second: float | None = None
     peak_rss: int | None = None  # bytes, a short generation with the output
     conversion_peak_rss: int | None = None  # bytes, llama.cpp's HF -> GGUF converter process (HF sources only)
+    method: str | None = None  # ONNX int4/int8: how weights were rounded (gptq, default = round to nearest, ...)
     tried: list[dict[str, Any]] = field(default_factory=list)  # --quant auto: every candidate measured
 
     @property
@@ -246,9 +247,10 @@ def _describe(out: Path, to: str, quant: str, seconds: float) -> ConversionRepor
     facts = inspect(out)
     params = facts.get("parameters") or 0
     size = _size(out)
+    method = (facts.get("quantization_options") or {}).get("algo") if to == "onnx" else None
     return ConversionReport(output=str(out), format=to, quant=quant, architecture=str(facts.get("architecture")),
                             size_bytes=size, bits_per_weight=round(8 * size / params, 3) if params else None,
-                            seconds=round(seconds, 2))
+                            seconds=round(seconds, 2), method=method)
 
 
 def _reference(staged: _Staged, to: str, out: Path, quant: str | None, report: Progress) -> tuple[str, float]:

@@ -91,7 +91,7 @@ def test_smollm2_gptq_int4_within_ten_percent_of_fp32(tmp_path):
 
     src = Path(smollm2_hf_checkpoint())
     report = edgelm.convert(str(src), to="onnx", quant="int4", algo="gptq", output=str(tmp_path / "gptq"))
-    assert report.reference == "fp32 ONNX of the same source"
+    assert report.reference == "fp32 ONNX of the same source" and report.method == "gptq"
     assert report.ppl_increase <= 0.10, report.to_dict()  # round-to-nearest int4 is ~1.31x on these weights
     with edgelm.load(report.output, threads=2, n_ctx=512) as m:
         c = m.chat([{"role": "system", "content": "You are a helpful assistant."},

@@ -81,7 +81,8 @@ def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool,
 
 def _print(r: Any) -> None:
     click.echo(f"output       {r.output}")
-    click.echo(f"format       {r.format} {r.quant} ({r.architecture})")
+    method = f", weights rounded by {r.method}" if r.method else ""
+    click.echo(f"format       {r.format} {r.quant} ({r.architecture}{method})")
     bpw = f", {r.bits_per_weight:.2f} bits/weight" if r.bits_per_weight else ""
     click.echo(f"size         {r.size_bytes / 1e6:.1f} MB{bpw}, written in {r.seconds:.1f} s")
     if r.perplexity is not None:
