@@ -39,8 +39,8 @@ QUANTS = ("int4", "int8", "fp16", "fp32")
 MANIFEST = "edgelm.json"
 MANIFEST_VERSION = 1
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
-# weight quantization methods of the builder (MatMulNBits): plain round-to-nearest, or llama.cpp-style k-quant
-# search; the *_last variants keep the output projection (lm_head) at 8 bits
+# weight quantization methods (MatMulNBits): the builder's round-to-nearest or llama.cpp-style k-quant search (the
+# *_last variants keep the output projection at 8 bits), or edgelm's GPTQ (converters/gptq.py)
 ALGOS = ("auto", "default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed", "gptq")
 # auto: GPTQ for int4 when the fp32 model fits comfortably in this machine's memory, round-to-nearest otherwise
 DEFAULT_ALGO = "auto"
@@ -86,9 +86,11 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
       symmetric (bool, True): symmetric int4/int8 quantization (no zero points).
       accuracy_level (int, 4): MatMulNBits compute type for activations: 1 fp32, 2 fp16, 3 bf16, 4 int8
         (dynamic per-block int8 quantization of activations, the fastest on CPUs).
-      algo (str, "default"): how weights are rounded: default/rtn (round to nearest), k_quant (llama.cpp-style
-        scale search), *_last (int8 output head), k_quant_mixed (int8 for the most sensitive layers, slower), or
-        gptq (int4: GPTQ with calibration on the standard library's docstrings; minutes on a CPU, same speed).
+      algo (str, "auto"): how weights are rounded: gptq (int4: GPTQ calibrated on the standard library's
+        docstrings; minutes on a CPU, same decode speed), default/rtn (round to nearest), k_quant (llama.cpp-style
+        scale search), *_last (int8 output head), k_quant_mixed (int8 for the most sensitive layers, slower).
+        auto: gptq for int4 when the fp32 model takes under a quarter of the free memory (falling back to round to
+        nearest, with a warning, if GPTQ fails), round to nearest otherwise.
       calibration (path, None): with algo="gptq", a UTF-8 text file to calibrate on instead (text like what the
         model will see: GPTQ fits the rounding to it).
       execution_provider (str, "cpu"): the EP the graph is built for: cpu, cuda, dml, webgpu.
@@ -106,6 +108,7 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     opts = _options(quant, options)
     config = check_source(source_dir, allow_pickle=allow_pickle)
     arch = config["architectures"][0]
+    chosen_by_auto = opts["algo"] == "auto"
     _resolve_algo(source_dir, opts)
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         if not opts["overwrite"]:
@@ -120,24 +123,19 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     _check_disk_space(source_dir, output.parent, opts["quant"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        builder_source, export_report = source_dir, report
-        if opts["algo"] == "gptq":  # GPTQ takes the first 30 % of the progress bar, the export the rest
-            from .gptq import gptq_checkpoint
-
+        if opts["algo"] == "gptq":
             try:
-                builder_source = gptq_checkpoint(source_dir, tmp / ".gptq-checkpoint", block_size=opts["block_size"],
-                                                 symmetric=opts["symmetric"], text=_calibration(opts["calibration"]),
-                                                 progress=lambda message, fraction: report(message, 0.3 * fraction))
-            except (RuntimeError, ValueError, OSError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ConversionError(f"GPTQ could not load or quantize {source_dir}: {first}",
-                                      fix="Check that the checkpoint loads with transformers (>= 5), or use "
-                                      "algo='default' (round to nearest).") from exc
-            # the builder's steps run from 0 to 0.9 of the bar (then the folder is finished here): map to 0.3-0.9
-            export_report = lambda message, fraction: report(message, 0.3 + fraction * 0.6 / 0.9)  # noqa: E731
-        export_report(f"Exporting {arch} to ONNX ({quant}) with onnxruntime-genai's model builder", 0.0)
-        _run_builder(builder_source, tmp, quant, opts, export_report)
-        shutil.rmtree(tmp / ".gptq-checkpoint", ignore_errors=True)
+                _export_gptq(source_dir, tmp, arch, quant, opts, report)
+            except ConversionError as exc:
+                if not chosen_by_auto:
+                    raise
+                log.warning("GPTQ failed for %s (%s); writing round-to-nearest int4 instead.", arch, exc.message)
+                for leftover in tmp.iterdir():
+                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                opts["algo"] = "default"
+        if opts["algo"] != "gptq":
+            report(f"Exporting {arch} to ONNX ({quant}) with onnxruntime-genai's model builder", 0.0)
+            _run_builder(source_dir, tmp, quant, opts, report)
         report("Copying tokenizer files and writing the manifest", 0.9)
         for name in CARRIED_FILES:
             src = source_dir / name
@@ -158,6 +156,26 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
         raise
     report(f"Wrote {output}", 1.0)
     return output
+
+
+def _export_gptq(source_dir: Path, tmp: Path, arch: str, quant: str, opts: dict[str, Any], report: Progress) -> None:
+    """GPTQ weights into a GPTQ-format checkpoint (first 30 % of the progress bar), then the builder imports it."""
+    from .gptq import gptq_checkpoint
+
+    try:
+        checkpoint = gptq_checkpoint(source_dir, tmp / ".gptq-checkpoint", block_size=opts["block_size"],
+                                     symmetric=opts["symmetric"], text=_calibration(opts["calibration"]),
+                                     progress=lambda message, fraction: report(message, 0.3 * fraction))
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"GPTQ could not load or quantize {source_dir}: {first}",
+                              fix="Check that the checkpoint loads with transformers (>= 5), or use algo='default' "
+                              "(round to nearest).") from exc
+    # the builder's steps run from 0 to 0.9 of the bar (then the folder is finished by the caller): map to 0.3-0.9
+    export_report = lambda message, fraction: report(message, 0.3 + fraction * 0.6 / 0.9)  # noqa: E731
+    export_report(f"Exporting {arch} to ONNX ({quant}) with onnxruntime-genai's model builder", 0.0)
+    _run_builder(checkpoint, tmp, quant, opts, export_report)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 # --- checks -------------------------------------------------------------------------------------------------

@@ -117,3 +117,22 @@ def test_auto_uses_gptq_for_int4_when_the_model_fits_in_memory(tmp_path, caplog)
     opts = _options("int8", {"calibration": str(text)})
     with pytest.raises(InvalidParameterError, match="int4"):
         _resolve_algo(src, opts, memory=8 * 2**30)
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_rounding_when_gptq_fails(tmp_path, monkeypatch, caplog):
+    import edgelm.converters.gptq as gptq
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no GPTQ today")
+
+    monkeypatch.setattr(gptq, "gptq_checkpoint", broken)
+    src = tiny_checkpoint("llama", tmp_path / "tiny")
+    out = convert_to_onnx(src, tmp_path / "o", "int4")  # algo="auto" picks GPTQ for this small model
+    assert "no GPTQ today" in caplog.text and "round-to-nearest" in caplog.text
+    from edgelm.converters.onnx import read_manifest
+
+    assert read_manifest(out)["quantization_options"]["algo"] == "default"
+    with pytest.raises(edgelm.ConversionError, match="no GPTQ today"):
+        convert_to_onnx(src, tmp_path / "o2", "int4", algo="gptq")  # asked for by name: no fallback
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "tiny"]
