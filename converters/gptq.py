@@ -18,6 +18,7 @@ import importlib
 import inspect
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,12 +37,14 @@ class _Caught(Exception):
 
 def calibration_text() -> str:
     parts: list[str] = []
-    for name in CALIBRATION_MODULES:
-        module = importlib.import_module(name)
-        for _, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 200:
-                parts.append(doc)
+    with warnings.catch_warnings():  # some members are deprecated aliases (typing.re, ...): reading them warns
+        warnings.simplefilter("ignore")
+        for name in CALIBRATION_MODULES:
+            module = importlib.import_module(name)
+            for _, obj in inspect.getmembers(module):
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 200:
+                    parts.append(doc)
     return "\n\n".join(dict.fromkeys(parts))
 
 
