@@ -165,7 +165,7 @@ def _export_gptq(source_dir: Path, tmp: Path, arch: str, quant: str, opts: dict[
         checkpoint = gptq_checkpoint(source_dir, tmp / ".gptq-checkpoint", block_size=opts["block_size"],
                                      symmetric=opts["symmetric"], text=_calibration(opts["calibration"]),
                                      progress=lambda message, fraction: report(message, 0.3 * fraction))
-    except (RuntimeError, ValueError, OSError) as exc:
+    except (ImportError, RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"GPTQ could not load or quantize {source_dir}: {first}",
                               fix="Check that the checkpoint loads with transformers (>= 5), or use algo='default' "
@@ -408,6 +408,20 @@ def _fraction(line: str) -> tuple[str, float] | None:
     return None
 
 
+def kv_length(folder: Path, n_ctx: int) -> int:
+    """The KV cache length (onnxruntime-genai's max_length) to allocate for ``n_ctx`` tokens.  Sliding-window layers
+    (Gemma 2/3, ...) keep a window-sized cache that onnxruntime's GroupQueryAttention refuses to run when the whole
+    cache is shorter than the window ("KV cache capacity (16) must be at least local_window_size (4096)"), so the
+    cache is never shorter than the window plus the slack the builder asks for; edgelm still stops at n_ctx."""
+    try:
+        genai = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
+        window = genai["model"]["decoder"].get("sliding_window") or {}
+        floor = int(window.get("window_size") or 0) + int(window.get("cache_slack") or 0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        floor = 0
+    return max(int(n_ctx), floor)
+
+
 def _smoke_test(folder: Path, manifest: dict[str, Any], quant: str) -> None:
     """Evaluate a short prompt and decode two tokens with onnxruntime-genai on CPU; a graph that onnxruntime
     cannot run fails the conversion here instead of leaving a model that fails at its first use."""
@@ -419,7 +433,7 @@ def _smoke_test(folder: Path, manifest: dict[str, Any], quant: str) -> None:
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}}))
         model = og.Model(cfg)
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=16, do_sample=False)
+        params.set_search_options(max_length=kv_length(folder, 16), do_sample=False)
         gen = og.Generator(model, params)
         vocab = int(manifest.get("vocab_size") or 4)
         gen.append_tokens([1 % vocab, 2 % vocab, 3 % vocab])

@@ -333,7 +333,7 @@ class OnnxBackend(BackendBase):
             raise InvalidParameterError(
                 f"n_ctx={n_ctx} is larger than the context this ONNX model was exported for ({trained}).",
                 fix=f"Use n_ctx <= {trained}.", parameter="n_ctx", value=n_ctx)
-        self.n_ctx = n_ctx
+        self.n_ctx = self.kv_length = n_ctx
         if options.kv_cache not in (None, "f32", "f16"):
             raise InvalidParameterError(
                 f"kv_cache={options.kv_cache!r} is not available on the onnxruntime backend (its KV cache has the "
@@ -360,7 +360,10 @@ class OnnxBackend(BackendBase):
             cfg.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
             self._model = og.Model(cfg)
             params = og.GeneratorParams(self._model)
-            params.set_search_options(max_length=self.n_ctx, do_sample=False, batch_size=1)
+            from edgelm.converters.onnx import kv_length
+
+            self.kv_length = kv_length(folder, self.n_ctx)  # >= n_ctx: a sliding window may need more
+            params.set_search_options(max_length=self.kv_length, do_sample=False, batch_size=1)
             self._gen_params = params
         except Exception as exc:
             msg = str(exc)
@@ -594,7 +597,8 @@ class OnnxBackend(BackendBase):
     def kv_cache_bytes(self) -> int:
         kv = self.manifest.get("kv_cache") or {}
         elem = 2 if self.manifest.get("quantization") == "fp16" and self.provider != "CPUExecutionProvider" else 4
-        return int(kv.get("layers", 0)) * 2 * int(kv.get("kv_heads", 0)) * int(kv.get("head_size", 0)) * self.n_ctx * elem
+        per_token = int(kv.get("layers", 0)) * 2 * int(kv.get("kv_heads", 0)) * int(kv.get("head_size", 0)) * elem
+        return per_token * self.kv_length
 
     def describe(self) -> dict[str, Any]:
         from importlib import metadata

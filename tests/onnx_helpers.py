@@ -34,8 +34,9 @@ def tiny_tokenizer(folder: Path, vocab_size: int = 512) -> None:
         "model_max_length": 256, "chat_template": CHAT_TEMPLATE}))
 
 
-def tiny_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
-    """A random 2-layer ``arch`` ("llama" or "qwen3") checkpoint with a 512-token byte-level BPE vocabulary."""
+def tiny_checkpoint(arch: str, folder: Path, seed: int = 0, sliding_window: int = 16) -> Path:
+    """A random 2-layer ``arch`` ("llama", "qwen3" or "gemma2", whose first layer attends to the last
+    ``sliding_window`` tokens only) checkpoint with a 512-token byte-level BPE vocabulary."""
     import torch
     import transformers
 
@@ -48,6 +49,9 @@ def tiny_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
         config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
     elif arch == "qwen3":
         config, cls = transformers.Qwen3Config(head_dim=32, **common), transformers.Qwen3ForCausalLM
+    elif arch == "gemma2":
+        config = transformers.Gemma2Config(head_dim=32, sliding_window=sliding_window, **common)
+        cls = transformers.Gemma2ForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

@@ -217,6 +217,23 @@ def test_fp32_greedy_tokens_equal_transformers(onnx_models, arch):
 
 
 @pytest.mark.slow
+def test_sliding_window_model_runs_past_its_window_and_below_it(tmp_path):
+    """Gemma 2 (sliding window on alternate layers): onnxruntime's attention needs a KV cache at least as long as
+    the window, whatever n_ctx is; past the window the tokens still equal transformers'."""
+    src = tiny_checkpoint("gemma2", tmp_path / "src", seed=2, sliding_window=16)
+    out = _convert(src, tmp_path / "gemma2-fp32", "fp32")
+    with edgelm.load(out, threads=2, n_ctx=64) as m:
+        ids = m.tokenize("The object of the", add_special=False)
+        it = m.backend.generate(ids, m.params(temperature=0))
+        mine = [tok for _, tok in zip(range(24), it)]  # prompt + 24 > the 16-token window
+    assert mine == _torch_greedy(src, ids, 24)
+    with edgelm.load(out, threads=1, n_ctx=10) as m:  # a context shorter than the window
+        assert m.info.context_length == 10
+        c = m.generate("The object", temperature=0, max_tokens=50)
+        assert c.finish_reason == "length" and 0 < c.usage.prompt_tokens + c.usage.completion_tokens <= 10
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_int4_model_generates_streams_and_chats(onnx_models, arch):
     with edgelm.load(onnx_models[f"{arch}-int4"], threads=2) as m:
