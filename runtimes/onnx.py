@@ -470,14 +470,25 @@ class OnnxBackend(BackendBase):
         self.cached_tokens = []
 
     def _empty_generator(self) -> Any:
-        """The generator, rewound to an empty sequence (created on first use)."""
+        """The generator, rewound to an empty sequence (created on first use, or again when it cannot rewind)."""
+        if self._gen is not None and not self._rewind(0):
+            self._gen = None
         if self._gen is None:
             og = _genai()
             self._gen = og.Generator(self._model, self._gen_params)
-        else:
-            self._gen.rewind_to(0)
         self.cached_tokens = []
         return self._gen
+
+    def _rewind(self, n: int) -> bool:
+        """Rewind the generator to its first ``n`` tokens.  False when it cannot: a sliding-window layer's cache
+        (Gemma 2/3, ...) keeps only the last window of positions, so going back further than that means starting
+        again from an empty cache."""
+        try:
+            self._gen.rewind_to(n)
+        except Exception as exc:  # onnxruntime-genai raises RuntimeError("Cannot rewind to ...: ... evicted")
+            log.debug("onnxruntime-genai cannot rewind to %d (%s); evaluating from the start", n, exc)
+            return False
+        return True
 
     def prepare(self, tokens: Sequence[int]) -> int:
         """Bring the generator's cache to ``tokens``, reusing the longest common prefix; return the reused count."""
@@ -488,12 +499,11 @@ class OnnxBackend(BackendBase):
         while n < limit and cached[n] == tokens[n]:
             n += 1
         try:
-            if self._gen is None or n == 0:
+            if self._gen is None or n == 0 or not self._rewind(n):
                 gen = self._empty_generator()
                 n = 0
             else:
                 gen = self._gen
-                gen.rewind_to(n)
                 del cached[n:]
             gen.append_tokens(list(tokens[n:]))
         except Exception as exc:

@@ -225,8 +225,13 @@ def test_sliding_window_model_runs_past_its_window_and_below_it(tmp_path):
     with edgelm.load(out, threads=2, n_ctx=64) as m:
         ids = m.tokenize("The object of the", add_special=False)
         it = m.backend.generate(ids, m.params(temperature=0))
-        mine = [tok for _, tok in zip(range(24), it)]  # prompt + 24 > the 16-token window
-    assert mine == _torch_greedy(src, ids, 24)
+        mine = [tok for _, tok in zip(range(40), it)]  # prompt + 40 > the 16-token window + slack
+        # the same prompt again: the positions to rewind to have left the window's cache, so it starts afresh
+        again = [tok for _, tok in zip(range(40), m.backend.generate(ids, m.params(temperature=0)))]
+        scored = m.backend.token_logprobs(ids + mine)  # 44 tokens in one go, then back to an empty cache
+        assert np.array_equal(scored, m.backend.token_logprobs(ids + mine))
+        assert [tok for _, tok in zip(range(40), m.backend.generate(ids, m.params(temperature=0)))] == mine
+    assert mine == again == _torch_greedy(src, ids, 40)
     with edgelm.load(out, threads=1, n_ctx=10) as m:  # a context shorter than the window
         assert m.info.context_length == 10
         c = m.generate("The object", temperature=0, max_tokens=50)
