@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -29,6 +30,33 @@ CALIBRATION_MODULES = ("os", "re", "json", "collections", "itertools", "functool
                        "argparse", "logging", "threading", "asyncio", "typing", "dataclasses", "random", "statistics",
                        "datetime", "email", "http.client", "urllib.request", "unittest", "csv", "sqlite3", "zipfile",
                        "tarfile", "shutil", "tempfile", "textwrap", "string", "decimal")
+
+
+# the tensor names onnxruntime-genai's GPTQ import reads (its loaders/base.py, 0.18); it passes over others, so a
+# checkpoint with different names (Phi-1/2's dense/fc1/final_layernorm, InternLM2's wqkv, ...) would lose weights
+_LAYER = r"model\.layers\.\d+\."
+IMPORTABLE = re.compile(
+    r"^(?:model\.embed_tokens\.weight|model\.norm\.(?:weight|bias)|lm_head\.(?:weight|bias)"
+    rf"|{_LAYER}(?:input|post_attention|pre_feedforward|post_feedforward)_layernorm\.(?:weight|bias)"
+    rf"|{_LAYER}self_attn\.(?:q_proj|k_proj|v_proj|o_proj|qkv_proj|q_norm|k_norm)\.(?:weight|bias)"
+    rf"|{_LAYER}self_attn\.rotary_emb\.inv_freq"
+    rf"|{_LAYER}mlp\.(?:gate_proj|up_proj|down_proj|gate_up_proj)\.(?:weight|bias))$")
+
+
+def unimportable_tensor(source_dir: Path) -> str | None:
+    """The first tensor of the checkpoint whose name onnxruntime-genai's GPTQ import would not read, or None
+    (from the safetensors headers: no weights are loaded)."""
+    import struct
+
+    for f in sorted(source_dir.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name in sorted(header):
+            normal = "model." + name[len("model.language_model."):] if name.startswith("model.language_model.") \
+                else name
+            if name != "__metadata__" and not IMPORTABLE.match(normal):
+                return name
+    return None
 
 
 class _Caught(Exception):

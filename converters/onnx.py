@@ -254,7 +254,23 @@ def check_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str, A
 def _resolve_algo(source_dir: Path, opts: dict[str, Any], memory: int | None = None) -> None:
     """algo="auto": GPTQ for int4 (SmolLM2: 1.07x fp32 perplexity instead of 1.31x, same decode speed) when the
     fp32 model, loaded in torch for it, takes under a quarter of the available memory; round-to-nearest otherwise,
-    with a warning.  int8 and float types always round to nearest."""
+    with a warning.  int8 and float types always round to nearest.  GPTQ is not used for checkpoints whose tensor
+    names onnxruntime-genai's GPTQ import would pass over (gptq.unimportable_tensor): refused when asked for by
+    name, round-to-nearest with a warning under auto."""
+    if opts["algo"] == "gptq" or (opts["algo"] == "auto" and opts["quant"] == "int4"):
+        from .gptq import unimportable_tensor
+
+        name = unimportable_tensor(source_dir)
+        if name and opts["algo"] == "gptq":
+            raise UnsupportedModelError(
+                f"GPTQ int4 is not available for {source_dir.name}: onnxruntime-genai's model builder does not import "
+                f"GPTQ weights named like {name!r}.", fix="Use algo='default' (round to nearest) or 'k_quant_mixed'.",
+                path=str(source_dir), tensor=name)
+        if name:
+            log.warning("int4 with round-to-nearest weights: onnxruntime-genai's model builder does not import GPTQ "
+                        "weights named like %r.", name)
+            opts["algo"] = "default"
+            return
     if opts["algo"] != "auto":
         return
     if opts["quant"] != "int4":

@@ -35,7 +35,7 @@ def tiny_tokenizer(folder: Path, vocab_size: int = 512) -> None:
 
 
 def tiny_checkpoint(arch: str, folder: Path, seed: int = 0, sliding_window: int = 16) -> Path:
-    """A random 2-layer ``arch`` ("llama", "qwen3" or "gemma2", whose first layer attends to the last
+    """A random 2-layer ``arch`` ("llama", "qwen3", "phi" or "gemma2", whose first layer attends to the last
     ``sliding_window`` tokens only) checkpoint with a 512-token byte-level BPE vocabulary."""
     import torch
     import transformers
@@ -52,6 +52,8 @@ def tiny_checkpoint(arch: str, folder: Path, seed: int = 0, sliding_window: int 
     elif arch == "gemma2":
         config = transformers.Gemma2Config(head_dim=32, sliding_window=sliding_window, **common)
         cls = transformers.Gemma2ForCausalLM
+    elif arch == "phi":  # Phi-1/2: dense / fc1 / fc2 / final_layernorm, biases everywhere
+        config, cls = transformers.PhiConfig(**common), transformers.PhiForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

@@ -136,3 +136,21 @@ def test_auto_falls_back_to_rounding_when_gptq_fails(tmp_path, monkeypatch, capl
     with pytest.raises(edgelm.ConversionError, match="no GPTQ today"):
         convert_to_onnx(src, tmp_path / "o2", "int4", algo="gptq")  # asked for by name: no fallback
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "tiny"]
+
+
+@pytest.mark.slow
+def test_gptq_is_not_used_for_weights_the_builder_would_not_import(tmp_path, caplog):
+    """Phi-1/2 name their layers dense / fc1 / final_layernorm, which onnxruntime-genai's GPTQ import passes over:
+    asked for by name, GPTQ is refused before any work; algo='auto' rounds to nearest instead."""
+    from edgelm.converters.onnx import read_manifest
+
+    src = tiny_checkpoint("phi", tmp_path / "phi")
+    with pytest.raises(edgelm.UnsupportedModelError, match="model.final_layernorm") as err:
+        convert_to_onnx(src, tmp_path / "o", "int4", algo="gptq")
+    assert "algo='default'" in err.value.fix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phi"]
+    out = convert_to_onnx(src, tmp_path / "o", "int4")
+    assert read_manifest(out)["quantization_options"]["algo"] == "default"
+    assert "does not import GPTQ weights named like 'model.final_layernorm" in caplog.text
+    with edgelm.load(out, threads=1) as m:
+        assert m.generate("The object", temperature=0, max_tokens=8).usage.completion_tokens > 0
