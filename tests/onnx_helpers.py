@@ -34,9 +34,10 @@ def tiny_tokenizer(folder: Path, vocab_size: int = 512) -> None:
         "model_max_length": 256, "chat_template": CHAT_TEMPLATE}))
 
 
-def tiny_checkpoint(arch: str, folder: Path, seed: int = 0, sliding_window: int = 16) -> Path:
+def tiny_checkpoint(arch: str, folder: Path, seed: int = 0, sliding_window: int = 16, tied: bool = False) -> Path:
     """A random 2-layer ``arch`` ("llama", "qwen3", "phi" or "gemma2", whose first layer attends to the last
-    ``sliding_window`` tokens only) checkpoint with a 512-token byte-level BPE vocabulary."""
+    ``sliding_window`` tokens only) checkpoint with a 512-token byte-level BPE vocabulary; ``tied``: the input
+    embedding is the output head."""
     import torch
     import transformers
 
@@ -44,7 +45,7 @@ def tiny_checkpoint(arch: str, folder: Path, seed: int = 0, sliding_window: int 
     tiny_tokenizer(folder)
     common = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                  tie_word_embeddings=False)
+                  tie_word_embeddings=tied)
     if arch == "llama":
         config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
     elif arch == "qwen3":

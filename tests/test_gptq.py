@@ -86,6 +86,43 @@ def test_tiny_checkpoint_converts_with_gptq_and_generates(tmp_path):
 
 
 @pytest.mark.slow
+def test_tied_checkpoint_looks_its_embedding_up_in_the_int4_head(tmp_path, monkeypatch):
+    """A model whose input embedding is its output head keeps one int4 copy (as round-to-nearest exports do), not
+    the int4 head plus a float table."""
+    import numpy as np
+    import onnx
+
+    import edgelm.converters.onnx as exporter
+
+    src = tiny_checkpoint("llama", tmp_path / "tied", tied=True)
+    out = convert_to_onnx(src, tmp_path / "shared", "int4", algo="gptq")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    lookup = next(n for n in graph.node if n.name == "/model/embed_tokens/GatherBlockQuantized")
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    assert lookup.input[2] == head.input[2] and len(head.input) == 3  # the head's scales; no zero points
+    assert "model.embed_tokens.weight" not in {t.name for t in graph.initializer}
+    monkeypatch.setattr(exporter, "_embed_from_head", lambda folder: False)
+    separate = convert_to_onnx(src, tmp_path / "separate", "int4", algo="gptq")
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
+    assert size(separate) - size(out) > 0.8 * 512 * 128 * 4  # the float table (vocab x hidden x 4 bytes) is gone
+    # the lookup must read the head's rows exactly: put the dequantized head in the separate model's float table
+    model = onnx.load(str(separate / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    packed = onnx.numpy_helper.to_array(inits[head.input[1]])  # [vocab, blocks, 16 bytes]: two values a byte
+    codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], packed.shape[1], -1)
+    scales = onnx.numpy_helper.to_array(inits[head.input[2]]).reshape(packed.shape[0], packed.shape[1], 1)
+    table = ((codes.astype(np.float32) - 8) * scales).reshape(packed.shape[0], -1)
+    inits["model.embed_tokens.weight"].CopyFrom(onnx.numpy_helper.from_array(table, "model.embed_tokens.weight"))
+    for f in separate.glob("model.onnx*"):
+        f.unlink()
+    onnx.save_model(model, str(separate / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    with edgelm.load(out, threads=1) as a, edgelm.load(separate, threads=1) as b:
+        ids = a.tokenize("The object of the reference is", add_special=False)
+        np.testing.assert_allclose(a.backend.token_logprobs(ids), b.backend.token_logprobs(ids), atol=1e-4)
+
+
+@pytest.mark.slow
 def test_smollm2_gptq_int4_within_ten_percent_of_fp32(tmp_path):
     from .hf_fixtures import smollm2_hf_checkpoint
 
@@ -93,6 +130,7 @@ def test_smollm2_gptq_int4_within_ten_percent_of_fp32(tmp_path):
     report = edgelm.convert(str(src), to="onnx", quant="int4", algo="gptq", output=str(tmp_path / "gptq"))
     assert report.reference == "fp32 ONNX of the same source" and report.method == "gptq"
     assert report.ppl_increase <= 0.10, report.to_dict()  # round-to-nearest int4 is ~1.31x on these weights
+    assert report.bits_per_weight < 6, report.to_dict()  # as small as round-to-nearest: no float embedding table
     with edgelm.load(report.output, threads=2, n_ctx=512) as m:
         c = m.chat([{"role": "system", "content": "You are a helpful assistant."},
                     {"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=16)
