@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import edgelm
-from edgelm.converters.onnx import BUILDER_MODULE, convert_to_onnx
+from edgelm.converters.onnx import BUILDER_MODULE, DEFAULT_ALGO, convert_to_onnx
 from edgelm.platforms import default_threads
 
 PROMPT = "<|im_start|>user\nWrite a long story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--keep", help="folder to keep both ONNX builds in (default: a temporary folder)")
-    ap.add_argument("--algo", default="default", help="edgelm's int4 rounding: default, gptq, ... (see convert_to_onnx)")
+    ap.add_argument("--algo", default=DEFAULT_ALGO,
+                    help=f"edgelm's int4 rounding (default {DEFAULT_ALGO}, as edgelm convert): gptq, default, ...")
     a = ap.parse_args()
     src = Path(a.checkpoint) if a.checkpoint else default_checkpoint()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench-onnx-"))
