@@ -78,10 +78,11 @@ def calibration_text() -> str:
 
 def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, symmetric: bool = True,
                     samples: int = 16, seq_len: int = 512, damp: float = 0.01, text: str | None = None,
-                    quantize_head: bool = True, progress: Progress | None = None) -> Path:
+                    progress: Progress | None = None) -> Path:
     """Quantize the linear layers of the decoder blocks in ``source_dir`` with GPTQ and write a GPTQ-format
-    checkpoint (4-bit, ``block_size`` inputs per scale) to ``out_dir``.  Embeddings, norms and the output head are
-    left as they are (the exporter quantizes the head itself)."""
+    checkpoint (4-bit, ``block_size`` inputs per scale) to ``out_dir``.  The output head is quantized too, on the
+    final norm's outputs (a tied head is written apart from the embedding table, which stays float); embeddings and
+    norms are left as they are."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,8 +140,7 @@ def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, sy
             inputs = [o[0] if isinstance(o, tuple) else o for o in outputs]
         head = model.get_output_embeddings()
         norm = getattr(model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model, "norm", None)
-        if quantize_head and isinstance(head, torch.nn.Linear) and norm is not None and \
-                head.in_features % block_size == 0:
+        if isinstance(head, torch.nn.Linear) and norm is not None and head.in_features % block_size == 0:
             report("GPTQ: output head", 0.98)
             hessian = torch.zeros(head.in_features, head.in_features)
             for x in inputs:

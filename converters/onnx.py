@@ -178,7 +178,9 @@ def _export_gptq(source_dir: Path, tmp: Path, arch: str, quant: str, opts: dict[
     config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
     if (config.get("text_config") or config).get("tie_word_embeddings", config.get("tie_word_embeddings")):
         export_report("Reading the input embedding from the int4 output head", 0.9)
-        _embed_from_head(tmp)
+        if not _embed_from_head(tmp):
+            log.warning("The GPTQ model keeps a float copy of the embedding table (asymmetric int4, or not the graph "
+                        "expected for a tied head): correct, but larger than round-to-nearest int4.")
 
 
 def _embed_from_head(folder: Path) -> bool:
