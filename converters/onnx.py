@@ -25,14 +25,14 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 from edgelm.errors import ConversionError, OutputExistsError, UnknownQuantizationError, UnsupportedModelError
+
+from .process import run_streaming
 
 QUANTS = ("int4", "int8", "fp16", "fp32")
 MANIFEST = "edgelm.json"
@@ -414,41 +414,21 @@ def _run_builder(source_dir: Path, out: Path, quant: str, opts: dict[str, Any], 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = _builder_args(source_dir, out, cache, opts)
     tail: list[str] = []
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            errors="replace", bufsize=1)
     last = 0.0
-    try:
-        assert proc.stdout is not None
-        buf = ""
-        while True:
-            chunk = proc.stdout.read(256)
-            if not chunk:
-                break
-            buf += chunk
-            # tqdm writes \r-separated updates: treat \r and \n alike
-            *lines, buf = re.split(r"[\r\n]", buf)
-            for line in lines:
-                line = line.strip()
-                if not line:
-                    continue
-                tail.append(line)
-                del tail[:-30]
-                step = _fraction(line)
-                if step is not None and step[1] - last >= 0.05:
-                    last = step[1]
-                    report(*step)
-            timeout = opts["timeout"]
-            if timeout and time.monotonic() - start > timeout:
-                proc.kill()
-                raise ConversionError(f"The ONNX exporter ran longer than timeout={timeout} s and was stopped.",
-                                      fix="Allow more time (timeout=...).")
-        rc = proc.wait()
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        raise
+
+    def on_line(line: str) -> None:
+        nonlocal last
+        tail.append(line)
+        del tail[:-30]
+        step = _fraction(line)
+        if step is not None and step[1] - last >= 0.05:
+            last = step[1]
+            report(*step)
+
+    timeout = opts["timeout"]
+    rc = run_streaming(cmd, env, on_line, timeout=timeout, timeout_error=lambda: ConversionError(
+        f"The ONNX exporter ran longer than timeout={timeout} s and was stopped.",
+        fix="Allow more time (timeout=...)."))
     shutil.rmtree(cache, ignore_errors=True)
     if rc != 0:
         reason = next((line for line in reversed(tail) if re.search(r"Error|Exception|error:", line)), None)
