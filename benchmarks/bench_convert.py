@@ -13,7 +13,6 @@ Without HF_DIR: SmolLM2-135M-Instruct derived from the embedded GGUF (tests/hf_f
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import edgelm
-from edgelm.converters.hf_gguf import _LAUNCHER, _PEAK, find_converter
+from edgelm.converters.hf_gguf import _LAUNCHER, _PEAK, converter_env, find_converter
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANTS = "f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0,q3_k_m,q2_k"
@@ -56,9 +55,7 @@ def main() -> None:
     if found is None:
         sys.exit("llama.cpp's converter is not installed: run `edgelm install-converter`.")
     script, own_path = found
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if own_path:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(script.parent), os.environ.get("PYTHONPATH")) if p)
+    env = converter_env(script, own_path)
 
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
         tmp_path = Path(tmp)

