@@ -88,8 +88,16 @@ def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, sy
 
     report = progress or (lambda message, fraction: None)
     torch.manual_seed(0)
+    from transformers.utils import logging as hf_logging
+
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would cut through the caller's progress bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     prefix, layers = _decoder_layers(model)
     ids = tokenizer(text or calibration_text(), return_tensors="pt").input_ids[0]
     seq_len = min(seq_len, len(ids), getattr(model.config, "max_position_embeddings", None) or seq_len)
