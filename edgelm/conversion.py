@@ -234,7 +234,8 @@ def _one(staged: _Staged, to: str, quant: str, out: Path, overwrite: bool, evalu
                     f"({result.perplexity:.3f} vs {result.reference_perplexity:.3f} for {result.reference}), over the "
                     f"budget of {budget_ppl * 100:.2f} %; {out} was not kept.",
                     fix="Use a larger quantization (e.g. q5_k_m, q8_0) or raise --max-ppl-increase.",
-                    perplexity=result.perplexity, reference_perplexity=result.reference_perplexity)
+                    perplexity=result.perplexity, reference_perplexity=result.reference_perplexity,
+                    size=result.size_bytes)
     except BaseException:
         _remove(out)
         raise

@@ -154,3 +154,14 @@ def test_onnx_int8_report_against_the_fp32_reference(tmp_path):
     assert 0 <= d["ppl_increase"] <= 0.02  # the int8 goal
     assert d["tokens_per_second"] > 1 and d["size_bytes"] > 100e6
     assert leftovers(tmp_path) == ["int8"]  # the fp32 reference export was temporary
+
+
+@pytest.mark.slow
+def test_auto_table_gives_size_and_perplexity_of_every_rejected_candidate(default_gguf, tmp_path):
+    r = run_cli("convert", str(default_gguf), "--quant", "auto", "--max-ppl-increase", "10%", "-o",
+                str(tmp_path / "auto.gguf"), "--json")
+    assert r.returncode == 0, r.stderr
+    tried = json.loads(r.stdout)["tried"]
+    rejected = [t for t in tried if not t["kept"]]
+    assert rejected and tried[-1]["kept"]
+    assert all(t["size"] > 0 and t["perplexity"] > 0 and "over the budget" in t["reason"] for t in rejected), tried

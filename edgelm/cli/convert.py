@@ -54,7 +54,7 @@ def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool,
       edgelm convert model-f16.gguf --quant q4_k_m -o model-q4_k_m.gguf
       edgelm convert ./my-hf-model --to onnx --quant int4 -o model-onnx/
       edgelm convert ./my-hf-model --to onnx --quant int4 --algo gptq -o model-onnx/
-      edgelm convert ./my-hf-model --quant auto --max-size 120MB --max-ppl-increase 5% -o small.gguf
+      edgelm convert ./my-hf-model --quant auto --max-size 120MB --max-ppl-increase 8% -o small.gguf
     """
     import edgelm.conversion as conv
 
