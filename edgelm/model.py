@@ -11,13 +11,16 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from . import chat as chat_templates
 from .errors import (BackendError, ContextLengthExceededError, InvalidParameterError, ModelClosedError,
                      ModelNotFoundError)
 from .params import GenerationParams
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Model:
@@ -32,6 +35,7 @@ class Model:
         self.defaults = defaults or GenerationParams()
         self._lock = threading.Lock()
         self._closed = False
+        self._seq = backend.sequences[0]  # the sequence this model generates in (its cache persists: prefix reuse)
 
     # --- tokens ---------------------------------------------------------------------------------------------
 
@@ -45,6 +49,11 @@ class Model:
     def n_ctx(self) -> int:
         return self.backend.n_ctx
 
+    @property
+    def capabilities(self) -> Any:
+        """What the backend can do (:class:`edgelm.runtimes.Capabilities`): max_sequences, grammar, state, ..."""
+        return self.backend.capabilities
+
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise InvalidParameterError(f"Invalid text to tokenize: {text!r:.80}.", fix="Pass a str.",
@@ -52,8 +61,16 @@ class Model:
         return self.backend.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.token_bytes(tokens).decode("utf-8", errors="replace")
+
+    def token_bytes(self, tokens: Sequence[int]) -> bytes:
+        """The raw bytes of ``tokens`` (one token may hold part of a UTF-8 character; control tokens have none)."""
         backend = self.backend
-        return b"".join(backend.token_bytes(int(t)) for t in tokens).decode("utf-8", errors="replace")
+        return b"".join(backend.token_bytes(int(t)) for t in tokens)
+
+    def is_eog(self, token: int) -> bool:
+        """True for the model's end-of-generation tokens (eos, end of turn)."""
+        return self.backend.is_eog(int(token))
 
     def apply_chat_template(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         backend = self.backend
@@ -134,10 +151,13 @@ class Model:
         stopped_by_string = False
         start = time.perf_counter()
         first = None
+        ids: list[int] = []  # generated since the last chunk
+        seq = self._seq
         with self._lock:
             if self._closed:
                 raise ModelClosedError(f"Model {self.info.path} is closed.", fix="Load it again with edgelm.load().")
-            source = backend.generate(tokens, p)
+            source = backend.generate(seq, tokens, p)
+            cached = seq.reused
             try:
                 for token in source:
                     if first is None:
@@ -146,6 +166,7 @@ class Model:
                         finish = "stop"
                         break
                     n_out += 1
+                    ids.append(token)
                     piece = decoder.decode(token_bytes(token))
                     if piece:
                         if stops:
@@ -159,15 +180,15 @@ class Model:
                             emit = pending[: len(pending) - keep]
                             pending = pending[len(pending) - keep :]
                             if emit:
-                                yield Chunk(emit)
+                                yield Chunk(emit, tokens=tuple(ids))
+                                ids = []
                         else:
-                            yield Chunk(piece)
+                            yield Chunk(piece, tokens=tuple(ids))
+                            ids = []
                     if n_out >= limit:
                         break
             finally:
-                close = getattr(source, "close", None)
-                if close is not None:
-                    close()
+                source.close()
             if stopped_by_string:
                 tail = pending
             elif finish == "length":  # cut by the limit: drop a character whose remaining bytes never came
@@ -182,16 +203,43 @@ class Model:
             first = first or end
             timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start)
         # the lock is released before the last chunk: a caller that stops there must not keep the model busy
-        yield Chunk(tail, finish_reason=finish, usage=Usage(len(tokens), n_out), timings=timings)
+        yield Chunk(tail, finish_reason=finish, usage=Usage(len(tokens), n_out, cached), timings=timings,
+                    tokens=tuple(ids))
+
+    # --- scoring ----------------------------------------------------------------------------------------------
+
+    def score(self, tokens: Sequence[int]) -> "np.ndarray":
+        """Log-probability the model gives each of tokens[1:] after the tokens before it (float64 array).
+
+        Evaluated from an empty cache (the cached prompt is forgotten); used for perplexity.
+        """
+        return self._score(tokens, argmax=False)
+
+    def top_tokens(self, tokens: Sequence[int]) -> "np.ndarray":
+        """The most likely next token after each of tokens[:-1] (int64 array, aligned with :meth:`score`): what
+        greedy decoding would pick at every position.  Comparing two models' top tokens on the same text (top-1
+        agreement) measures how far a quantization moved the model, independently of the CPU's rounding."""
+        return self._score(tokens, argmax=True)
+
+    def _score(self, tokens: Sequence[int], *, argmax: bool) -> "np.ndarray":
+        tokens = [int(t) for t in tokens]
+        if not self.capabilities.scoring:
+            raise BackendError(f"The {self.info.backend} backend cannot score tokens.",
+                               fix="Use a GGUF model on the llama.cpp backend.")
+        with self._lock:
+            backend = self.backend
+            return backend.score(self._seq, tokens, argmax=argmax)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the last generation, e.g. {"speculative": {"rounds", "drafted", "accepted", "mode"}}."""
+        return self.backend.stats()
 
     # --- prompt cache ---------------------------------------------------------------------------------------
 
     def reset_cache(self) -> None:
         """Forget the cached prompt, so the next call evaluates its prompt from scratch (benchmarks use this)."""
         with self._lock:
-            reset = getattr(self.backend, "reset_cache", None)
-            if reset is not None:
-                reset()
+            self.backend.reset_cache()
 
     def save_state(self, path: str | os.PathLike[str]) -> int:
         """Save the KV cache of the last sequence (e.g. a long system prompt) to ``path``; return its tokens.
@@ -199,24 +247,24 @@ class Model:
         A later :meth:`load_state` (also in another process) restores it, so a prompt starting with those tokens
         skips their evaluation.  Written atomically (temporary file, then rename).
         """
+        self._require_state("save_state")
         with self._lock:
-            return self._state_backend("save_state").save_state(Path(path))
+            return self.backend.save_state(self._seq, Path(path))
 
     def load_state(self, path: str | os.PathLike[str]) -> int:
         """Restore a cache written by :meth:`save_state`; a state of another model or build raises
         :class:`StateMismatchError`."""
         path = Path(path)
+        self._require_state("load_state")
         if not path.is_file():
             raise ModelNotFoundError(f"State file not found: {path}.", fix="Check the path.", path=str(path))
         with self._lock:
-            return self._state_backend("load_state").load_state(path)
+            return self.backend.load_state(self._seq, path)
 
-    def _state_backend(self, method: str) -> Any:
-        backend = self.backend
-        if not hasattr(backend, method):
+    def _require_state(self, method: str) -> None:
+        if not self.capabilities.state:
             raise BackendError(f"The {self.info.backend} backend cannot {method.replace('_', ' ')}.",
                                fix="Use a GGUF model on the llama.cpp backend for saved prompt caches.")
-        return backend
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -245,12 +293,14 @@ class Model:
 def collect(chunks: Iterator[Chunk]) -> Completion:
     """Join a stream into one :class:`Completion`."""
     parts: list[str] = []
+    ids: list[int] = []
     last = None
     for chunk in chunks:
         parts.append(chunk.text)
+        ids.extend(chunk.tokens)
         last = chunk
     assert last is not None and last.finish_reason is not None and last.usage is not None
-    return Completion("".join(parts), last.finish_reason, last.usage, last.timings)
+    return Completion("".join(parts), last.finish_reason, last.usage, last.timings, tuple(ids))
 
 
 def _find_stop(text: str, stops: Sequence[str], window: int) -> int:

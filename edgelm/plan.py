@@ -14,17 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DoesNotFitError, UnsupportedModelError
+from .formats.gguf import AttentionShape, file_type_bpw
 
 MB = 1024**2
 HEADROOM = 0.85  # a plan may use at most this share of the device's usable memory
 PER_TOKEN_OVERHEAD_S = 0.0015  # sampling, Python and thread sync per token, measured on llama.cpp here
 RUNTIME_BASE_BYTES = 60 * MB  # the Python process with llama.cpp loaded, before the model
 
-# GGUF quantizations a plan may propose, with llama.cpp's bits per weight (weights only, typical for 7B-class models)
-QUANT_BPW: dict[str, float] = {
-    "F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.67, "Q4_K_M": 4.89, "Q4_0": 4.55, "Q3_K_M": 3.91, "Q2_K": 3.35,
-}
-KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# GGUF quantizations a plan may propose (their bits per weight: edgelm.formats.gguf.FILE_TYPE_BPW)
+PLAN_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 
 
 @dataclass(frozen=True)
@@ -35,16 +33,11 @@ class ModelFacts:
     quantization: str
     parameters: int
     weight_bytes: int
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_vocab: int
+    shape: AttentionShape
     context_length: int
 
     def kv_bytes(self, n_ctx: int, kv: str = "f16") -> int:
-        return int(2 * self.n_layer * n_ctx * self.n_head_kv * self.head_dim * KV_BYTES[kv])
+        return self.shape.kv_bytes(n_ctx, kv)
 
 
 @dataclass
@@ -80,9 +73,9 @@ class Plan:
 
 def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
     """Read what a plan needs from the model's header, without loading it."""
+    from .formats.gguf import read_header
     from .loader import resolve_model_path
     from .runtimes import detect_backend
-    from .runtimes.gguf import read_header
 
     path = resolve_model_path(model)
     if detect_backend(path) != "llamacpp":
@@ -95,24 +88,16 @@ def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
             path=str(path),
         )
     h = read_header(path)
-    n_embd = int(h.arch_value("embedding_length", 0))
-    n_head = int(h.arch_value("attention.head_count", 1) or 1)
-    kv = h.arch_value("attention.head_count_kv", n_head)
-    n_head_kv = int(max(kv) if hasattr(kv, "__len__") else kv)
-    head_dim = int(h.arch_value("attention.key_length", n_embd // n_head))
-    tokens = h.metadata.get("tokenizer.ggml.tokens")
     return ModelFacts(
         path=str(path), format="gguf", architecture=h.architecture, quantization=h.quantization,
-        parameters=h.parameters, weight_bytes=h.required_size - h.data_offset,
-        n_layer=int(h.arch_value("block_count", 0)), n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-        head_dim=head_dim, n_vocab=len(tokens) if tokens is not None else int(h.arch_value("vocab_size", 32000)),
+        parameters=h.parameters, weight_bytes=h.weight_bytes, shape=h.attention_shape(),
         context_length=h.context_length or 2048,
     )
 
 
 def _overhead(f: ModelFacts, n_ctx: int) -> int:
     # llama.cpp's compute buffer: logits of a 512-token batch plus attention scratch that grows with n_ctx
-    compute = 4 * f.n_vocab * 512 + 4 * n_ctx * f.n_embd * 4
+    compute = 4 * f.shape.n_vocab * 512 + 4 * n_ctx * f.shape.n_embd * 4
     return RUNTIME_BASE_BYTES + compute
 
 
@@ -144,8 +129,8 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
 
     own = f.quantization.upper()
     options: list[tuple[str, int]] = [(own, f.weight_bytes)]
-    for q, bpw in QUANT_BPW.items():
-        size = int(f.parameters * bpw / 8)
+    for q in PLAN_QUANTS:
+        size = int(f.parameters * file_type_bpw(q) / 8)
         if q != own and size < f.weight_bytes:  # only smaller files are worth converting to
             options.append((q, size))
     options.sort(key=lambda o: -o[1])  # best quality (largest) first

@@ -53,10 +53,10 @@ def test_quantized_smollm2_answers_paris(smollm2_onnx, quant):
 def test_fp32_onnx_and_gguf_agree_on_the_first_greedy_tokens(smollm2_onnx, default_gguf):
     with edgelm.load(default_gguf, n_ctx=512) as g:
         prompt = g.chat_tokens(CAPITAL)
-        gguf_tokens = [t for _, t in zip(range(6), g.backend.generate(prompt, g.params(temperature=0)))]
+        gguf_tokens = raw_greedy(g, prompt, 6)
     with edgelm.load(smollm2_onnx("fp32"), threads=2, n_ctx=512) as o:
         assert o.chat_tokens(CAPITAL) == prompt  # same tokenizer and template
-        onnx_tokens = [t for _, t in zip(range(6), o.backend.generate(prompt, o.params(temperature=0)))]
+        onnx_tokens = raw_greedy(o, prompt, 6)
     assert onnx_tokens == gguf_tokens
 
 

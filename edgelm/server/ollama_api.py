@@ -13,14 +13,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 import edgelm
 from edgelm.chat import validate_messages
 from edgelm.params import GenerationParams
+from edgelm.settings import field_table, generation
 
 from . import core
 from .errors import RequestError, ollama_error
 
-OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
-           "num_predict": "max_tokens", "stop": "stop", "repeat_penalty": "repeat_penalty",
-           "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
-           "frequency_penalty": "frequency_penalty"}
+# Ollama "options" key -> GenerationParams name, from edgelm.settings
+OPTIONS = field_table(generation(), "ollama")
 
 
 def _now() -> str:
@@ -141,7 +140,7 @@ async def show(request: Request, body: dict[str, Any]) -> Response:
     facts = _facts(entry)
     template = ""
     if facts.get("format") == "gguf":
-        from edgelm.runtimes.gguf import read_header
+        from edgelm.formats.gguf import read_header
 
         template = read_header(facts["path"]).chat_template or ""
     info = {f"general.{k}": v for k, v in facts.items() if isinstance(v, (str, int, float, bool))}

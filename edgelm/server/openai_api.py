@@ -12,15 +12,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from edgelm.chat import validate_messages
 from edgelm.params import GenerationParams
+from edgelm.settings import field_table, generation
 
 from . import core
 from .errors import RequestError, openai_error
 
-# OpenAI request field -> GenerationParams name (top_k, min_p, repeat_penalty are llama.cpp-style extensions)
-FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
-          "top_p": "top_p", "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
-          "frequency_penalty": "frequency_penalty", "top_k": "top_k", "min_p": "min_p",
-          "repeat_penalty": "repeat_penalty"}
+# OpenAI request field -> GenerationParams name, from edgelm.settings (top_k, min_p, repeat_penalty, grammar, ... are
+# llama.cpp-server-style extensions)
+FIELDS = field_table(generation(), "openai")
 
 
 def params_from(body: dict[str, Any]) -> dict[str, Any]:

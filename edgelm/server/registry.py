@@ -104,11 +104,21 @@ class Registry:
         with e.load_lock:
             if e.model is None or e.model.closed:
                 t = time.perf_counter()
-                e.model = edgelm.load(e.path, **self.load_kwargs)
+                e.model = edgelm.load(e.path, **self.options_for(e))
                 e.load_seconds = time.perf_counter() - t
             e.last_used = time.monotonic()
             e.expires_at = time.time() + self.keep_alive
             return e.model
+
+    def options_for(self, e: Entry) -> dict[str, Any]:
+        """The load options that apply to this entry's backend (one set of options serves GGUF and ONNX models)."""
+        from edgelm import runtimes
+        from edgelm.loader import options_for, resolve_model_path
+
+        path = resolve_model_path(e.path)
+        backend = self.load_kwargs.get("backend")
+        name = runtimes.canonical_name(backend) if backend not in (None, "auto") else runtimes.detect_backend(path)
+        return options_for(name, self.load_kwargs) if name else dict(self.load_kwargs)
 
     def touch(self, e: Entry) -> None:
         e.last_used = time.monotonic()
