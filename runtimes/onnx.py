@@ -236,12 +236,15 @@ class OnnxBackend(BackendBase):
                 yield token
                 if len(cached) + 1 >= self.n_ctx:
                     return
-        except GeneratorExit:
-            raise
         except Exception as exc:
-            self._drop_generator(seq)
-            raise BackendError(f"onnxruntime-genai failed while decoding: {exc}",
-                               fix="Load the model again; if it repeats, convert it again.") from exc
+            raise self._decode_failed(seq, exc) from exc
+
+    def _decode_failed(self, seq: Seq, exc: Exception) -> BackendError:
+        if isinstance(exc, BackendError):
+            return exc
+        self._drop_generator(seq)
+        return BackendError(f"onnxruntime-genai failed while decoding: {exc}",
+                            fix="Load the model again; if it repeats, convert it again.")
 
     def _generate_sampled(self, seq: Seq, sampler: NumpySampler) -> Iterator[int]:
         try:
@@ -251,14 +254,8 @@ class OnnxBackend(BackendBase):
                 if len(seq.tokens) + 1 >= self.n_ctx:
                     return
                 self.extend(seq, (token,))
-        except GeneratorExit:
-            raise
-        except BackendError:
-            raise
         except Exception as exc:
-            self._drop_generator(seq)
-            raise BackendError(f"onnxruntime-genai failed while decoding: {exc}",
-                               fix="Load the model again; if it repeats, convert it again.") from exc
+            raise self._decode_failed(seq, exc) from exc
 
     def logits_all(self, seq: Seq, tokens: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         step = max(1, int(self.options.n_batch))

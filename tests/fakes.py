@@ -17,6 +17,7 @@ EOS = 0
 class FakeBackend(BackendBase):
     name: ClassVar[str] = "fake"
     script: ClassVar[list[int]] = []  # token ids generate() yields, in order
+    loaded: ClassVar[list["FakeBackend"]] = []  # every instance load() made, latest last
 
     def __init__(self, vocab: list[bytes], n_ctx: int = 64) -> None:
         self.vocab = vocab
@@ -41,6 +42,7 @@ class FakeBackend(BackendBase):
         vocab = [b"</s>"] + [line.encode("utf-8") for line in path.read_text(encoding="utf-8").split("|")]
         backend = cls(vocab, n_ctx=options.n_ctx or 64)
         backend.options = options
+        cls.loaded.append(backend)
         return backend
 
     @classmethod

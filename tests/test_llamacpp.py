@@ -24,8 +24,7 @@ def test_info_describes_the_loaded_model(smollm, default_gguf):
 def test_chat_answers_the_capital_question(smollm):
     c = smollm.chat(CAPITAL, temperature=0, max_tokens=24)
     assert "Paris" in c.text
-    assert c.finish_reason in ("stop", "length")
-    assert c.usage.prompt_tokens > 10 and c.usage.completion_tokens >= 3
+    assert c.finish_reason == "stop" and 3 <= c.usage.completion_tokens < 24  # a short answer that ends itself
 
 
 def test_greedy_is_deterministic_and_stream_equals_generate(smollm):
