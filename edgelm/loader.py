@@ -192,6 +192,8 @@ def _check_types(values: dict[str, Any]) -> None:
         raise bad("n_batch", "an integer >= 1")
     if not is_int(values["max_draft"]) or values["max_draft"] < 1:
         raise bad("max_draft", "an integer >= 1")
+    if not is_int(values["parallel"]) or not 1 <= values["parallel"] <= 256:
+        raise bad("parallel", "an integer from 1 to 256")
     for name in ("use_mmap",):
         if not isinstance(values[name], bool):
             raise bad(name, "True or False")

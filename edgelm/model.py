@@ -26,16 +26,21 @@ if TYPE_CHECKING:
 class Model:
     """A loaded model.  Create it with :func:`edgelm.load`; use it as a context manager or call :meth:`close`.
 
-    One generation runs at a time per model; other threads wait for it (the server queues on top of this).
+    Its methods may be called from several threads at once.  A model loaded with ``parallel=N`` (llama.cpp)
+    generates up to N streams at the same time, batched, and queues the rest in arrival order; otherwise
+    generations run one at a time, in arrival order.  Either way each sequence's KV cache is kept, so a prompt
+    that extends an earlier one (the next chat turn) only evaluates the new tokens.
     """
 
     def __init__(self, backend: Any, info: ModelInfo, defaults: GenerationParams | None = None) -> None:
+        from .runtimes.scheduler import Direct, Scheduler
+
         self._backend = backend
         self.info = info
         self.defaults = defaults or GenerationParams()
-        self._lock = threading.Lock()
         self._closed = False
-        self._seq = backend.sequences[0]  # the sequence this model generates in (its cache persists: prefix reuse)
+        batched = backend.capabilities.max_sequences > 1
+        self._engine: Any = Scheduler(backend) if batched else Direct(backend)
 
     # --- tokens ---------------------------------------------------------------------------------------------
 
@@ -88,7 +93,7 @@ class Model:
         """This model's defaults with ``overrides`` applied and validated."""
         return self.defaults.merged(**overrides)
 
-    def stream(self, prompt: str, **params: Any) -> Iterator[Chunk]:
+    def stream(self, prompt: str, **params: Any) -> "ChunkStream":
         """Stream a completion of raw ``prompt`` text (no chat template)."""
         if not isinstance(prompt, str):
             raise InvalidParameterError(f"Invalid prompt: {prompt!r:.80}.", fix="Pass the prompt as a str.",
@@ -97,7 +102,7 @@ class Model:
         tokens = self.tokenize(prompt, add_special=True, parse_special=False)
         return self._stream_tokens(tokens, p)
 
-    def stream_chat(self, messages: Any, **params: Any) -> Iterator[Chunk]:
+    def stream_chat(self, messages: Any, **params: Any) -> "ChunkStream":
         """Stream the assistant's reply to ``messages``, formatted by the model's own chat template."""
         p = self.params(**params)
         return self._stream_tokens(self.chat_tokens(messages), p)
@@ -115,11 +120,40 @@ class Model:
     def chat(self, messages: Any, **params: Any) -> Completion:
         return collect(self.stream_chat(messages, **params))
 
-    def stream_tokens(self, tokens: Sequence[int], **params: Any) -> Iterator[Chunk]:
+    def stream_tokens(self, tokens: Sequence[int], **params: Any) -> "ChunkStream":
         """Stream from already-tokenized input (used by the server and benchmarks)."""
         return self._stream_tokens(list(tokens), self.params(**params))
 
-    def _stream_tokens(self, tokens: list[int], p: GenerationParams) -> Iterator[Chunk]:
+    def generate_batch(self, prompts: Sequence[str], *, progress: Any = None, **params: Any) -> list[Completion]:
+        """Complete every prompt; results in input order.  On a model loaded with ``parallel=N`` they run N at a
+        time, batched (offline work: tagging a thousand documents); ``progress(done, total)`` after each."""
+        return self._batch([lambda p=p: self.stream(p, **params) for p in prompts], progress)
+
+    def chat_batch(self, conversations: Sequence[Any], *, progress: Any = None, **params: Any) -> list[Completion]:
+        """:meth:`chat` for every conversation; results in input order (see :meth:`generate_batch`)."""
+        return self._batch([lambda c=c: self.stream_chat(c, **params) for c in conversations], progress)
+
+    def _batch(self, starts: list[Any], progress: Any) -> list[Completion]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = max(1, self.capabilities.max_sequences)
+        done = 0
+        lock = threading.Lock()
+
+        def run(start: Any) -> Completion:
+            nonlocal done
+            result = collect(start())
+            with lock:
+                done += 1
+                if progress is not None:
+                    progress(done, len(starts))
+            return result
+
+        # one consumer per sequence: every running stream is read as fast as it is generated
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgelm-batch") as pool:
+            return list(pool.map(run, starts))
+
+    def _stream_tokens(self, tokens: list[int], p: GenerationParams) -> "ChunkStream":
         backend = self.backend
         n_ctx = backend.n_ctx
         n_prompt = len(tokens)
@@ -135,12 +169,13 @@ class Model:
                 prompt_tokens=n_prompt,
                 n_ctx=n_ctx,
             )
-        # generator body in a separate function so the checks above raise at call time, not at first next()
-        return self._run(backend, tokens, p)
-
-    def _run(self, backend: Any, tokens: list[int], p: GenerationParams) -> Iterator[Chunk]:
-        room = backend.n_ctx - len(tokens)
+        room = n_ctx - n_prompt
         limit = room if p.max_tokens is None else min(p.max_tokens, room)
+        # submitted now (a batched model starts reading the prompt at once); checks above raise at call time
+        source = self._engine.submit(tokens, p, limit)
+        return ChunkStream(self._chunks(source, backend, n_prompt, limit, p), source)
+
+    def _chunks(self, source: Any, backend: Any, n_prompt: int, limit: int, p: GenerationParams) -> Iterator[Chunk]:
         stops = p.stop
         longest_stop = max((len(s) for s in stops), default=0)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -152,58 +187,57 @@ class Model:
         start = time.perf_counter()
         first = None
         ids: list[int] = []  # generated since the last chunk
-        seq = self._seq
-        with self._lock:
-            if self._closed:
-                raise ModelClosedError(f"Model {self.info.path} is closed.", fix="Load it again with edgelm.load().")
-            source = backend.generate(seq, tokens, p)
-            cached = seq.reused
-            try:
-                for token in source:
-                    if first is None:
-                        first = time.perf_counter()
-                    if is_eog(token):
-                        finish = "stop"
-                        break
-                    n_out += 1
-                    ids.append(token)
-                    piece = decoder.decode(token_bytes(token))
-                    if piece:
-                        if stops:
-                            pending += piece
-                            cut = _find_stop(pending, stops, len(piece) + longest_stop)
-                            if cut >= 0:
-                                pending = pending[:cut]
-                                finish, stopped_by_string = "stop", True
-                                break
-                            keep = _partial_stop_suffix(pending, stops)
-                            emit = pending[: len(pending) - keep]
-                            pending = pending[len(pending) - keep :]
-                            if emit:
-                                yield Chunk(emit, tokens=tuple(ids))
-                                ids = []
-                        else:
-                            yield Chunk(piece, tokens=tuple(ids))
+        try:
+            for token in source:
+                if first is None:
+                    first = time.perf_counter()
+                if is_eog(token):
+                    finish = "stop"
+                    break
+                n_out += 1
+                ids.append(token)
+                piece = decoder.decode(token_bytes(token))
+                if piece:
+                    if stops:
+                        pending += piece
+                        cut = _find_stop(pending, stops, len(piece) + longest_stop)
+                        if cut >= 0:
+                            pending = pending[:cut]
+                            finish, stopped_by_string = "stop", True
+                            break
+                        keep = _partial_stop_suffix(pending, stops)
+                        emit = pending[: len(pending) - keep]
+                        pending = pending[len(pending) - keep :]
+                        if emit:
+                            yield Chunk(emit, tokens=tuple(ids))
                             ids = []
-                    if n_out >= limit:
-                        break
-            finally:
-                source.close()
-            if stopped_by_string:
-                tail = pending
-            elif finish == "length":  # cut by the limit: drop a character whose remaining bytes never came
-                tail = pending + decoder.decode(b"", final=False)
-            else:  # the model ended on invalid bytes: show them as U+FFFD
-                tail = pending + decoder.decode(b"", final=True)
-            if stops and not stopped_by_string:
-                cut = _find_stop(tail, stops, len(tail))
-                if cut >= 0:
-                    tail, finish = tail[:cut], "stop"
-            end = time.perf_counter()
-            first = first or end
-            timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start)
-        # the lock is released before the last chunk: a caller that stops there must not keep the model busy
-        yield Chunk(tail, finish_reason=finish, usage=Usage(len(tokens), n_out, cached), timings=timings,
+                    else:
+                        yield Chunk(piece, tokens=tuple(ids))
+                        ids = []
+                if n_out >= limit:
+                    break
+            else:  # the source ended before the limit: cancel() from another thread, or the model was closed
+                if self._closed:
+                    raise ModelClosedError(f"Model {self.info.path} was closed while this generation ran.",
+                                           fix="Load it again with edgelm.load().")
+                finish = "cancelled"
+        finally:
+            # the source lets go of the model before the last chunk: a caller that stops there keeps nothing busy
+            source.close()
+        if stopped_by_string:
+            tail = pending
+        elif finish in ("length", "cancelled"):  # cut short: drop a character whose remaining bytes never came
+            tail = pending + decoder.decode(b"", final=False)
+        else:  # the model ended on invalid bytes: show them as U+FFFD
+            tail = pending + decoder.decode(b"", final=True)
+        if stops and not stopped_by_string:
+            cut = _find_stop(tail, stops, len(tail))
+            if cut >= 0:
+                tail, finish = tail[:cut], "stop"
+        end = time.perf_counter()
+        first = first or end
+        timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start)
+        yield Chunk(tail, finish_reason=finish, usage=Usage(n_prompt, n_out, source.reused), timings=timings,
                     tokens=tuple(ids))
 
     # --- scoring ----------------------------------------------------------------------------------------------
@@ -226,20 +260,21 @@ class Model:
         if not self.capabilities.scoring:
             raise BackendError(f"The {self.info.backend} backend cannot score tokens.",
                                fix="Use a GGUF model on the llama.cpp backend.")
-        with self._lock:
-            backend = self.backend
-            return backend.score(self._seq, tokens, argmax=argmax)
+        backend = self.backend
+        with self._engine.exclusive() as seq:
+            return backend.score(seq, tokens, argmax=argmax)
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the last generation, e.g. {"speculative": {"rounds", "drafted", "accepted", "mode"}}."""
-        return self.backend.stats()
+        """Counters: the scheduler's (active and waiting sequences, batch size, tokens/s) under "sequences", and the
+        backend's of the last generation, e.g. {"speculative": {"rounds", "drafted", "accepted", "mode"}}."""
+        return {**self.backend.stats(), "sequences": self._engine.snapshot()}
 
     # --- prompt cache ---------------------------------------------------------------------------------------
 
     def reset_cache(self) -> None:
         """Forget the cached prompt, so the next call evaluates its prompt from scratch (benchmarks use this)."""
-        with self._lock:
-            self.backend.reset_cache()
+        self.backend  # noqa: B018 (a closed model raises ModelClosedError here)
+        self._engine.reset()
 
     def save_state(self, path: str | os.PathLike[str]) -> int:
         """Save the KV cache of the last sequence (e.g. a long system prompt) to ``path``; return its tokens.
@@ -248,8 +283,9 @@ class Model:
         skips their evaluation.  Written atomically (temporary file, then rename).
         """
         self._require_state("save_state")
-        with self._lock:
-            return self.backend.save_state(self._seq, Path(path))
+        backend = self.backend
+        with self._engine.exclusive() as seq:
+            return backend.save_state(seq, Path(path))
 
     def load_state(self, path: str | os.PathLike[str]) -> int:
         """Restore a cache written by :meth:`save_state`; a state of another model or build raises
@@ -258,8 +294,9 @@ class Model:
         self._require_state("load_state")
         if not path.is_file():
             raise ModelNotFoundError(f"State file not found: {path}.", fix="Check the path.", path=str(path))
-        with self._lock:
-            return self.backend.load_state(self._seq, path)
+        backend = self.backend
+        with self._engine.exclusive() as seq:
+            return backend.load_state(seq, path)
 
     def _require_state(self, method: str) -> None:
         if not self.capabilities.state:
@@ -273,11 +310,12 @@ class Model:
         return self._closed
 
     def close(self) -> None:
+        """Free the model.  Generations still running or waiting end with ModelClosedError (no hang)."""
         if self._closed:
             return
-        with self._lock:
-            self._closed = True
-            self._backend.close()
+        self._closed = True
+        self._engine.close()
+        self._backend.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -288,6 +326,35 @@ class Model:
     def __repr__(self) -> str:
         i = self.info
         return f"<edgelm.Model {i.name or i.path} {i.architecture} {i.quantization} backend={i.backend} n_ctx={i.context_length}>"
+
+
+class ChunkStream:
+    """The chunks of one generation, as they come (iterate it).  ``cancel()`` may be called from any thread (a stop
+    button, a client that went away): the stream then ends at once with finish_reason "cancelled".  Closing it, or
+    dropping it, frees its place in the model."""
+
+    def __init__(self, chunks: Iterator[Chunk], source: Any) -> None:
+        self._chunks = chunks
+        self._source = source
+
+    def __iter__(self) -> "ChunkStream":
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self._chunks)
+
+    def cancel(self) -> None:
+        self._source.cancel()
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._source.close()
+
+    def __del__(self) -> None:
+        try:
+            self._source.cancel()
+        except Exception:
+            pass
 
 
 def collect(chunks: Iterator[Chunk]) -> Completion:

@@ -66,7 +66,7 @@ class GenerationParams:
         example='root ::= "yes" | "no"')
     speculative: str | None = setting(
         None, "Speculative decoding for greedy generation: prompt-lookup or draft (with a draft model); the output "
-        "is identical to plain greedy.", kind="choice", choices=("prompt-lookup", "draft"), cli=("--speculative",),
+        "is identical to plain greedy (llama.cpp with parallel=1; elsewhere, and when sampling, it is not applied).", kind="choice", choices=("prompt-lookup", "draft"), cli=("--speculative",),
         openai=("speculative",), ollama=("speculative",), example="prompt-lookup")
 
     def __post_init__(self) -> None:

@@ -104,6 +104,10 @@ def _load() -> tuple[Setting, ...]:
                 "cache].", cli=("--flash-attn/--no-flash-attn",), example=True, backends=llama),
         Setting("kv_cache", "choice", None, "KV cache element type: f16, q8_0 (about half the memory), q4_0, ... "
                 "[default: f16].", choices=_kv_types(), cli=("--kv-cache",), example="q8_0", backends=llama),
+        Setting("parallel", "int", 1, "Sequences generated at the same time, batched (continuous batching): "
+                "concurrent calls from several threads, server requests and generate_batch share the model; each "
+                "gets the full n_ctx (KV memory grows with it). `edgelm serve` chooses it from memory when not "
+                "given.", cli=("--parallel", "-np"), example=4, backends=llama),
         Setting("n_batch", "int", 512, "Tokens evaluated per batch while reading a prompt.", cli=("--n-batch",),
                 example=256),
         # on the command line this is the generation setting of the same name (--speculative)

@@ -64,6 +64,7 @@ class LoadOptions:
     flash_attn: bool | None = None  # None = backend decides
     kv_cache: str | None = None  # KV cache element type (formats.gguf.KV_CACHE_TYPES); None = f16
     n_batch: int = 512
+    parallel: int = 1  # sequences generated at the same time (continuous batching), each with n_ctx tokens
     providers: Sequence[str] | None = None  # onnxruntime execution providers, in order of preference
     speculative: str | None = None  # default drafting for greedy generation: prompt-lookup | draft
     draft_model: str | None = None  # a smaller GGUF with the same tokenizer (speculative="draft")

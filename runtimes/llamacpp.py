@@ -47,8 +47,10 @@ class LlamaCppBackend(BackendBase):
         self._ctx = ctx
         self.options = options
         self._vocab = model.vocab
-        self.n_ctx = ctx.n_ctx()
-        self.n_batch = llama_cpp.llama_n_batch(ctx.ctx)  # llama.cpp may round n_ctx up; ask, don't assume
+        self.parallel = max(1, options.parallel)
+        # one KV pool of parallel x n_ctx cells (unified): every sequence may hold a whole context
+        self.n_ctx = ctx.n_ctx() // self.parallel  # llama.cpp may round n_ctx up; ask, don't assume
+        self.n_batch = llama_cpp.llama_n_batch(ctx.ctx)
         self._batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
@@ -60,8 +62,9 @@ class LlamaCppBackend(BackendBase):
         self.n_vocab = model.n_vocab()
         self.draft: LlamaCppBackend | None = None
         self.speculation_stats: dict[str, Any] = {}
-        self.capabilities = Capabilities(max_sequences=1, grammar=True, state=True, speculative=True)
-        self._make_sequences(1)
+        self.capabilities = Capabilities(max_sequences=self.parallel, grammar=True, state=True,
+                                         speculative=self.parallel == 1)
+        self._make_sequences(self.parallel)
 
     # --- loading --------------------------------------------------------------------------------------------
 
@@ -87,6 +90,11 @@ class LlamaCppBackend(BackendBase):
                 fix="Drop flash_attn=False, or use kv_cache='f16'.", parameter="flash_attn", value=False,
             )
         n_ctx = resolve_n_ctx(options.n_ctx, header.context_length)
+        if options.parallel > 1 and (options.speculative or options.draft_model):
+            raise InvalidParameterError(
+                f"Speculative decoding runs one sequence at a time, but parallel={options.parallel} was asked for.",
+                fix="Use parallel=1 with speculative=/draft_model=, or drop them to batch several sequences.",
+                parameter="parallel", value=options.parallel)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = 0x7FFFFFFF if options.n_gpu_layers < 0 else options.n_gpu_layers
         mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if options.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
@@ -107,10 +115,11 @@ class LlamaCppBackend(BackendBase):
                 architecture=header.architecture,
             ) from exc
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = n_ctx
+        cp.n_ctx = n_ctx * options.parallel
         cp.n_batch = min(options.n_batch, n_ctx)
         cp.n_ubatch = cp.n_batch
-        cp.n_seq_max = 1
+        cp.n_seq_max = options.parallel
+        cp.kv_unified = True
         cp.n_threads = options.threads
         cp.n_threads_batch = options.threads
         cp.no_perf = True
@@ -127,9 +136,9 @@ class LlamaCppBackend(BackendBase):
         except ValueError as exc:
             model.close()
             raise BackendError(
-                f"llama.cpp could not create a context for {path} (n_ctx={n_ctx}, kv_cache={kv or 'f16'}): "
-                f"{native.recent_errors() or exc}.",
-                fix="Try a smaller n_ctx, or the default kv_cache.",
+                f"llama.cpp could not create a context for {path} (n_ctx={n_ctx}, parallel={options.parallel}, "
+                f"kv_cache={kv or 'f16'}): {native.recent_errors() or exc}.",
+                fix="Try a smaller n_ctx or parallel, or the default kv_cache.",
                 path=str(path),
             ) from exc
         backend = cls(path, header, model, ctx, options)
@@ -265,6 +274,37 @@ class LlamaCppBackend(BackendBase):
             seq.tokens.extend(part)
             yield i, np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(part), self.n_vocab))
 
+    def decode_batch(self, parts: Sequence[tuple[Seq, Sequence[int], bool]]) -> list[int]:
+        """One llama_decode over several sequences (continuous batching): each part's tokens go after what its
+        sequence holds; returns each part's logits row (-1 when not wanted)."""
+        b = self._batch.batch
+        rows = []
+        j = 0
+        for seq, tokens, want in parts:
+            start, sid = len(seq.tokens), seq.id
+            for k, tok in enumerate(tokens):
+                b.token[j] = tok
+                b.pos[j] = start + k
+                b.seq_id[j][0] = sid
+                b.n_seq_id[j] = 1
+                b.logits[j] = False
+                j += 1
+            if want:
+                b.logits[j - 1] = True
+            rows.append(j - 1 if want else -1)
+        b.n_tokens = j
+        rc = llama_cpp.llama_decode(self._ctx.ctx, b)
+        if rc != 0:
+            for seq, _, _ in parts:  # nothing of a failed batch stays in the cache
+                llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq.id, len(seq.tokens), -1)
+            raise BackendError(f"llama.cpp decode failed with code {rc} for a batch of {j} tokens over {len(parts)} "
+                               f"sequences: {native.recent_errors()}.",
+                               fix="The context may be full; use shorter prompts, a larger n_ctx or a smaller "
+                               "parallel.")
+        for seq, tokens, _ in parts:
+            seq.tokens.extend(tokens)
+        return rows
+
     # --- sampling -------------------------------------------------------------------------------------------
 
     def sampler(self, params: GenerationParams, history: Sequence[int]) -> _Sampler:
@@ -312,6 +352,10 @@ class LlamaCppBackend(BackendBase):
 
     def sample(self, seq: Seq, sampler: _Sampler) -> int:
         return llama_cpp.llama_sampler_sample(sampler.chain, self._ctx.ctx, -1)
+
+    def sample_row(self, sampler: _Sampler, row: int) -> int:
+        """Sample from the logits at ``row`` of the last batch (one sequence of a decode_batch)."""
+        return llama_cpp.llama_sampler_sample(sampler.chain, self._ctx.ctx, row)
 
     # --- generation -----------------------------------------------------------------------------------------
 
@@ -424,8 +468,8 @@ class LlamaCppBackend(BackendBase):
     # --- facts --------------------------------------------------------------------------------------------
 
     def kv_cache_bytes(self) -> int:
-        """Bytes of K and V cache at this n_ctx (what kv_cache= quantization saves)."""
-        return self.header.attention_shape().kv_bytes(self.n_ctx, self.options.kv_cache or "f16")
+        """Bytes of K and V cache for every sequence at this n_ctx (what kv_cache= quantization saves)."""
+        return self.header.attention_shape().kv_bytes(self.n_ctx * self.parallel, self.options.kv_cache or "f16")
 
     def describe(self) -> dict[str, Any]:
         h = self.header
@@ -445,6 +489,7 @@ class LlamaCppBackend(BackendBase):
                 "use_mmap": o.use_mmap,
                 "extra_buffers": bool(self._model.params.use_extra_bufts),
                 "n_batch": self.n_batch,
+                "parallel": self.parallel,
                 "speculative": o.speculative or ("draft" if self.draft is not None else None),
                 "draft_model": str(self.draft.path) if self.draft is not None else None,
                 "bits_per_weight": round(h.bits_per_weight, 3),
