@@ -116,20 +116,27 @@ class Budget:
         assert took < self.seconds, f"took {took:.1f} s, over this test's budget of {self.seconds} s"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Chromium (Playwright gives it a fresh temporary profile), shared by the module; each test opens a page in
-    a context of its own, so storage never leaks from one test to the next."""
+@pytest.fixture(scope="module", autouse=True)
+def _need_chromium():
+    """Before anything starts: a missing browser or Playwright fails the tests with the fix, never skips them."""
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
         pytest.fail(f"The chat page's browser tests need Chromium at {CHROMIUM}, which is not installed. "
                     f"Install it with `{INSTALL}` (Debian/Ubuntu; .ci/run does this), point EDGELM_CHROMIUM at "
                     "another Chromium binary, or deselect these tests with -m 'not browser'.", pytrace=False)
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         pytest.fail("The chat page's browser tests need Playwright for Python: pip install -e '.[dev]' "
                     "(or pip install playwright; the browser is the system's Chromium, no `playwright install`).",
                     pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium (Playwright gives it a fresh temporary profile), shared by the module; each test opens a page in
+    a context of its own, so storage never leaks from one test to the next."""
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield chromium
