@@ -55,7 +55,8 @@ OBSERVE = """() => {
 
 # Before any page script: record Content-Security-Policy violations (there must be none).
 CSP_WATCH = """window.__csp = [];
-document.addEventListener("securitypolicyviolation", (e) => window.__csp.push(e.violatedDirective + " " + e.blockedURI));"""
+document.addEventListener("securitypolicyviolation",
+                          (e) => window.__csp.push(e.violatedDirective + " " + e.blockedURI));"""
 
 
 def _free_port() -> int:
