@@ -20,11 +20,12 @@ from .options import generation_options, load_options, pop_generation, pop_load
               help="Unload a model after this many idle seconds (it reloads on the next request).")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser requests from this origin.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without --api-key.")
+@click.option("--no-ui", is_flag=True, help="Do not serve the chat page at / (the API only).")
 @load_options()
 @generation_options
 @handle_errors
 def serve_command(models: tuple[str, ...], host: str, port: int, api_key: str | None, keep_alive: float,
-                  cors_origins: tuple[str, ...], insecure: bool, **kwargs: Any) -> None:
+                  cors_origins: tuple[str, ...], insecure: bool, no_ui: bool, **kwargs: Any) -> None:
     """Serve models over OpenAI- and Ollama-compatible HTTP APIs (streamed tokens).
 
     MODELS are .gguf files or ONNX folders, served by file name or as NAME=PATH; without any, the embedded
@@ -33,8 +34,11 @@ def serve_command(models: tuple[str, ...], host: str, port: int, api_key: str | 
     Generation options given here are the served models' defaults; each request may override them.
 
     \b
+    Open http://127.0.0.1:8080/ in a browser to chat (works offline; --no-ui turns the page off).
+
+    \b
     Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; POST /api/chat, /api/generate,
-    /api/show; GET /api/tags, /api/ps, /api/version; GET /health, /metrics.
+    /api/show; GET /api/tags, /api/ps, /api/version; GET /health, /metrics; GET / (the chat page).
 
     \b
     Examples:
@@ -52,9 +56,11 @@ def serve_command(models: tuple[str, ...], host: str, port: int, api_key: str | 
     if defaults:
         load["defaults"] = defaults
     names = model_names(list(models) or None)
-    click.secho(f"edgelm serving {', '.join(names)} on http://{host}:{port} (OpenAI: /v1, Ollama: /api)", err=True)
+    page = "" if no_ui else f", chat page: http://{host}:{port}/"
+    click.secho(f"edgelm serving {', '.join(names)} on http://{host}:{port} (OpenAI: /v1, Ollama: /api{page})",
+                err=True)
     serve(names, host=host, port=port, api_key=api_key, insecure=insecure, keep_alive=keep_alive,
-          cors_origins=list(cors_origins) or None, load_kwargs=load)
+          cors_origins=list(cors_origins) or None, load_kwargs=load, ui=not no_ui)
 
 
 COMMANDS = [serve_command]

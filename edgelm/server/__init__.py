@@ -66,8 +66,10 @@ def model_names(paths: list[str] | None) -> dict[str, Path | None]:
 
 def create_app(models: dict[str, Any] | list[str] | None = None, *, api_key: str | None = None,
                keep_alive: float = 300.0, cors_origins: list[str] | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, load_kwargs: dict[str, Any] | None = None):
-    """An ASGI app serving ``models`` ({name: path}, a list of paths, or None for the embedded default)."""
+               max_body_bytes: int = MAX_BODY_BYTES, load_kwargs: dict[str, Any] | None = None, ui: bool = True):
+    """An ASGI app serving ``models`` ({name: path}, a list of paths, or None for the embedded default).
+
+    ``ui``: serve the chat page at ``/`` (edgelm.server.ui); False answers ``/`` with plain text."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
@@ -116,8 +118,10 @@ def create_app(models: dict[str, Any] | list[str] | None = None, *, api_key: str
     async def root(request: Request) -> Response:
         return PlainTextResponse("edgelm is running")
 
+    from .ui import ui_routes  # the chat page: "/" and "/ui/{name}", no API key needed
+
     routes = [
-        Route("/", root, methods=["GET", "HEAD"]),
+        *(ui_routes() if ui else [Route("/", root, methods=["GET", "HEAD"])]),
         Route("/health", health),
         Route("/metrics", metrics),
         Route("/v1/chat/completions", route(openai_api.chat_completions, "openai", "chat_completions"),
