@@ -157,6 +157,8 @@ def touch(path: str | os.PathLike[str]) -> None:
     disk must not stop a model from loading."""
     try:
         key = _key(path)
+        if any(STALE_NAME.match(part) for part in Path(key).parts):
+            return  # a conversion checking its own temporary output: not a model anyone "used"
         with _update() as data:
             used = data["last_used"]
             used[key] = time.time()

@@ -30,6 +30,11 @@ Q2 = make_gguf(file_type=10, weight_bytes=512 << 10, name="tiny")  # 10 = Q2_K
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    # huggingface_hub fixes its offline switch when first imported; another test may have imported it with
+    # HF_HUB_OFFLINE=1 set.  These tests start online (edgelm itself reads HF_HUB_OFFLINE at each call).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -388,6 +393,8 @@ def test_remove_stale_hook_before_a_conversion(env, tmp_path):
     assert store.remove_stale(folder) == [left] and not left.exists()
     assert str(folder) in store.read_index()["folders"]  # `edgelm rm --stale` will look here later
     assert store.remove_stale(folder) == []
+    store.touch(folder / ".x.gguf.a1b2c3d4.part")  # a conversion loading its own temporary: not "used"
+    assert store.read_index()["last_used"] == {}
 
 
 def test_index_survives_corruption_and_concurrent_writers(env, tmp_path):
