@@ -227,17 +227,17 @@ class Choice:
     reason: str
 
 
-def _fits(c: Candidate, facts: Any, device: str, host: Any) -> Any:
-    """The plan for running ``c`` as it is on ``device`` (recommend()'s memory arithmetic), or None if it does not
-    fit without converting to a smaller quantization."""
+def _fits(c: Candidate, facts: Any, device: str, host: Any) -> tuple[Any, int | None]:
+    """(the plan for running ``c`` as it is on ``device`` by recommend()'s memory arithmetic, or None if it does not
+    fit without converting to a smaller quantization; the device's usable memory)."""
     from .plan import recommend
 
     f = dataclasses.replace(facts, path=c.entry, quantization=c.label, weight_bytes=c.size_bytes)
     try:
         plan = recommend(f, device, host=host, bandwidth_gbs=NOMINAL_BANDWIDTH_GBS)
-    except DoesNotFitError:
-        return None
-    return None if plan.needs_conversion else plan
+    except DoesNotFitError as exc:
+        return None, getattr(exc, "available", None)
+    return (None if plan.needs_conversion else plan), plan.device_memory_bytes
 
 
 def choose(ref: Reference, cands: list[Candidate], *, facts: Callable[[Candidate], Any] | None = None,
@@ -281,17 +281,21 @@ def choose(ref: Reference, cands: list[Candidate], *, facts: Callable[[Candidate
         from .platforms import detect
 
         host = detect()
+    available = None
     for c in usable:  # largest (best quality) first
-        plan = _fits(c, base, device, host)
+        plan, available = _fits(c, base, device, host)
         if plan is not None:
             return Choice(c, f"{c.label} ({_human(c.size_bytes)}): the largest quantization in {where} that fits "
                              f"{plan.device_title}, needing {_human(plan.memory_bytes)} of "
                              f"{_human(plan.device_memory_bytes)} usable at n_ctx {plan.n_ctx}.")
     smallest = usable[-1]
+    room = f" ({_human(available)} usable)" if available is not None else ""
     raise DoesNotFitError(
-        f"No quantization in {where} fits {device if device != 'auto' else 'this machine'}: the smallest, "
-        f"{smallest.label} ({_human(smallest.size_bytes)}), needs more than the memory it has.",
-        fix=f"Pull one anyway by name ({ref.repo_id}:{smallest.label}), or use a smaller model.", repo=ref.repo_id)
+        f"No quantization in {where} fits {device if device != 'auto' else 'this machine'}{room}: even the "
+        f"smallest, {smallest.label} ({_human(smallest.size_bytes)}), needs more once its KV cache and the runtime "
+        "are counted (with the head-room `edgelm recommend` keeps).",
+        fix=f"Pull one anyway by name ({ref.repo_id}:{smallest.label}), or use a smaller model.", repo=ref.repo_id,
+        available=available)
 
 
 def _facts_from_prefix(read_prefix: Callable[[int], bytes], size: int, name: str) -> Any:
@@ -392,7 +396,7 @@ def find_cached(ref: Reference | str, revision: str | None = None, *, device: st
         c = choice.candidate
         if verify:
             for f in c.files:
-                verify_cached(snapshot / f)
+                verify_cached(snapshot / f, f"{ref.repo_id}:{c.label}" if c.label else ref.repo_id)
         path = snapshot / c.entry if c.entry != "." else snapshot
         return Pulled(path, ref, c, commit, choice.reason, from_cache=True)
     return None
@@ -437,12 +441,20 @@ def _checkable(etag: str) -> bool:
     return bool(re.fullmatch(r"[0-9a-f]{64}|[0-9a-f]{40}", etag))
 
 
-def verify_cached(pointer: Path) -> None:
+def _blob_of(pointer: Path) -> Path:
+    """The repository's ``blobs/<etag>`` entry a snapshot file links to: the first symlink hop only (that entry may
+    itself link into huggingface_hub's shared store, whose names are Xet hashes, not sha256)."""
+    if not pointer.is_symlink():
+        return pointer  # no symlinks on this system: huggingface_hub copied the file into the snapshot
+    return Path(os.path.abspath(pointer.parent / os.readlink(pointer)))
+
+
+def verify_cached(pointer: Path, name: str = "ORG/REPO:QUANT") -> None:
     """Check a cached file against the sha256 (or git blob id) its blob is named after, once per change of the blob
     (remembered in edgelm's store index).  A mismatch deletes the blob and the snapshot's link to it and raises."""
     from . import store
 
-    blob = pointer.resolve()
+    blob = _blob_of(pointer)
     etag = blob.name
     if not _checkable(etag) or store.is_verified(blob, etag):
         return
@@ -455,7 +467,7 @@ def verify_cached(pointer: Path) -> None:
         raise DownloadCorruptError(
             f"The cached file {pointer} does not match its {'sha256' if len(etag) == 64 else 'git id'} ({actual} "
             f"instead of {etag}): it was truncated or corrupted, and has been deleted.",
-            fix="Pull it again: edgelm pull ORG/REPO:QUANT.", path=str(pointer), expected=etag, actual=actual)
+            fix=f"Pull it again: edgelm pull {name}", path=str(pointer), expected=etag, actual=actual)
     store.mark_verified(blob, etag)
 
 

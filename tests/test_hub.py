@@ -114,6 +114,15 @@ def test_pull_by_quant_is_case_insensitive_and_fetches_only_that_file(gguf_repo,
     assert pulled.path == path and pulled.downloaded_bytes == 0 and len(gguf_repo.requests("cdn")) == 1
 
 
+def test_hf_hub_cache_and_a_progress_callable(gguf_repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))  # read at the call, not at import
+    seen = []
+    path = edgelm.pull("org/repo:Q2_K", progress=lambda name, done, total: seen.append((name, done, total)))
+    assert path.is_relative_to(tmp_path / "elsewhere") and not (tmp_path / "hf" / "hub").exists()
+    assert seen[-1] == ("tiny-Q2_K.gguf", len(Q2), len(Q2))
+    assert [d for _, d, _ in seen] == sorted(d for _, d, _ in seen)
+
+
 def test_pull_a_missing_quant_lists_the_ones_there_are(gguf_repo):
     with pytest.raises(QuantNotFoundError) as err:
         edgelm.pull("org/repo:Q5_K_M", progress=False)
