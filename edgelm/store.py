@@ -36,8 +36,9 @@ INDEX_NAME = "store.json"
 STALE_AFTER_S = 30 * 60  # a conversion's temporary left alone this long (and open nowhere) is a leftover
 MAX_LAST_USED = 2000  # entries kept in the "last used" table (oldest dropped first)
 
-# hidden temporaries of conversions: tempfile.mkdtemp/mkstemp(prefix=".{name}.", suffix=...) -> .out.gguf.k2j4_x9a.convert
-STALE_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<rand>[a-z0-9_]{6,12})\.(?P<kind>convert|part|partial)$")
+# hidden temporaries of conversions: tempfile.mkdtemp/mkstemp(prefix=".{name}.", suffix=...) -> .out.gguf.k2j4_x9a.convert,
+# and the fp32 reference an ONNX conversion scores against (TemporaryDirectory(prefix=".edgelm-ref-"))
+STALE_NAME = re.compile(r"^\.(?:.+\.[a-z0-9_]{6,12}\.(?:convert|part|partial)|edgelm-ref-[a-z0-9_]{6,12})$")
 
 
 def edgelm_home() -> Path:
@@ -265,7 +266,7 @@ def _used(path: Path, in_use: set[str] | None) -> bool:
 def find_stale(folder: str | os.PathLike[str], older_than: float = STALE_AFTER_S,
                in_use: set[str] | None = None) -> list[Path]:
     """Hidden temporaries of conversions in ``folder`` (``.out.gguf.XXXXXXXX.convert``, ``.out.gguf.XXXXXXXX.part``,
-    ``.out-onnx.XXXXXXXX.partial``) untouched for ``older_than`` seconds and open nowhere."""
+    ``.out-onnx.XXXXXXXX.partial``, ``.edgelm-ref-XXXXXXXX``) untouched for ``older_than`` seconds and open nowhere."""
     base = Path(folder).expanduser()
     try:
         entries = list(base.iterdir())

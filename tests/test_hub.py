@@ -379,15 +379,17 @@ def test_rm_stale_removes_killed_conversion_leftovers_only(env, tmp_path):
     fresh.mkdir()
     busy = folder / ".out.gguf.busy4567.part"  # old, but a process still has it open
     busy.write_bytes(b"x")
+    old_ref = folder / ".edgelm-ref-x1y2z3w4"  # the fp32 reference of an ONNX conversion's quality check
+    old_ref.mkdir()
     mine = folder / ".hidden-notes.txt"  # not a conversion's temporary
     mine.write_text("keep")
-    for p in (old_convert, old_part, old_partial, busy, mine):
+    for p in (old_convert, old_part, old_partial, old_ref, busy, mine):
         _age(p, 3600)
     with open(busy, "rb"):
         assert [r.name for r in store.list_models()] == [str(out)]  # never listed
         dry = store.remove_all_stale(dry_run=True)
         removed = store.remove_all_stale()
-    expected = {old_convert, old_part, old_partial} | ({busy} if store.paths_in_use() is None else set())
+    expected = {old_convert, old_part, old_partial, old_ref} | ({busy} if store.paths_in_use() is None else set())
     assert set(dry) == set(removed) == expected
     assert fresh.exists() and mine.exists() and out.exists()
     assert not any(p.exists() for p in expected)
