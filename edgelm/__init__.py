@@ -24,6 +24,13 @@ def convert(src, **kwargs):
     return _convert(src, **kwargs)
 
 
+def pull(reference, revision=None, **kwargs):
+    """Download ORG/REPO[:QUANT] from the Hugging Face Hub into its cache; see edgelm.hub.pull."""
+    from .hub import pull as _pull
+
+    return _pull(reference, revision, **kwargs)
+
+
 def serve(*args, **kwargs):
     """Serve models over the OpenAI- and Ollama-compatible API (blocking); see edgelm.server.serve."""
     from .server import serve as _serve
@@ -40,5 +47,5 @@ except Exception:  # running from a source tree that is not installed
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
-    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "__version__",
+    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "pull", "__version__",
 ]

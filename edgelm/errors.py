@@ -141,6 +141,18 @@ class HubError(EdgelmError, OSError):
     code = "hub_error"
 
 
+class QuantNotFoundError(HubError):
+    """A Hub repository has no file for the quantization asked for; ``available`` lists the ones it has."""
+
+    code = "quant_not_found"
+
+
+class DownloadCorruptError(HubError):
+    """A downloaded (or cached) file does not match its sha256 / size from the Hub; it has been deleted."""
+
+    code = "download_corrupt"
+
+
 # --- platforms ------------------------------------------------------------------------------------------
 
 class UnknownDeviceError(EdgelmError, LookupError):

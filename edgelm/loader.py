@@ -53,6 +53,13 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
+    # --- models by name (edgelm.hub): ORG/REPO[:QUANT] comes from the Hugging Face cache, pulled on first use ---
+    from .hub import resolve_reference
+
+    pulled = resolve_reference(model)
+    if pulled is not None:
+        return pulled
+    # --- end of models by name ---
     raise ModelNotFoundError(
         f"Model not found: {path} does not exist.",
         fix="Check the path; convert a Hugging Face model with `edgelm convert SRC --to onnx -o DIR`; "
@@ -165,6 +172,9 @@ def load(model: str | os.PathLike[str] | None = None, *,
     except BaseException:
         instance.close()
         raise
+    from .store import touch  # "last used" in `edgelm list` (edgelm.store); never raises
+
+    touch(path)
     return Model(instance, info, defaults)
 
 

@@ -23,6 +23,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.UnknownDeviceError, 2),
     (errors.ModelNotFoundError, 3),
     (errors.InvalidSourceError, 3),
+    (errors.DownloadCorruptError, 4),  # a download that does not match its sha256 (deleted)
     (errors.HubError, 3),
     (errors.InvalidModelFileError, 4),
     (errors.UnsupportedModelError, 4),
@@ -85,9 +86,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import convert, generate, measure, platforms, serve
+    from . import convert, generate, measure, platforms, serve, store
 
-    for module in (generate, convert, measure, platforms, serve):
+    for module in (generate, convert, measure, platforms, serve, store):
         for command in module.COMMANDS:
             main.add_command(command)
 

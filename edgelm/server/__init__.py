@@ -52,6 +52,11 @@ def model_names(paths: list[str] | None) -> dict[str, Path | None]:
         name, sep, path = item.partition("=")
         if not sep:
             path, name = item, Path(item).name.removesuffix(".gguf")
+        # --- models by name (edgelm.hub): ORG/REPO[:QUANT] pulled (or taken from the cache), served as typed ---
+        from edgelm.hub import served_reference
+
+        path, name = served_reference(path, name if sep else None) or (path, name)
+        # --- end of models by name ---
         p = Path(path).expanduser().resolve()
         if not p.exists():
             from edgelm.errors import ModelNotFoundError
