@@ -87,6 +87,9 @@ def requantize(source: Path, output: Path, quant: str, *, overwrite: bool = Fals
         read_header(tmp)  # what was written is whole
         if verify:
             verify(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private: the output gets the user's usual permissions
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)

@@ -112,13 +112,17 @@ def convert(src: str, *, to: str = "gguf", quant: str = "q4_k_m", output: str | 
     if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise OutputExistsError(f"The output {out} already exists.", fix="Choose another path or pass --overwrite.",
                                 path=str(out))
+    from .store import record_output, remove_stale
+
+    if out.parent.is_dir():
+        remove_stale(out.parent)  # what a killed conversion left there (hidden temporary files and folders)
     job = _Job(target, opts, out, overwrite, eval, budget_ppl, budget_size, progress or (lambda message, fraction: None))
     name = source.name if Path(src).expanduser().exists() else str(src)  # a Hub id, not its snapshot hash
     with target.stage(source, name, quant, out, opts, allow_pickle=allow_pickle, progress=job.report) as staged:
         job.staged = staged
-        if quant == "auto":
-            return job.auto()
-        return job.one(quant)
+        result = job.auto() if quant == "auto" else job.one(quant)
+    record_output(out)  # `edgelm list` shows it
+    return result
 
 
 @dataclass

@@ -61,6 +61,7 @@ class Plan:
     convert_command: str | None = None
     notes: list[str] = field(default_factory=list)
     alternatives: list[dict[str, Any]] = field(default_factory=list)
+    parallel: int = 1  # sequences at the same time, each with n_ctx tokens of KV cache
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,7 +69,7 @@ class Plan:
     def load_kwargs(self) -> dict[str, Any]:
         """Arguments for :func:`edgelm.load` that follow this plan."""
         return {"backend": self.backend, "n_ctx": self.n_ctx, "threads": self.threads,
-                "n_gpu_layers": self.n_gpu_layers, "kv_cache": self.kv_cache}
+                "n_gpu_layers": self.n_gpu_layers, "kv_cache": self.kv_cache, "parallel": self.parallel}
 
 
 def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
@@ -111,9 +112,11 @@ def _speed(f: ModelFacts, weight_bytes: int, n_ctx: int, kv: str, bandwidth_gbs:
 
 
 def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: str = "auto", *, n_ctx: int | None = None,
-              host: Any = None, bandwidth_gbs: float | None = None) -> Plan:
+              parallel: int = 1, host: Any = None, bandwidth_gbs: float | None = None) -> Plan:
     """Plan how to run ``model`` (default: the embedded one) on ``device`` ("auto" = this machine, or a profile
     name from `edgelm devices`, e.g. "raspberry-pi-5-8gb").  Raises :class:`DoesNotFitError` when no option fits.
+    ``parallel``: sequences generated at the same time (a server's concurrent requests), each with its own KV cache
+    of n_ctx tokens.
 
     ``host`` (a detected :class:`edgelm.platforms.Host`) and ``bandwidth_gbs`` may be injected for device="auto".
     """
@@ -141,7 +144,7 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
         for kv in ("f16", "q8_0"):
             ctx = wanted_ctx
             while ctx >= 512 or ctx == wanted_ctx:
-                mem = wbytes + f.kv_bytes(ctx, kv) + _overhead(f, ctx)
+                mem = wbytes + parallel * f.kv_bytes(ctx, kv) + _overhead(f, ctx)
                 tps, bound = _speed(f, wbytes, ctx, kv, dev.memory_bandwidth_gbs, gflops, gpu)
                 row = {"quant": quant, "kv_cache": kv, "n_ctx": ctx, "memory_bytes": mem, "fits": mem <= budget,
                        "tokens_per_second": round(tps, 1)}
@@ -158,11 +161,12 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
     if chosen is None:
         smallest = min(tried, key=lambda r: r["memory_bytes"])
         raise DoesNotFitError(
-            f"{Path(f.path).name} does not fit {dev.title}: it needs {_human(f.weight_bytes + f.kv_bytes(512) + _overhead(f, 512))}"
-            f" at its own {own} with n_ctx 512, and the device has {_human(dev.usable_bytes)} usable "
+            f"{Path(f.path).name} does not fit {dev.title}: it needs "
+            f"{_human(f.weight_bytes + parallel * f.kv_bytes(512) + _overhead(f, 512))} at its own {own} with n_ctx 512"
+            f"{f' for {parallel} sequences' if parallel > 1 else ''}, and the device has {_human(dev.usable_bytes)} usable "
             f"({_human(dev.ram_bytes)} RAM); the smallest option, {smallest['quant']} with a {smallest['kv_cache']} "
             f"KV cache at n_ctx {smallest['n_ctx']}, needs {_human(smallest['memory_bytes'])}.",
-            fix="Use a smaller model (fewer parameters), or a device with more memory.",
+            fix="Use a smaller model (fewer parameters), fewer parallel sequences, or a device with more memory.",
             device=dev.name, needed=smallest["memory_bytes"], available=dev.usable_bytes,
         )
     quant, wbytes, kv, ctx, mem, tps, bound = chosen
@@ -180,13 +184,31 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
     return Plan(
         model=f.path, device=dev.name, device_title=dev.title, backend="llamacpp", format="gguf", quant=quant,
         n_ctx=ctx, threads=threads, n_gpu_layers=-1 if gpu else 0, kv_cache=kv, memory_bytes=mem,
-        memory_breakdown={"weights": wbytes, "kv_cache": f.kv_bytes(ctx, kv), "overhead": _overhead(f, ctx)},
+        memory_breakdown={"weights": wbytes, "kv_cache": parallel * f.kv_bytes(ctx, kv), "overhead": _overhead(f, ctx)},
+        parallel=parallel,
         device_memory_bytes=dev.usable_bytes, tokens_per_second=round(tps, 1), bound_by=bound,
         needs_conversion=quant != own,
         convert_command=(f"edgelm convert SRC --to gguf --quant {quant.lower()} -o model-{quant.lower()}.gguf"
                          if quant != own else None),
         notes=notes, alternatives=tried,
     )
+
+
+def default_parallel(model: str | os.PathLike[str] | None, *, n_ctx: int | None = None, kv_cache: str | None = None,
+                     available: int | None = None, most: int = 4) -> int:
+    """How many sequences a server should batch for ``model``: up to ``most``, as long as their KV caches (n_ctx
+    tokens each) take at most a quarter of the available memory.  1 for models other than GGUF."""
+    from .platforms import detect
+
+    try:
+        f = model_facts(model)
+    except UnsupportedModelError:
+        return 1
+    ctx = n_ctx or min(f.context_length, 4096)
+    per = max(1, f.kv_bytes(ctx, kv_cache or "f16"))
+    if available is None:
+        available = int(detect().memory.get("available") or 0) or 2 * 1024**3
+    return max(1, min(most, available // 4 // per))
 
 
 def _human(n: int) -> str:

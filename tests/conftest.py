@@ -43,19 +43,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _edgelm_home(tmp_path_factory):
-    """edgelm's store index (edgelm.store: last used, recorded outputs) is written under a temporary folder in
-    tests, never ~/.cache/edgelm; CLI subprocesses inherit it."""
-    old = os.environ.get("EDGELM_HOME")
-    os.environ["EDGELM_HOME"] = str(tmp_path_factory.mktemp("edgelm-home"))
-    yield
-    if old is None:
-        os.environ.pop("EDGELM_HOME", None)
-    else:
-        os.environ["EDGELM_HOME"] = old
-
-
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     import edgelm

@@ -86,9 +86,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import convert, generate, measure, platforms, serve, store
+    from . import batch, convert, generate, measure, platforms, serve, store
 
-    for module in (generate, convert, measure, platforms, serve, store):
+    for module in (generate, batch, convert, measure, platforms, serve, store):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -101,9 +101,11 @@ def devices_command(as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True,
               help="A profile from `edgelm devices` (e.g. raspberry-pi-5-8gb), or auto for this machine.")
 @click.option("--n-ctx", type=int, default=None, help="Context window wanted [default: the model's, up to 4096].")
+@click.option("--parallel", "-np", type=int, default=1, show_default=True,
+              help="Sequences generated at the same time (a server's concurrent requests), each with its own KV cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @handle_errors
-def recommend_command(model: str | None, device: str, n_ctx: int | None, as_json: bool) -> None:
+def recommend_command(model: str | None, device: str, n_ctx: int | None, parallel: int, as_json: bool) -> None:
     """Plan how to run MODEL on a device: backend, quantization, n_ctx, threads, memory and expected speed.
 
     Memory is weights + KV cache at that n_ctx + runtime overhead, and must fit the device with head-room;
@@ -114,10 +116,11 @@ def recommend_command(model: str | None, device: str, n_ctx: int | None, as_json
     Examples:
       edgelm recommend model.gguf --device raspberry-pi-4-4gb
       edgelm recommend --device raspberry-pi-zero-2-w --json
+      edgelm recommend model.gguf --device raspberry-pi-5-8gb --parallel 4
     """
     from edgelm.plan import recommend
 
-    plan = recommend(model, device, n_ctx=n_ctx)
+    plan = recommend(model, device, n_ctx=n_ctx, parallel=parallel)
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=2))
         return
@@ -126,7 +129,8 @@ def recommend_command(model: str | None, device: str, n_ctx: int | None, as_json
     click.echo(f"backend     {plan.backend} ({plan.format}), {plan.threads} threads"
                + (", all layers on the GPU" if plan.n_gpu_layers else ""))
     click.echo(f"quant       {plan.quant}" + (f"   -> {plan.convert_command}" if plan.convert_command else ""))
-    click.echo(f"n_ctx       {plan.n_ctx} (KV cache {plan.kv_cache})")
+    click.echo(f"n_ctx       {plan.n_ctx} (KV cache {plan.kv_cache})"
+               + (f", {plan.parallel} sequences at a time" if plan.parallel > 1 else ""))
     click.echo(f"memory      {plan.memory_bytes / 2**20:.0f} MB of {plan.device_memory_bytes / 2**20:.0f} MB usable "
                f"(weights {b['weights'] / 2**20:.0f}, KV {b['kv_cache'] / 2**20:.0f}, "
                f"runtime {b['overhead'] / 2**20:.0f})")
