@@ -28,6 +28,9 @@ from .base import Seq, reusable_prefix
 
 _DONE = object()
 LOOKAHEAD = 8  # tokens a sequence may generate ahead of its consumer before it skips steps
+# prompt tokens read per step while other sequences are generating: a long prompt is read in chunks this size, so
+# the running streams get a token every few tens of milliseconds instead of freezing for the whole prompt
+PREFILL_CHUNK = 128
 
 
 class FifoLock:
@@ -402,6 +405,8 @@ class Scheduler:
             if r.last is not None and r.generated - r.taken < LOOKAHEAD and budget > 0:
                 decoding.append((r, [r.last], True))
                 budget -= 1
+        if decoding:
+            budget = min(budget, PREFILL_CHUNK)
         for r in self._active:  # then prompts, first come first served, in chunks that fill the batch
             if r.pending and budget > 0:
                 chunk = r.pending[:budget]
