@@ -8,6 +8,16 @@
 
 from __future__ import annotations
 
+import os as _os
+
+# llama.cpp (OPENMP = 1 in llama-cpp-python's build) and torch run their threads under OpenMP, which by default
+# keeps idle threads spinning.  On a machine with other busy processes, spinning threads take the cores the working
+# ones need: measured on this project's 2-core machines under load, decoding from a thread whose OpenMP team had
+# gone idle ran at 0.3-1 tok/s instead of 20-40, and a torch workload took 3x as long.  Idle threads that sleep
+# cost one wake-up per parallel region (microseconds against milliseconds per token).  Read by OpenMP once, when
+# the library loads: set here, before edgelm imports either.  Set OMP_WAIT_POLICY yourself to choose otherwise.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the public API)
 from .errors import EdgelmError
 from .loader import default_model_path, load

@@ -119,7 +119,7 @@ class LlamaCppBackend(BackendBase):
         cp.n_batch = min(options.n_batch, n_ctx)
         cp.n_ubatch = cp.n_batch
         cp.n_seq_max = options.parallel
-        cp.kv_unified = True
+        cp.kv_unified = False  # one KV stream per sequence: attention reads only its own cells
         cp.n_threads = options.threads
         cp.n_threads_batch = options.threads
         cp.no_perf = True
