@@ -65,17 +65,28 @@ def test_generation_setting_in_the_library(s):
     assert getattr(p, s.name) == _expected(s)
 
 
-@pytest.mark.parametrize("command", ["run", "chat"])
+def _command_args(command: str, fake_model: Path) -> list[str]:
+    """The command line of ``command`` on the fake model (batch gets a one-line input file next to it)."""
+    if command == "batch":
+        src = fake_model.parent / "in.jsonl"
+        src.write_text('{"prompt": "Hi"}\n')
+        return ["batch", str(src), "-o", str(fake_model.parent / "out.jsonl"), "--overwrite", "-m", str(fake_model)]
+    return {"run": ["run", str(fake_model), "Hi"], "chat": ["chat", str(fake_model)],
+            "serve": ["serve", str(fake_model)], "bench": ["bench", str(fake_model)],
+            "eval": ["eval", str(fake_model)]}[command]
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "batch"])
 @pytest.mark.parametrize("s", GENERATION, ids=lambda s: s.name)
 def test_generation_setting_on_the_command_line(s, command, fake_model):
-    args = [command, str(fake_model), "Hi"] if command == "run" else [command, str(fake_model)]
+    args = _command_args(command, fake_model)
     r = CliRunner().invoke(main, [*args, *_cli_args(s)], input="Hi\n")
     assert r.exit_code == 0, r.output
     tokens, params = FakeBackend.loaded[-1].calls[-1]
     assert getattr(params, s.name) == _expected(s)
 
 
-@pytest.mark.parametrize("command", ["run", "chat", "serve", "bench", "eval"])
+@pytest.mark.parametrize("command", ["run", "chat", "serve", "bench", "eval", "batch"])
 @pytest.mark.parametrize("s", [s for s in LOAD if s.cli], ids=lambda s: s.name)
 def test_load_setting_on_the_command_line(s, command, fake_model, monkeypatch):
     seen = {}
@@ -87,9 +98,7 @@ def test_load_setting_on_the_command_line(s, command, fake_model, monkeypatch):
     monkeypatch.setattr(edgelm.measure, "evaluate", lambda model, **kw: seen.update(kw) or [])
     real_load = edgelm.load
     monkeypatch.setattr(edgelm, "load", lambda model, **kw: seen.update(kw) or real_load(model, backend="fake"))
-    args = {"run": ["run", str(fake_model), "Hi"], "chat": ["chat", str(fake_model)],
-            "serve": ["serve", str(fake_model)], "bench": ["bench", str(fake_model)],
-            "eval": ["eval", str(fake_model)]}[command]
+    args = _command_args(command, fake_model)
     r = CliRunner().invoke(main, [*args, *_cli_args(s)], input="")
     if s.name == "kv_cache" and command in ("bench", "eval"):  # these compare several: --kv-cache is repeatable
         assert seen["kv_caches"] == [s.example], r.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -46,7 +47,7 @@ def batch_command(input_path: str, output: str, model: str | None, overwrite: bo
         if load["parallel"] == 1:
             load.pop("parallel")
     with edgelm.load(model, **load) as m, click.progressbar(length=1, label="answering",
-                                                            file=click.get_text_stream("stderr")) as bar:
+                                                            file=sys.stderr) as bar:
         state = {"done": 0}
 
         def progress(done: int, total: int) -> None:

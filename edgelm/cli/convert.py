@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool,
     """
     import edgelm.conversion as conv
 
-    with click.progressbar(length=100, label=f"converting to {to} {quant}", file=click.get_text_stream("stderr"),
+    with click.progressbar(length=100, label=f"converting to {to} {quant}", file=sys.stderr,
                            show_eta=False, item_show_func=lambda s: s) as bar:
         state = {"done": 0}
 
