@@ -141,7 +141,12 @@ def load(model: str | os.PathLike[str] | None = None, *,
     load_options = runtimes.LoadOptions(**values, providers=resolved.providers)
     if isinstance(defaults, dict):
         defaults = GenerationParams().merged(**defaults)
-    instance = cls.load(path, load_options)
+    if load_options.workers or load_options.tensor_split is not None:  # split across RPC workers, in a child process
+        from .rpc.client import load_with_workers
+
+        instance = load_with_workers(cls, path, load_options)
+    else:
+        instance = cls.load(path, load_options)
     try:
         facts = instance.describe()
         from .formats import disk_size

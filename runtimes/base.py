@@ -69,6 +69,8 @@ class LoadOptions:
     draft_model: str | None = None  # a smaller GGUF with the same tokenizer (speculative="draft")
     max_draft: int = 8  # most tokens drafted per verification step
     extra_buffers: bool | None = None  # llama.cpp's repacked weight buffers (None: on unless AMX is present)
+    workers: Sequence[str] = ()  # llama.cpp RPC workers "host:port" to split the layers across (edgelm.rpc)
+    tensor_split: Any = None  # shares of layers for [this machine, worker 1, ...]; None: by reported memory
     extra: dict[str, Any] = field(default_factory=dict)  # options of third-party backends
 
 

@@ -33,6 +33,8 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.DoesNotFitError, 8),
     (errors.OutputExistsError, 9),
     (errors.InsecureBindError, 10),
+    (errors.WorkerUnreachableError, 11),  # an RPC worker unreachable at load, or lost during generation
+    (errors.WorkerStartError, 12),
     (errors.EdgelmError, 1),
 ]
 
@@ -85,9 +87,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import convert, generate, measure, platforms, serve
+    from . import convert, generate, measure, platforms, rpc, serve
 
-    for module in (generate, convert, measure, platforms, serve):
+    for module in (generate, convert, measure, platforms, serve, rpc):
         for command in module.COMMANDS:
             main.add_command(command)
 
