@@ -257,5 +257,10 @@ class BackendBase:
     def stats(self) -> dict[str, Any]:
         return {}
 
+    def health(self) -> dict[str, Any]:
+        """{"status": "ok" | "degraded" | "lost" | "closed", ...}; a model on RPC workers can lose one
+        (runtimes.isolated)."""
+        return {"status": "ok"}
+
     def close(self) -> None:
         pass

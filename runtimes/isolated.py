@@ -139,7 +139,7 @@ class IsolatedBackend:
 
     # --- the channel ----------------------------------------------------------------------------------------
 
-    def _request(self, message: tuple) -> Any:
+    def _request(self, message: tuple, timeout: float | None = None) -> Any:
         with self._lock:
             if self._failure is not None:
                 raise self._failure
@@ -147,6 +147,10 @@ class IsolatedBackend:
                 raise BackendError("The model's process was closed.", fix="Load the model again.")
             try:
                 self._conn.send(message)
+                if timeout is not None and not self._conn.poll(timeout):
+                    # an idle child that does not answer is stuck: end it (a late answer would desynchronise us)
+                    self._proc.kill()
+                    raise EOFError("no answer")
                 kind, value, seqs, tokens = self._conn.recv()
             except (EOFError, OSError) as exc:
                 self._failure = self._lost()
@@ -254,7 +258,7 @@ class IsolatedBackend:
         if not self._lock.acquire(blocking=False):  # busy generating: it was fine a token ago
             return {"status": "ok", "pid": self.child_pid, "busy": True}
         try:
-            report = self._request(("health",))
+            report = self._request(("health",), timeout=5.0)
         except BaseException as exc:  # the check itself found the child gone
             return {"status": "lost", "error": str(exc), "pid": self.child_pid}
         finally:

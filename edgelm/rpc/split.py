@@ -202,9 +202,10 @@ def _fill(parts: list[Part], counts: list[int], costs: ModelCosts, local_bytes_e
 
 
 def plan_split(costs: ModelCosts, workers: Sequence[tuple[str, int]], *, local_memory: int | None = None,
-               tensor_split: Sequence[float] | None = None) -> Split:
+               tensor_split: Sequence[float] | None = None, check: bool = True) -> Split:
     """Place ``costs`` over this machine (``local_memory`` bytes available, None = do not check) and ``workers``
-    [(name, reported free bytes), ...].  Raises DoesNotFitError, naming each device's need, when it does not fit."""
+    [(name, reported free bytes), ...].  Raises DoesNotFitError, naming each device's need, when it does not fit
+    (``check=False``: returns the split with ``fits`` False instead)."""
     parts = [Part("this machine", local_memory)] + [Part(name, free) for name, free in workers]
     units = costs.units
     notes: list[str] = []
@@ -239,7 +240,7 @@ def plan_split(costs: ModelCosts, workers: Sequence[tuple[str, int]], *, local_m
             notes.append(f"worker {p.device} gets no layers (it reports {_human(p.memory_bytes or 0)} free).")
     split = Split(parts=parts, n_gpu_layers=units - counts[0], tensor_split=[float(c) for c in counts[1:]],
                   policy=policy, notes=notes)
-    if not split.fits:
+    if check and not split.fits:
         bad = [p for p in parts if not p.fits]
         raise DoesNotFitError(
             "The model does not fit " + "; ".join(

@@ -102,6 +102,8 @@ class Registry:
     def load(self, e: Entry) -> Any:
         """The entry's model, loading it on first use.  Call while holding the entry's slot."""
         with e.load_lock:
+            if e.model is not None and not e.model.closed and e.model.health().get("status") in ("lost", "degraded"):
+                e.model.close()  # an RPC worker went away (edgelm.rpc): load again, which checks the workers first
             if e.model is None or e.model.closed:
                 t = time.perf_counter()
                 e.model = edgelm.load(e.path, **self.options_for(e))
