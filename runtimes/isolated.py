@@ -111,7 +111,8 @@ class IsolatedBackend:
     def start(cls, backend: str, path: Path, options: LoadOptions, *,
               on_exit: Callable[[str], BaseException] | None = None, env: dict[str, str] | None = None,
               describe_hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> "IsolatedBackend":
-        """Load ``path`` with backend ``backend`` (a name for edgelm.runtimes.get_backend) in a child process.
+        """Load ``path`` with backend ``backend`` (a name for edgelm.runtimes.get_backend, or "module:Class") in a
+        child process.
 
         ``on_exit(reason)`` makes the error raised when the child ends unexpectedly (``reason``: its exit status
         and the last lines it wrote); ``describe_hook(facts)`` may add to what describe() returns."""
@@ -375,7 +376,11 @@ class _Host:
     def load(self, backend_name: str, path: str, options: LoadOptions) -> None:
         from edgelm import runtimes
 
-        cls = runtimes.get_backend(backend_name)
+        if ":" in backend_name:  # module:Class (a backend that is not registered by name in a fresh process)
+            module, _, attr = backend_name.partition(":")
+            cls = getattr(importlib.import_module(module), attr)
+        else:
+            cls = runtimes.get_backend(backend_name)
         self.backend = cls.load(Path(path), options)
         self.workers = options.workers
         b = self.backend
