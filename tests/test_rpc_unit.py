@@ -158,12 +158,10 @@ def test_bad_tensor_split_is_refused_with_the_expected_length(bad):
     assert split.parse_tensor_split("0,1,1", 2) == [0.0, 1.0, 1.0]
 
 
-def test_model_costs_of_the_embedded_model_match_what_llama_cpp_allocated(default_gguf):
+def test_model_costs_of_the_embedded_model_match_what_llama_cpp_allocated(header):
     """Figures llama.cpp printed for this file (SmolLM2 Q4_1, n_ctx 512, 16/14 layers on two RPC workers):
     model buffers 33.82 MiB and 58.28 MiB, KV 6.00 / 5.25 MiB, the output device's compute buffer 103.67 MiB."""
-    from edgelm.formats.gguf import read_header
-
-    c = split.model_costs(read_header(default_gguf), 512)
+    c = split.model_costs(header, 512)
     s = split.plan_split(c, [("a", 10**12), ("b", 10**12)], tensor_split=[0, 16, 15])
     a, b = s.parts[1:]
     assert a.weights_bytes == pytest.approx(33.82 * MB, rel=0.01)
@@ -174,27 +172,34 @@ def test_model_costs_of_the_embedded_model_match_what_llama_cpp_allocated(defaul
 
 # --- cluster plans --------------------------------------------------------------------------------------------------
 
-def test_cluster_plan_for_four_boards_fits_and_counts_the_network(default_gguf):
+@pytest.fixture(scope="module")
+def header(default_gguf):
+    from edgelm.formats.gguf import read_header
+
+    return read_header(default_gguf)
+
+
+def test_cluster_plan_for_four_boards_fits_and_counts_the_network(header):
     from edgelm.rpc.cluster import recommend_cluster
 
-    plan = recommend_cluster(default_gguf, "raspberry-pi-5-4gb", workers=3)
+    plan = recommend_cluster(header, "raspberry-pi-5-4gb", workers=3)
     assert plan.fits and len(plan.parts) == 4 and plan.workers == ["worker 1", "worker 2", "worker 3"]
     assert sum(p.layers for p in plan.parts) == 30 and plan.parts[-1].output
     ether = plan.seconds_per_token["network"]
-    wifi = recommend_cluster(default_gguf, "raspberry-pi-5-4gb", workers=3, link="wifi")
+    wifi = recommend_cluster(header, "raspberry-pi-5-4gb", workers=3, link="wifi")
     assert wifi.seconds_per_token["network"] > 3 * ether > 0 and wifi.tokens_per_second < plan.tokens_per_second
-    alone = recommend_cluster(default_gguf, "raspberry-pi-5-4gb", workers=0)
+    alone = recommend_cluster(header, "raspberry-pi-5-4gb", workers=0)
     assert alone.seconds_per_token["network"] == 0 and alone.tokens_per_second > plan.tokens_per_second
     assert plan.load_kwargs()["tensor_split"] == [float(p.layers + p.output) for p in plan.parts]
 
 
-def test_cluster_plan_says_when_the_boards_are_too_small(default_gguf):
+def test_cluster_plan_says_when_the_boards_are_too_small(header):
     from edgelm.rpc.cluster import recommend_cluster
 
-    plan = recommend_cluster(default_gguf, "raspberry-pi-zero-2-w", workers=1, worker_device="raspberry-pi-zero-2-w",
+    plan = recommend_cluster(header, "raspberry-pi-zero-2-w", workers=1, worker_device="raspberry-pi-zero-2-w",
                              n_ctx=100_000)
     assert plan.n_ctx < 100_000  # it shrinks the context before giving up
-    fits = recommend_cluster(default_gguf, "raspberry-pi-zero-2-w", workers=1)
+    fits = recommend_cluster(header, "raspberry-pi-zero-2-w", workers=1)
     assert fits.fits
 
 

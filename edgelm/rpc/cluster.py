@@ -77,23 +77,26 @@ class ClusterPlan:
         return {"n_ctx": self.n_ctx, "kv_cache": self.kv_cache, "tensor_split": list(self.tensor_split)}
 
 
-def recommend_cluster(model: str | os.PathLike[str] | None = None, device: str = "auto", *,
+def recommend_cluster(model: Any = None, device: str = "auto", *,
                       workers: int | Sequence[str] = 1, worker_device: str | None = None, n_ctx: int | None = None,
                       link: str = "ethernet", hop_ms: float | None = None, host: Any = None,
                       bandwidth_gbs: float | None = None) -> ClusterPlan:
-    """Plan ``model`` over ``device`` (this machine: "auto", or a profile of `edgelm devices`) and ``workers``: a
+    """Plan ``model`` (a GGUF path, None for the embedded one, or a read GGUFHeader) over ``device`` (this machine: "auto", or a profile of `edgelm devices`) and ``workers``: a
     number of boards like ``worker_device`` (default: the same as ``device``), or live workers ["host:port", ...]
     (asked for their memory; their speed is taken from ``worker_device``).  Never raises for lack of memory: the plan
     says ``fits`` and what each device would need."""
-    from edgelm.formats.gguf import read_header
+    from edgelm.formats.gguf import GGUFHeader, read_header
     from edgelm.loader import resolve_model_path
     from edgelm.platforms.profiles import resolve, this_machine
 
     if link not in LINKS:
         raise InvalidParameterError(f"Unknown link {link!r}.", fix=f"Use one of: {', '.join(LINKS)}.",
                                     parameter="link", value=link)
-    path = resolve_model_path(model)
-    header = read_header(path)
+    if isinstance(model, GGUFHeader):  # already read (a GGUF header takes a while to skip through its vocabulary)
+        header, path = model, model.path
+    else:
+        path = resolve_model_path(model)
+        header = read_header(path)
     here = this_machine(host, bandwidth_gbs) if device == "auto" else resolve(device)
     board = resolve(worker_device) if worker_device else (here if device != "auto" else None)
     if isinstance(workers, int) and not isinstance(workers, bool):
