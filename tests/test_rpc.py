@@ -76,7 +76,7 @@ class Worker:
         def read() -> None:
             for line in self.proc.stdout:
                 self.lines.append(line.rstrip())
-                if "listening on" in line:
+                if line.startswith("edgelm worker listening on"):
                     ready.set()
 
         threading.Thread(target=read, daemon=True).start()
@@ -229,7 +229,7 @@ def test_server_stays_up_reports_degraded_and_reloads(default_gguf, workers):
 @pytest.mark.budget(120)
 def test_worker_binds_loopback_and_warns_loudly_on_another_address(workers):
     w = workers()
-    assert any("listening on 127.0.0.1:" in line for line in w.lines)
+    assert any(line.startswith("edgelm worker listening on 127.0.0.1:") for line in w.lines)
     port = free_port()
     exposed = subprocess.Popen([sys.executable, "-m", "edgelm", "worker", "--host", "0.0.0.0", "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -242,7 +242,7 @@ def test_worker_binds_loopback_and_warns_loudly_on_another_address(workers):
     finally:
         exposed.kill()
         out, err = exposed.communicate(timeout=10)
-    assert "listening on 0.0.0.0:" in out
+    assert "edgelm worker listening on 0.0.0.0:" in out
     assert "WARNING" in err and "NO authentication" in err
 
 

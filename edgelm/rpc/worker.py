@@ -148,7 +148,6 @@ def serve_worker(host: str = "127.0.0.1", port: int = protocol.DEFAULT_PORT, *, 
     if not protocol.is_loopback(cfg.host):
         message = INSECURE_WARNING.format(host=cfg.host, port=cfg.port)
         warnings.warn(message, InsecureWorkerWarning, stacklevel=2)
-        log.warning("%s", message)
     _check_port(cfg.host, cfg.port)
     try:
         native_rpc.registry()
