@@ -436,6 +436,16 @@ def child_main(fd: int) -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an abort here is expected: no core files
     except (ImportError, ValueError, OSError):
         pass
+    # die with the parent, even while stuck in a native call (a worker that went silent); not PR_SET_PDEATHSIG,
+    # which fires when the parent *thread* that started us ends (the server loads models from request threads)
+    parent = os.getppid()
+
+    def orphan_watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=orphan_watch, name="edgelm-orphan-watch", daemon=True).start()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     conn = Connection(fd)
     host = _Host(conn)

@@ -72,6 +72,11 @@ class CountingBackend(BackendBase):
     def die(self) -> None:
         os.abort()
 
+    def hang(self) -> None:
+        import time
+
+        time.sleep(3600)
+
     def describe(self) -> dict[str, Any]:
         return {"format": "bytes", "architecture": "counting", "quantization": "none", "parameters": 0,
                 "extra": {"pid": os.getpid()}}

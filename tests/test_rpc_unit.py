@@ -315,3 +315,36 @@ def test_isolated_backend_survives_the_child_aborting(isolated):
     with pytest.raises(Gone):  # and every later call, at once
         b.tokenize("x", add_special=False, parse_special=False)
     b.close()
+
+
+@pytest.mark.slow  # two processes
+def test_isolated_child_does_not_outlive_its_parent_even_when_stuck(tmp_path):
+    import signal
+    import subprocess
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, threading\n"
+        "from pathlib import Path\n"
+        "from edgelm.runtimes.isolated import IsolatedBackend\n"
+        "from edgelm.runtimes.base import LoadOptions\n"
+        f"b = IsolatedBackend.start('tests.rpc_fakes:CountingBackend', Path('m'), LoadOptions(threads=1), "
+        f"env={{'PYTHONPATH': {str(ROOT)!r}}})\n"
+        "print(b.child_pid, flush=True)\n"
+        "b.hang()\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child = int(parent.stdout.readline())
+    time.sleep(0.5)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")
