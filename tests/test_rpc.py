@@ -49,9 +49,19 @@ def rpc_available():
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768-60999): a worker restarted on its port must not find it taken
+    meanwhile as the local end of some outgoing connection."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
 
 
 class Worker:
@@ -80,9 +90,11 @@ class Worker:
                     ready.set()
 
         threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(90):
-            self.kill()
-            raise RuntimeError("worker did not start:\n" + "\n".join(self.lines))
+        deadline = time.monotonic() + 90
+        while not ready.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("worker did not start:\n" + "\n".join(self.lines))
 
     @property
     def endpoint(self) -> str:
@@ -234,14 +246,17 @@ def test_worker_binds_loopback_and_warns_loudly_on_another_address(workers):
     exposed = subprocess.Popen([sys.executable, "-m", "edgelm", "worker", "--host", "0.0.0.0", "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        out = ""
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and exposed.poll() is None:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        while time.monotonic() < deadline and "listening on" not in out:  # the banner comes once it listens
+            line = exposed.stdout.readline()
+            if not line:
                 break
-            time.sleep(0.2)
+            if line.startswith("edgelm worker listening on"):
+                out = line
     finally:
         exposed.kill()
-        out, err = exposed.communicate(timeout=10)
+        _, err = exposed.communicate(timeout=10)
     assert "edgelm worker listening on 0.0.0.0:" in out
     assert "WARNING" in err and "NO authentication" in err
 
