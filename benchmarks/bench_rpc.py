@@ -44,7 +44,7 @@ class Worker:
 
         def read() -> None:
             for line in self.proc.stdout:
-                if line.startswith("edgelm worker listening on"):
+                if "edgelm worker listening on" in line:
                     ready.set()
 
         threading.Thread(target=read, daemon=True).start()
