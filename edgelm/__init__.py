@@ -41,6 +41,20 @@ def pull(reference, revision=None, **kwargs):
     return _pull(reference, revision, **kwargs)
 
 
+def worker(*args, **kwargs):
+    """Run a llama.cpp RPC worker that other machines split models onto (blocking); see edgelm.rpc.serve_worker."""
+    from .rpc import serve_worker
+
+    return serve_worker(*args, **kwargs)
+
+
+def recommend_cluster(*args, **kwargs):
+    """Plan a model over a device and N RPC workers; see edgelm.rpc.cluster.recommend_cluster."""
+    from .rpc.cluster import recommend_cluster as _recommend
+
+    return _recommend(*args, **kwargs)
+
+
 def serve(*args, **kwargs):
     """Serve models over the OpenAI- and Ollama-compatible API (blocking); see edgelm.server.serve."""
     from .server import serve as _serve
@@ -57,5 +71,6 @@ except Exception:  # running from a source tree that is not installed
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
-    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "pull", "__version__",
+    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "pull", "worker", "recommend_cluster",
+    "__version__",
 ]

@@ -183,4 +183,24 @@ class InsecureBindError(EdgelmError, PermissionError):
     code = "insecure_bind"
 
 
+# --- workers (llama.cpp RPC) ----------------------------------------------------------------------------
+
+class WorkerUnreachableError(EdgelmError, ConnectionError):
+    """An RPC worker (``edgelm worker``) could not be reached or did not answer; ``endpoint`` names it."""
+
+    code = "worker_unreachable"
+
+
+class WorkerLostError(WorkerUnreachableError):
+    """A worker stopped answering while a model split across it was in use; the model must be loaded again."""
+
+    code = "worker_lost"
+
+
+class WorkerStartError(EdgelmError, OSError):
+    """``edgelm worker`` could not start (address in use, no RPC backend in this build, ...)."""
+
+    code = "worker_start_failed"
+
+
 __all__ = [name for name, value in globals().items() if isinstance(value, type) and issubclass(value, EdgelmError)]

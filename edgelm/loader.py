@@ -148,7 +148,19 @@ def load(model: str | os.PathLike[str] | None = None, *,
     load_options = runtimes.LoadOptions(**values, providers=resolved.providers)
     if isinstance(defaults, dict):
         defaults = GenerationParams().merged(**defaults)
-    instance = cls.load(path, load_options)
+    if load_options.workers or load_options.tensor_split is not None:  # split across RPC workers, in a child process
+        from .rpc.client import load_with_workers
+
+        if load_options.parallel > 1:
+            raise InvalidParameterError(
+                f"parallel={load_options.parallel} with RPC workers is not supported: a model split across workers "
+                "runs in a child process that serves one sequence at a time.",
+                fix="Use parallel=1 with workers=, or batch on one machine.", parameter="parallel",
+                value=load_options.parallel)
+
+        instance = load_with_workers(cls, path, load_options)
+    else:
+        instance = cls.load(path, load_options)
     try:
         facts = instance.describe()
         from .formats import disk_size

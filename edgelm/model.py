@@ -305,6 +305,13 @@ class Model:
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
+    def health(self) -> dict[str, Any]:
+        """{"status": "ok" | "degraded" | "lost" | "closed", ...}: "lost"/"degraded" when a model split across RPC
+        workers lost one (edgelm.rpc); load it again.  Never blocks on a running generation."""
+        if self._closed:
+            return {"status": "closed"}
+        return self._backend.health()
+
     @property
     def closed(self) -> bool:
         return self._closed

@@ -70,6 +70,8 @@ class LoadOptions:
     draft_model: str | None = None  # a smaller GGUF with the same tokenizer (speculative="draft")
     max_draft: int = 8  # most tokens drafted per verification step
     extra_buffers: bool | None = None  # llama.cpp's repacked weight buffers (None: on unless AMX is present)
+    workers: Sequence[str] = ()  # llama.cpp RPC workers "host:port" to split the layers across (edgelm.rpc)
+    tensor_split: Any = None  # shares of layers for [this machine, worker 1, ...]; None: by reported memory
     extra: dict[str, Any] = field(default_factory=dict)  # options of third-party backends
 
 
@@ -128,6 +130,9 @@ class Backend(Protocol):
 
     def stats(self) -> dict[str, Any]:
         """Counters of the last generation (e.g. speculative decoding's drafted/accepted tokens)."""
+
+    def health(self) -> dict[str, Any]:
+        """{"status": "ok" | "degraded" | "lost" | "closed", ...} (a model on RPC workers can lose one)."""
 
     def describe(self) -> dict[str, Any]:
         """Facts for :class:`edgelm.ModelInfo`: architecture, quantization, parameters, context_length, ..."""
@@ -255,6 +260,11 @@ class BackendBase:
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+    def health(self) -> dict[str, Any]:
+        """{"status": "ok" | "degraded" | "lost" | "closed", ...}; a model on RPC workers can lose one
+        (runtimes.isolated)."""
+        return {"status": "ok"}
 
     def close(self) -> None:
         pass

@@ -61,6 +61,7 @@ class LlamaCppBackend(BackendBase):
         self.eos_token = model.token_get_text(eos) if eos >= 0 else ""
         self.n_vocab = model.n_vocab()
         self.draft: LlamaCppBackend | None = None
+        self.rpc: dict[str, Any] | None = None  # where each part lives, when layers are on RPC workers
         self.speculation_stats: dict[str, Any] = {}
         self.capabilities = Capabilities(max_sequences=self.parallel, grammar=True, state=True,
                                          speculative=self.parallel == 1)
@@ -102,6 +103,12 @@ class LlamaCppBackend(BackendBase):
         # an AMX CPU); the other extra buffers only repack weights. Off where AMX is present, unless asked for.
         extra = options.extra_buffers
         mp.use_extra_bufts = (not native.amx_present()) if extra is None else bool(extra)
+        rpc = None
+        if options.workers:  # layers on llama.cpp RPC workers (edgelm.rpc); edgelm.load runs this in a child process
+            from edgelm.rpc import attach
+
+            rpc = attach.prepare(header, options, n_ctx)
+            rpc.apply(mp)
         native.clear_log()
         try:
             model = internals.LlamaModel(path_model=str(path), params=mp, verbose=True)
@@ -142,6 +149,7 @@ class LlamaCppBackend(BackendBase):
                 path=str(path),
             ) from exc
         backend = cls(path, header, model, ctx, options)
+        backend.rpc = rpc.finish() if rpc is not None else None
         try:
             backend._attach_draft(options)
         except BaseException:
@@ -495,6 +503,7 @@ class LlamaCppBackend(BackendBase):
                 "bits_per_weight": round(h.bits_per_weight, 3),
                 "kv_cache_bytes": self.kv_cache_bytes(),
                 "llama_cpp_python": native.version(),
+                **({"rpc": self.rpc} if self.rpc else {}),  # where each part lives (edgelm.rpc)
             },
         }
 

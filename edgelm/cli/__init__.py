@@ -34,6 +34,8 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.DoesNotFitError, 8),
     (errors.OutputExistsError, 9),
     (errors.InsecureBindError, 10),
+    (errors.WorkerUnreachableError, 11),  # an RPC worker unreachable at load, or lost during generation
+    (errors.WorkerStartError, 12),
     (errors.EdgelmError, 1),
 ]
 
@@ -86,9 +88,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import batch, convert, generate, measure, platforms, serve, store
+    from . import batch, convert, generate, measure, platforms, rpc, serve, store
 
-    for module in (generate, batch, convert, measure, platforms, serve, store):
+    for module in (generate, batch, convert, measure, platforms, serve, rpc, store):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -29,10 +29,24 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         py_level = _LEVELS.get(level, _last_level)
         _last_level = py_level
         _recent_log.append(msg)
+        for listener in _listeners:  # e.g. edgelm.rpc.attach reading where llama.cpp put each layer
+            listener(level, msg)
         if log.isEnabledFor(py_level) and msg.strip():
             log.log(py_level, msg.rstrip())
     except Exception:  # never raise through C
         pass
+
+
+_listeners: list = []  # callables (ggml level, text) that see every line llama.cpp logs, whatever the log level
+
+
+def add_listener(listener) -> None:
+    _listeners.append(listener)
+
+
+def remove_listener(listener) -> None:
+    if listener in _listeners:
+        _listeners.remove(listener)
 
 
 _init_lock = threading.Lock()

@@ -114,8 +114,12 @@ def create_app(models: dict[str, Any] | list[str] | None = None, *, api_key: str
         return endpoint
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "models": state.registry.names(),
-                             "loaded": [e.name for e in state.registry.entries.values() if e.model is not None]})
+        # a model split across RPC workers that lost one says so (edgelm.rpc): the server is then "degraded"
+        checks = {e.name: e.model.health() for e in state.registry.entries.values() if e.model is not None}
+        degraded = {name: h for name, h in checks.items() if h.get("status") in ("degraded", "lost")}
+        return JSONResponse({"status": "degraded" if degraded else "ok", "models": state.registry.names(),
+                             "loaded": [e.name for e in state.registry.entries.values() if e.model is not None],
+                             **({"degraded": degraded} if degraded else {})})
 
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(state.metrics.render(state.registry), media_type="text/plain; version=0.0.4")

@@ -66,6 +66,8 @@ class Registry:
     def load(self, e: Entry) -> Any:
         """The entry's model, loading it on first use.  Call between :meth:`begin` and :meth:`end`."""
         with e.load_lock:
+            if e.model is not None and not e.model.closed and e.model.health().get("status") in ("lost", "degraded"):
+                e.model.close()  # an RPC worker went away (edgelm.rpc): load again, which checks the workers first
             if e.model is None or e.model.closed:
                 t = time.perf_counter()
                 e.model = edgelm.load(e.path, **self.options_for(e))
@@ -83,7 +85,8 @@ class Registry:
         backend = self.load_kwargs.get("backend")
         name = runtimes.canonical_name(backend) if backend not in (None, "auto") else runtimes.detect_backend(path)
         options = options_for(name, self.load_kwargs) if name else dict(self.load_kwargs)
-        if name == "llamacpp" and "parallel" not in options:  # a server batches: as many sequences as memory allows
+        if name == "llamacpp" and "parallel" not in options and not options.get("workers"):
+            # a server batches: as many sequences as memory allows
             from edgelm.plan import default_parallel
 
             options["parallel"] = default_parallel(path, n_ctx=options.get("n_ctx"), kv_cache=options.get("kv_cache"))
