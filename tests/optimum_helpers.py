@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .onnx_helpers import tiny_tokenizer
 
@@ -24,8 +25,9 @@ OPTIMUM_ARCHS: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def tiny_optimum_checkpoint(model_type: str, folder: Path, seed: int = 0) -> Path:
-    """A random 2-layer ``model_type`` checkpoint (hidden 128) with a 512-token byte-level BPE vocabulary."""
+def tiny_optimum_checkpoint(model_type: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A random 2-layer ``model_type`` checkpoint (hidden 128) with a 512-token byte-level BPE vocabulary;
+    ``overrides``: other config fields."""
     import torch
     import transformers
 
@@ -33,7 +35,7 @@ def tiny_optimum_checkpoint(model_type: str, folder: Path, seed: int = 0) -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     tiny_tokenizer(folder)
     config = getattr(transformers, config_cls)(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                                               **extra)
+                                               **{**extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():  # larger than init's 0.02 so the random model prefers some tokens strongly (no greedy ties)
