@@ -304,6 +304,11 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     report("Reading the exported graph", 0.5)
     model = onnx.load(str(export_dir / "model.onnx"))
     changes = oq.prepare(model)
+    report("Folding the graph's shape arithmetic", 0.52)
+    try:
+        changes.update(oq.fold_shapes(model))
+    except Exception as exc:  # symbolic shape inference does not know every op: the graph is correct without it
+        log.warning("Shape folding skipped (%s: %s); the graph runs as exported.", type(exc).__name__, exc)
     model, replaced = _quantized(model, quant, opts, source_dir, _context_length(config), report)
     report("Writing the graph", 0.88)
     onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
