@@ -232,7 +232,7 @@ def choose_exporter(source_dir: Path, config: dict[str, Any], requested: str = "
             f"exports more ({', '.join(optimum_onnx.TESTED[:-1])}, ...), is not installed.",
             fix=f"Install it with `{optimum_onnx.INSTALL_COMMAND}` and convert again, or convert to GGUF instead "
             "(to='gguf'), which covers more architectures.", architecture=arch, path=str(source_dir))
-    if not optimum_onnx.supports(home, model_type):
+    if not optimum_onnx.supports(home, model_type) or not optimum_onnx.names_match(arch, model_type):
         which = "Neither ONNX exporter supports" if requested == "auto" else "optimum-onnx does not support"
         raise UnsupportedModelError(
             f"{which} architecture {arch!r} (model type {model_type!r}, {where}): {genai_list}; optimum-onnx "

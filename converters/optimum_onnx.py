@@ -152,6 +152,15 @@ def _norm(model_type: str) -> str:
     return str(model_type).replace("-", "_").lower()
 
 
+def names_match(architecture: str, model_type: str | None) -> bool:
+    """True when the checkpoint's class is its model type's own (GPT2LMHeadModel for gpt2, GPTNeoXForCausalLM for
+    gpt_neox, Gemma3ForCausalLM for gemma3_text): optimum and transformers build the model from ``model_type`` alone,
+    so a config whose ``architectures`` names something else would be exported as another model."""
+    key = lambda name: re.sub(r"[^a-z0-9]", "", str(name).lower())  # noqa: E731
+    base = key(re.sub(r"_text$", "", str(model_type or "")))
+    return bool(base) and key(architecture).startswith(base)
+
+
 def supports(home: Path, model_type: str | None) -> bool:
     return model_type is not None and _norm(model_type) in {_norm(t) for t in supported_model_types(home)}
 

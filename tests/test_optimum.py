@@ -101,6 +101,8 @@ def test_exporter_choice_and_its_errors(tmp_path, monkeypatch):
     assert choose_exporter(src, llama, "optimum") == "optimum"
     with pytest.raises(UnsupportedModelError, match="Neither ONNX exporter.*MambaForCausalLM") as exc:
         choose_exporter(src, mamba)
+    with pytest.raises(UnsupportedModelError, match="Neither ONNX exporter.*MambaForCausalLM.*'llama'"):
+        choose_exporter(src, {**mamba, "model_type": "llama"})  # optimum would build a llama from model_type
     assert all(a in exc.value.message for a in ARCHITECTURES) and "gpt2, gpt-neox, llama" in exc.value.message
     assert "GGUF" in exc.value.fix
 
