@@ -144,18 +144,54 @@ def test_graph_without_kv_cache_is_refused_clearly(tmp_path):
     assert io["inputs"] == ["input_ids"] and io["vocab_size"] == 16 and io["layout"] == "BNSH"
 
 
-def test_runtime_refuses_a_folder_whose_graph_has_no_cache(tmp_path):
-    folder = tmp_path / "m"
-    _graph(folder, with_cache=False)
+def _toy_folder(folder: Path, with_cache: bool) -> Path:
     from .onnx_helpers import tiny_tokenizer
 
+    _graph(folder, with_cache=with_cache)
     tiny_tokenizer(folder)
     (folder / "edgelm.json").write_text(json.dumps({
         "format": "edgelm-onnx", "version": 1, "name": "toy", "architecture": "GPT2LMHeadModel", "quantization": "fp32",
         "context_length": 64, "vocab_size": 16, "model_file": "model.onnx", "eos_token_ids": [2],
         "exporter": {"name": "optimum-onnx"}}))
+    return folder
+
+
+def test_runtime_refuses_a_folder_whose_graph_has_no_cache(tmp_path):
     with pytest.raises(UnsupportedModelError, match="without a KV cache"):
-        edgelm.load(folder, threads=1)
+        edgelm.load(_toy_folder(tmp_path / "m", with_cache=False), threads=1)
+
+
+def test_session_cache_grows_in_its_buffers_and_rewinds(tmp_path):
+    """The toy graph's cache holds each token's embedding: after extend / rewind / extend, the bound buffer holds
+    exactly the embeddings of the tokens the sequence says it holds, in order."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder = _toy_folder(tmp_path / "m", with_cache=True)
+    emb = numpy_helper.to_array(next(t for t in onnx.load(str(folder / "model.onnx")).graph.initializer
+                                     if t.name == "emb"))
+    with edgelm.load(folder, threads=1, n_ctx=16) as m:
+        b = m.backend
+        assert type(b).__name__ == "OnnxSessionBackend" and m.info.backend == "onnxruntime"
+        seq = b.sequences[0]
+        kv = b.kv[0]
+
+        def cache() -> np.ndarray:
+            return kv.view(kv.front, len(seq.tokens))[0, 0]
+
+        b.extend(seq, [3, 4, 5])
+        np.testing.assert_array_equal(cache(), emb[[3, 4, 5]])
+        b.extend(seq, [6])
+        np.testing.assert_array_equal(cache(), emb[[3, 4, 5, 6]])
+        assert b.prepare(seq, [3, 4, 9, 10]) == 2  # rewound to [3, 4], then 9 and 10 evaluated
+        assert seq.tokens == [3, 4, 9, 10]
+        np.testing.assert_array_equal(cache(), emb[[3, 4, 9, 10]])
+        assert b.rewind(seq, 0) and seq.tokens == []
+        b.extend(seq, list(range(16)))
+        with pytest.raises(edgelm.EdgelmError, match="n_ctx=16"):
+            b.extend(seq, [1])
+        logits = b.score(seq, [1, 2, 3])  # log-probs of tokens 2 and 3
+        assert logits.shape == (2,) and np.all(logits < 0)
 
 
 def test_prepare_rewrites_gemm_and_folds_transposed_weights():
