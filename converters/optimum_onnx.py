@@ -301,7 +301,7 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     manifest, returned).  The caller carries the source's other files and puts the folder in place."""
     import onnx
 
-    from edgelm.formats import hf, onnx_folder
+    from edgelm.formats import hf, onnx_plain
 
     from . import onnx_quantize as oq
 
@@ -309,7 +309,7 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     export_dir.mkdir()
     seconds = export(source_dir, export_dir, config, timeout=opts.timeout,
                      progress=lambda message, fraction: report(message, 0.5 * fraction))
-    onnx_folder.session_io(export_dir / "model.onnx")  # refuses a graph without past key/values
+    onnx_plain.session_io(export_dir / "model.onnx")  # refuses a graph without past key/values
     report("Reading the exported graph", 0.5)
     model = onnx.load(str(export_dir / "model.onnx"))
     changes = oq.prepare(model)
@@ -336,7 +336,7 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
         record["gptq_weights"] = replaced or None
     from importlib import metadata
 
-    manifest = onnx_folder.make_session_manifest(
+    manifest = onnx_plain.make_session_manifest(
         tmp, config, name=config.get("_name_or_path") or source_dir.name, quant=quant,
         parameters=hf.count_parameters(source_dir), quantization_options=record, generation_config=gen_cfg,
         exporter={"name": "optimum-onnx", "version": OPTIMUM_ONNX_VERSION, "task": TASK,

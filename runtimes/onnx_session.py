@@ -35,7 +35,7 @@ import numpy as np
 
 from edgelm.errors import (BackendError, BackendNotInstalledError, InvalidModelFileError, InvalidParameterError,
                            ModelNotFoundError, UnsupportedModelError)
-from edgelm.formats import onnx_folder
+from edgelm.formats import onnx_folder, onnx_plain
 from edgelm.params import GenerationParams
 
 from .base import BackendBase, Capabilities, LoadOptions, Seq, resolve_n_ctx
@@ -170,7 +170,7 @@ class OnnxSessionBackend(BackendBase):
         """Buffers for every input and output, from the session's own I/O (the manifest's record is checked)."""
         ins = {i.name: i for i in self.session.get_inputs()}
         outs = {o.name: o for o in self.session.get_outputs()}
-        io = onnx_folder.session_io(model_file)  # raises for a graph without past key/values
+        io = onnx_plain.session_io(model_file)  # raises for a graph without past key/values
         unknown = [n for n in io["inputs"] if n not in ("input_ids", "attention_mask", "position_ids")]
         if unknown:
             raise UnsupportedModelError(f"{model_file} has inputs edgelm does not know how to feed: {unknown}.",

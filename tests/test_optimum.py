@@ -22,7 +22,7 @@ from edgelm.converters import optimum_onnx
 from edgelm.converters.onnx import ARCHITECTURES, choose_exporter, convert_to_onnx
 from edgelm.converters.onnx_options import OnnxOptions
 from edgelm.errors import BackendNotInstalledError, InvalidParameterError, UnsupportedModelError
-from edgelm.formats import onnx_folder
+from edgelm.formats import onnx_folder, onnx_plain
 
 from .helpers import raw_greedy
 from .optimum_helpers import OPTIMUM_ARCHS, tiny_optimum_checkpoint
@@ -136,9 +136,9 @@ def _graph(folder: Path, with_cache: bool) -> Path:
 def test_graph_without_kv_cache_is_refused_clearly(tmp_path):
     model_file = _graph(tmp_path / "nocache", with_cache=False)
     with pytest.raises(UnsupportedModelError, match="no past key/value inputs.*without a KV cache") as exc:
-        onnx_folder.session_io(model_file)
+        onnx_plain.session_io(model_file)
     assert "text-generation-with-past" in exc.value.fix
-    io = onnx_folder.session_io(_graph(tmp_path / "cache", with_cache=True))
+    io = onnx_plain.session_io(_graph(tmp_path / "cache", with_cache=True))
     assert io["kv"] == [{"past": "past_key_values.0.key", "present": "present.0.key", "shape": [0, 1, 0, 8],
                          "sequence_axis": 2}]
     assert io["inputs"] == ["input_ids"] and io["vocab_size"] == 16 and io["layout"] == "BNSH"
