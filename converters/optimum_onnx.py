@@ -333,7 +333,8 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     record = opts.quantization_record(quant)
     if record is not None:
         record["algo"] = "gptq" if replaced else "default"
-        record["gptq_weights"] = replaced or None
+        if replaced:
+            record["gptq_weights"] = replaced  # MatMul weights GPTQ rounded (the others: round to nearest)
     from importlib import metadata
 
     manifest = onnx_plain.make_session_manifest(
@@ -404,7 +405,7 @@ def quantize_folder(folder: Path, out: Path, quant: str, opts: Any | None = None
             if p.is_file() and not p.name.startswith("model.onnx") and p.name != onnx_folder.MANIFEST:
                 shutil.copy2(p, tmp / p.name)
         record = opts.quantization_record(quant)
-        record.update(algo="gptq" if replaced else "default", gptq_weights=replaced or None)
+        record.update(algo="gptq" if replaced else "default", **({"gptq_weights": replaced} if replaced else {}))
         manifest = {**manifest, "quantization": quant, "quantization_options": record,
                     "external_data": ["model.onnx.data"]}
         (tmp / onnx_folder.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
