@@ -118,7 +118,7 @@ def gptq_weights(fp32: Any, quantized: Any, windows: Sequence[Sequence[int]], *,
         if name not in existing:
             probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every captured tensor
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # folds constants; keeps graph outputs
     so.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feeds_spec = {i.name: i for i in session.get_inputs()}
