@@ -17,10 +17,12 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgelm.errors import ConversionError, InvalidSourceError, OutputExistsError, UnsupportedModelError
+from edgelm.errors import (BackendNotInstalledError, ConversionError, InvalidSourceError, OutputExistsError,
+                           UnsupportedModelError)
 from edgelm.formats import ensure_free_space, hf, onnx_folder
 
 from . import Progress, Staged, Verify, as_is, option_record
@@ -79,8 +81,14 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     quant = opts.check(quant)
     config = check_source(source_dir, allow_pickle=allow_pickle)
     arch = config["architectures"][0]
+    exporter = choose_exporter(source_dir, config, opts.exporter)
     chosen_by_auto = opts.algo == "auto"
-    opts = resolve_algo(source_dir, quant, opts)
+    if exporter == "optimum":
+        from . import optimum_onnx
+
+        opts = optimum_onnx.resolve_algo(quant, opts)
+    else:
+        opts = resolve_algo(source_dir, quant, opts)
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         if not overwrite:
             raise OutputExistsError(f"The output {output} already exists.",
@@ -95,30 +103,25 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     ensure_free_space(output.parent, need, f"Converting to {quant}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        if opts.algo == "gptq":
-            try:
-                _export_gptq(source_dir, tmp, config, quant, opts, report)
-            except ConversionError as exc:
-                if not chosen_by_auto:
-                    raise
-                log.warning("GPTQ failed for %s (%s); writing round-to-nearest int4 instead.", arch, exc.message)
-                for leftover in tmp.iterdir():
-                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-                opts = opts.replace(algo="default")
-        if opts.algo != "gptq":
-            report(f"Exporting {arch} to ONNX ({quant}) with onnxruntime-genai's model builder", 0.0)
-            run_builder(source_dir, tmp, quant, opts, report)
+        if exporter == "optimum":
+            from . import optimum_onnx
+
+            report(f"Exporting {arch} to ONNX ({quant}) with optimum-onnx", 0.0)
+            manifest = optimum_onnx.write_folder(source_dir, tmp, config, quant, opts, report)
+            smoke_test = optimum_onnx.smoke_test
+        else:
+            manifest = _write_genai(source_dir, tmp, config, quant, opts, chosen_by_auto, report)
+            smoke_test = lambda folder: _smoke_test(folder, manifest, quant)  # noqa: E731
         report("Copying tokenizer files and writing the manifest", 0.9)
         for name in CARRIED_FILES:
             src = source_dir / name
             if src.is_file() and not (tmp / name).exists():
                 shutil.copy2(src, tmp / name)
-        manifest = _manifest(source_dir, tmp, config, quant, opts)
         (tmp / onnx_folder.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         onnx_folder.check_folder(tmp)
         if opts.execution_provider == "cpu":
             report("Checking that the model decodes on this machine", 0.95)
-            (verify or (lambda folder: _smoke_test(folder, manifest, quant)))(tmp)
+            (verify or smoke_test)(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
@@ -128,6 +131,30 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
         raise
     report(f"Wrote {output}", 1.0)
     return output
+
+
+def _write_genai(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str, opts: OnnxOptions,
+                 chosen_by_auto: bool, report: Progress) -> dict[str, Any]:
+    """onnxruntime-genai's builder (after GPTQ, where chosen) into ``tmp``; returns the folder's manifest."""
+    arch = config["architectures"][0]
+    if opts.algo == "gptq":
+        try:
+            _export_gptq(source_dir, tmp, config, quant, opts, report)
+        except ConversionError as exc:
+            if not chosen_by_auto:
+                raise
+            log.warning("GPTQ failed for %s (%s); writing round-to-nearest int4 instead.", arch, exc.message)
+            for leftover in tmp.iterdir():
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            opts = opts.replace(algo="default")
+    if opts.algo != "gptq":
+        report(f"Exporting {arch} to ONNX ({quant}) with onnxruntime-genai's model builder", 0.0)
+        run_builder(source_dir, tmp, quant, opts, report)
+    for name in CARRIED_FILES:  # the manifest reads the chat template
+        src = source_dir / name
+        if src.is_file() and not (tmp / name).exists():
+            shutil.copy2(src, tmp / name)
+    return _manifest(source_dir, tmp, config, quant, opts)
 
 
 def _manifest(source_dir: Path, folder: Path, config: dict[str, Any], quant: str, opts: OnnxOptions) -> dict[str, Any]:
@@ -174,13 +201,45 @@ def check_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str, A
 
     config = read_checkpoint(source_dir, tokenizer_files=("tokenizer.json",), allow_pickle=allow_pickle,
                              tokenizer_why="the ONNX runtime needs the fast (Rust) tokenizer file")
-    arch = config["architectures"][0]
-    if arch not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"The ONNX exporter does not support architecture {arch!r} ({source_dir / 'config.json'}).",
-            fix=f"Supported for ONNX: {', '.join(ARCHITECTURES)}. Convert to GGUF instead (to='gguf'), "
-            "which covers more architectures.", architecture=arch, path=str(source_dir))
     return config
+
+
+def choose_exporter(source_dir: Path, config: dict[str, Any], requested: str = "auto") -> str:
+    """"genai" or "optimum" for ``requested`` (auto: the builder where it supports the architecture, optimum-onnx
+    otherwise).  UnsupportedModelError listing what each exporter supports; BackendNotInstalledError naming the
+    install command when optimum-onnx is asked for by name and is not installed."""
+    from . import optimum_onnx
+
+    arch, model_type = config["architectures"][0], config.get("model_type")
+    where = source_dir / "config.json"
+    genai_list = f"onnxruntime-genai's builder supports {', '.join(ARCHITECTURES)}"
+    if requested == "genai" or (requested == "auto" and arch in ARCHITECTURES):
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"onnxruntime-genai's model builder does not support architecture {arch!r} ({where}).",
+                fix=f"Supported: {', '.join(ARCHITECTURES)}. Use exporter='optimum' (--exporter optimum) or "
+                "convert to GGUF instead (to='gguf').", architecture=arch, path=str(source_dir))
+        return "genai"
+    home = optimum_onnx.find_optimum()
+    if home is None:
+        if requested == "optimum":
+            raise BackendNotInstalledError(
+                f"exporter='optimum' needs optimum-onnx {optimum_onnx.OPTIMUM_ONNX_VERSION}, which is not installed.",
+                fix=f"Run `{optimum_onnx.INSTALL_COMMAND}` once (installed apart from this environment), or set "
+                f"{optimum_onnx.ENV_VAR} to where it is.")
+        raise UnsupportedModelError(
+            f"The ONNX exporter does not support architecture {arch!r} ({where}): {genai_list}. optimum-onnx, which "
+            f"exports more ({', '.join(optimum_onnx.TESTED[:-1])}, ...), is not installed.",
+            fix=f"Install it with `{optimum_onnx.INSTALL_COMMAND}` and convert again, or convert to GGUF instead "
+            "(to='gguf'), which covers more architectures.", architecture=arch, path=str(source_dir))
+    if not optimum_onnx.supports(home, model_type) or not optimum_onnx.names_match(arch, model_type):
+        which = "Neither ONNX exporter supports" if requested == "auto" else "optimum-onnx does not support"
+        raise UnsupportedModelError(
+            f"{which} architecture {arch!r} (model type {model_type!r}, {where}): {genai_list}; optimum-onnx "
+            f"supports model types {', '.join(optimum_onnx.supported_model_types(home))}.",
+            fix="Convert to GGUF instead (to='gguf'), which covers more architectures.", architecture=arch,
+            model_type=model_type, path=str(source_dir))
+    return "optimum"
 
 
 def _smoke_test(folder: Path, manifest: dict[str, Any], quant: str) -> None:
@@ -224,6 +283,11 @@ def _put_in_place(tmp: Path, output: Path) -> None:
         os.replace(tmp, output)
 
 
+@dataclass
+class OnnxStaged(Staged):
+    exporter: str = "auto"  # the reference (fp32) is exported the same way as the output
+
+
 class OnnxTarget:
     name = "onnx"
     options = OnnxOptions
@@ -239,7 +303,8 @@ class OnnxTarget:
             raise InvalidSourceError(f"ONNX conversion needs a Hugging Face folder; {source} is a file.",
                                      fix="Pass the folder with config.json and the safetensors weights.",
                                      path=str(source))
-        yield Staged(source, source, "fp32 ONNX of the same source", allow_pickle=allow_pickle)
+        yield OnnxStaged(source, source, "fp32 ONNX of the same source", allow_pickle=allow_pickle,
+                         exporter=options.exporter)
 
     def write(self, staged: Staged, quant: str, out: Path, options: OnnxOptions, *, overwrite: bool,
               progress: Progress, verify: Verify | None) -> Path:
@@ -254,7 +319,8 @@ class OnnxTarget:
                 yield path
             return
         with tempfile.TemporaryDirectory(prefix=".edgelm-ref-", dir=out.parent) as tmp:
-            yield convert_to_onnx(staged.path, Path(tmp) / "fp32", "fp32", allow_pickle=staged.allow_pickle)
+            yield convert_to_onnx(staged.path, Path(tmp) / "fp32", "fp32", allow_pickle=staged.allow_pickle,
+                                  exporter=getattr(staged, "exporter", "auto"))
 
     def method(self, out: Path) -> str | None:
         return (onnx_folder.read_manifest(out).get("quantization_options") or {}).get("algo")

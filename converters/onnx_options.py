@@ -20,6 +20,9 @@ ALGOS = ("auto", "default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_qua
 # auto: GPTQ for int4 when the fp32 model fits comfortably in this machine's memory, round-to-nearest otherwise
 DEFAULT_ALGO = "auto"
 EXECUTION_PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
+# who writes the graph: onnxruntime-genai's model builder, optimum-onnx (converters/optimum_onnx.py), or auto: the
+# builder for the architectures it supports (converters/onnx.py ARCHITECTURES), optimum for the others
+EXPORTERS = ("auto", "genai", "optimum")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class OnnxOptions:
     execution_provider: the EP the graph is built for: cpu, cuda, dml, webgpu.
     builder_options: more ``--extra_options key=value`` pairs for the model builder.
     timeout: seconds the exporter may run.
+    exporter: auto (onnxruntime-genai's builder where it supports the architecture, optimum-onnx otherwise), genai or
+      optimum (installed apart: `edgelm install-converter --optimum`; decoded by edgelm's own onnxruntime loop).
     """
 
     block_size: int = 32
@@ -49,8 +54,11 @@ class OnnxOptions:
     execution_provider: str = "cpu"
     builder_options: dict[str, Any] | None = None
     timeout: float | None = None
+    exporter: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.exporter not in EXPORTERS:
+            raise _bad("exporter", self.exporter, f"Use one of: {', '.join(EXPORTERS)}.")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise _bad("block_size", self.block_size, "Use 16, 32, 64, 128 or 256.")
         if self.accuracy_level not in (0, 1, 2, 3, 4):

@@ -71,13 +71,17 @@ class OnnxBackend(BackendBase):
         return onnx_folder.inspect(Path(path))
 
     @classmethod
-    def load(cls, path: Path, options: LoadOptions) -> "OnnxBackend":
+    def load(cls, path: Path, options: LoadOptions) -> "BackendBase":
         folder = onnx_folder.folder_of(Path(path))
         if not folder.is_dir():
             raise ModelNotFoundError(f"{path} is not an ONNX model folder.",
                                      fix="Pass the folder written by `edgelm convert SRC --to onnx -o DIR`.",
                                      path=str(path))
         manifest = onnx_folder.check_folder(folder)
+        if onnx_folder.exporter_kind(manifest) == "optimum":  # a plain decoder graph: edgelm's own session loop
+            from .onnx_session import OnnxSessionBackend
+
+            return OnnxSessionBackend.load(folder, options)
         og = _genai()
         if options.kv_cache not in (None, "f32", "f16"):
             raise InvalidParameterError(

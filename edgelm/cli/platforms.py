@@ -38,8 +38,13 @@ def doctor_command(as_json: bool) -> None:
     found = find_converter()
     converter = {"installed": found is not None, "path": str(found[0]) if found else None,
                  "install": "edgelm install-converter", "default_folder": str(converter_home())}
+    from edgelm.converters.optimum_onnx import find_optimum, optimum_home
+
+    home = find_optimum()
+    optimum = {"installed": home is not None, "path": str(home or optimum_home()),
+               "install": "edgelm install-converter --optimum"}
     if as_json:
-        click.echo(json.dumps({**h.to_dict(), "gguf_converter": converter}, indent=2))
+        click.echo(json.dumps({**h.to_dict(), "gguf_converter": converter, "optimum_onnx": optimum}, indent=2))
         return
     cpu, mem = h.cpu, h.memory
     click.echo(f"system      {h.os} {h.arch}" + (f" - {h.board}" if h.board else ""))
@@ -70,6 +75,8 @@ def doctor_command(as_json: bool) -> None:
         click.echo(f"npu         {'; '.join(h.npu)}")
     click.echo(f"HF -> GGUF  {'llama.cpp converter at ' + converter['path'] if found else 'converter not installed'}"
                f"{'' if found else ' (edgelm install-converter; needed only to convert Hugging Face models to GGUF)'}")
+    click.echo(f"HF -> ONNX  {'optimum-onnx at ' + str(home) if home else 'optimum-onnx not installed'}"
+               f"{'' if home else ' (edgelm install-converter --optimum; needed only for architectures the ONNX builder lacks)'}")
     if h.missing:
         click.secho("\nmissing:", bold=True)
         for item in h.missing:

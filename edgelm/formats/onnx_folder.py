@@ -115,6 +115,13 @@ def make_manifest(folder: Path, config: dict[str, Any], *, name: str, quant: str
     }
 
 
+def exporter_kind(manifest: dict[str, Any]) -> str:
+    """Which exporter wrote a folder, as the runtime cares: "optimum" (optimum-onnx: a plain decoder graph that
+    edgelm's own onnxruntime loop runs, see runtimes/onnx_session.py) or "genai" (onnxruntime-genai's builder)."""
+    name = str((manifest.get("exporter") or {}).get("name") or "")
+    return "optimum" if name.startswith("optimum") else "genai"
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of an ONNX folder; typed errors for a missing or corrupt one."""
     folder = Path(folder)
@@ -228,7 +235,7 @@ def check_folder(folder: Path) -> dict[str, Any]:
     if not model_file.is_file():
         raise ModelNotFoundError(f"{folder} has no {model_file.name}.", fix="Convert the model again.",
                                  path=str(model_file))
-    for name in (GENAI_CONFIG, "tokenizer.json"):
+    for name in (GENAI_CONFIG, "tokenizer.json") if exporter_kind(manifest) == "genai" else ("tokenizer.json",):
         if not (folder / name).is_file():
             raise ModelNotFoundError(f"{folder} has no {name}; the folder is incomplete.",
                                      fix="Copy the whole folder written by `edgelm convert --to onnx`, or convert "
