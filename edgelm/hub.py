@@ -303,7 +303,7 @@ def _facts_from_prefix(read_prefix: Callable[[int], bytes], size: int, name: str
     into a sparse file of the full size, so the ordinary header reader (which checks the tensor table against the
     file size) reads it; more is fetched until the header ends inside what was fetched."""
     from .plan import model_facts
-    from .runtimes.gguf import read_header
+    from .formats.gguf import read_header
 
     n = 1 << 20
     with tempfile.TemporaryDirectory(prefix="edgelm-header-") as tmp:

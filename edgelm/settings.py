@@ -124,7 +124,7 @@ def _load() -> tuple[Setting, ...]:
         Setting("workers", "strings", (), "RPC workers (`edgelm worker` on other machines) to split the model's "
                 "layers across, as HOST:PORT (repeat the flag, or separate with commas); layers go to the workers by "
                 "the memory each reports, what does not fit stays here.", cli=("--workers",),
-                example=("127.0.0.1:50052",), backends=llama),
+                example=["127.0.0.1:50052"], backends=llama),
         Setting("tensor_split", "str", None, "With workers: the share of layers for this machine and each worker, "
                 "in that order, e.g. 0,1,1 (library: a list of numbers) [default: by the workers' reported memory].",
                 cli=("--tensor-split",), example="0,1,1", backends=llama),

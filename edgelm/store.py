@@ -372,7 +372,7 @@ def _output_facts(path: Path) -> tuple[str, str | None, int] | None:
     """(format, quantization, size) of a converted output, or None if it is gone or not a model."""
     try:
         if path.is_file():
-            from edgelm.runtimes.gguf import read_header
+            from edgelm.formats.gguf import read_header
 
             try:
                 quant: str | None = read_header(path).quantization

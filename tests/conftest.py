@@ -17,8 +17,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """No test writes outside temporary folders: HOME, the XDG and Hugging Face caches and edgelm's own folders
     point into one folder for this test session (removed at the end), for this process and every command the
     tests run.  llama.cpp's converter, installed by `edgelm install-converter` under the real cache, is found
-    first and named by EDGELM_GGUF_CONVERTER (the RPC module of `edgelm install-rpc` likewise, EDGELM_RPC_MODULE).  EDGELM_TEST_CACHE (optional) keeps the derived SmolLM2 checkpoint
-    between sessions; by default it is derived once per session."""
+    first and named by EDGELM_GGUF_CONVERTER (the RPC module of `edgelm install-rpc` and optimum-onnx likewise:
+    EDGELM_RPC_MODULE, EDGELM_OPTIMUM).  EDGELM_TEST_CACHE (optional) keeps the derived SmolLM2 checkpoint between
+    sessions; by default it is derived once per session."""
     global _SESSION_HOME
     if _SESSION_HOME is not None:
         return
@@ -31,6 +32,11 @@ def pytest_configure(config: pytest.Config) -> None:
     rpc_module = rpc_build.installed_module()  # `edgelm install-rpc` put it under the real cache
     if rpc_module is not None:
         os.environ[rpc_build.ENV_VAR] = str(rpc_module)
+    from edgelm.converters import optimum_onnx
+
+    optimum_dir = optimum_onnx.find_optimum()  # `edgelm install-converter` put optimum-onnx there too
+    if optimum_dir is not None:
+        os.environ[optimum_onnx.ENV_VAR] = str(optimum_dir)
     _SESSION_HOME = Path(tempfile.mkdtemp(prefix="edgelm-tests-"))
     home = _SESSION_HOME / "home"
     for name, sub in (("HOME", "home"), ("XDG_CACHE_HOME", "home/.cache"), ("XDG_CONFIG_HOME", "home/.config"),

@@ -16,6 +16,7 @@ from edgelm.errors import (ContextLengthExceededError, ExecutionProviderError, I
                            InvalidParameterError, InvalidSourceError, ModelNotFoundError, OutputExistsError,
                            UnknownQuantizationError, UnsafeWeightsError, UnsupportedModelError, ConversionError)
 from edgelm.params import GenerationParams
+from edgelm.runtimes.onnx import OnnxBackend
 from edgelm.runtimes.onnx_providers import choose_provider
 from edgelm.runtimes.sampling import NumpySampler
 from edgelm.runtimes.tokenizer_json import gpt2_byte_decoder
