@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from . import chat as chat_templates
 from .errors import (BackendError, ContextLengthExceededError, InvalidParameterError, ModelClosedError,
-                     ModelNotFoundError)
+                     ModelNotFoundError, UnsupportedModelError)
 from .params import GenerationParams
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
@@ -239,6 +239,84 @@ class Model:
         timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start)
         yield Chunk(tail, finish_reason=finish, usage=Usage(n_prompt, n_out, source.reused), timings=timings,
                     tokens=tuple(ids))
+
+    # --- embeddings -------------------------------------------------------------------------------------------
+
+    POOLINGS = ("mean", "last", "cls")
+
+    def embed(self, texts: str | Sequence[str] | Sequence[Sequence[int]], *, pooling: str = "mean",
+              normalize: bool = True, truncate: bool = False) -> "np.ndarray":
+        """One vector per input (a float32 array of shape [inputs, n_embd]; a single str gives one row): the model's
+        last hidden states pooled by ``pooling`` — "mean" over the tokens, "last" token, or "cls" (the first) —
+        L2-normalized unless ``normalize=False``.  Inputs are strings or token lists; several are packed into one
+        decode.  An input longer than :attr:`embed_limit` raises ContextLengthExceededError naming its index, unless
+        ``truncate=True`` (then its first tokens are used).  llama.cpp backend (GGUF); it runs beside generations
+        on the same model without touching their caches."""
+        import numpy as np
+
+        limit = self.embed_limit
+        if pooling not in self.POOLINGS:
+            raise InvalidParameterError(f"Invalid pooling: {pooling!r}.",
+                                        fix=f"Use one of: {', '.join(self.POOLINGS)}.", parameter="pooling",
+                                        value=pooling)
+        token_lists = self.embedding_tokens(texts)
+        for i, tokens in enumerate(token_lists):
+            if len(tokens) > limit:
+                if not truncate:
+                    raise ContextLengthExceededError(
+                        f"Input {i} has {len(tokens)} tokens, more than the {limit} the model embeds.",
+                        fix="Shorten it, or pass truncate=True.", prompt_tokens=len(tokens), n_ctx=limit, index=i,
+                        parameter=f"input[{i}]")
+                token_lists[i] = tokens[:limit]
+        vectors = self.backend.embed(token_lists, pooling) if token_lists else np.empty((0, 0), np.float32)
+        if normalize and len(vectors):
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.where(norms > 0, norms, 1.0)
+        return vectors
+
+    @property
+    def embed_limit(self) -> int:
+        """The most tokens one input to :meth:`embed` may hold; raises UnsupportedModelError when this model's
+        backend cannot embed."""
+        if not self.capabilities.embeddings:
+            raise UnsupportedModelError(
+                f"The {self.info.backend} backend cannot embed text (its graph gives no hidden states).",
+                fix="Use a GGUF model (llama.cpp backend) for embeddings: edgelm convert MODEL --to gguf.",
+                backend=self.info.backend)
+        return self.backend.embed_limit()
+
+    def embedding_tokens(self, texts: Any) -> list[list[int]]:
+        """The token lists :meth:`embed` would embed (a str, a list of str, a token list or a list of them);
+        errors name the bad input's index."""
+        if isinstance(texts, str):
+            texts = [texts]
+        elif isinstance(texts, Sequence) and texts and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in texts):
+            texts = [list(texts)]
+        if not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)):
+            raise InvalidParameterError(f"Invalid input to embed: {texts!r:.80}.",
+                                        fix="Pass a str, a list of str, or token lists.", parameter="input",
+                                        value=texts)
+        out = []
+        for i, t in enumerate(texts):
+            if isinstance(t, str):
+                if not t:
+                    raise InvalidParameterError(f"Input {i} is empty.", fix="Remove it, or give it some text.",
+                                                parameter=f"input[{i}]", value=t)
+                out.append(self.tokenize(t, add_special=True, parse_special=False))
+            elif isinstance(t, Sequence) and t and all(isinstance(x, int) and not isinstance(x, bool) for x in t):
+                bad = next((x for x in t if not 0 <= x < self.backend.n_vocab), None)
+                if bad is not None:
+                    raise InvalidParameterError(f"Input {i} holds token id {bad}, outside the vocabulary "
+                                                f"(0..{self.backend.n_vocab - 1}).", fix="Pass ids this model's "
+                                                "tokenizer gives (Model.tokenize).", parameter=f"input[{i}]",
+                                                value=bad)
+                out.append(list(t))
+            else:
+                raise InvalidParameterError(f"Invalid input {i} to embed: {t!r:.80}.",
+                                            fix="Each input is a non-empty str or a non-empty list of token ids.",
+                                            parameter=f"input[{i}]", value=t)
+        return out
 
     # --- scoring ----------------------------------------------------------------------------------------------
 

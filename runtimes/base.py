@@ -82,6 +82,7 @@ class Backend(Protocol):
     name: ClassVar[str]
     capabilities: Capabilities
     n_ctx: int  # tokens one sequence may hold
+    n_vocab: int
     bos_token: str
     eos_token: str
     chat_template: str | None
@@ -127,6 +128,13 @@ class Backend(Protocol):
     def score(self, seq: Seq, tokens: Sequence[int], *, argmax: bool = False) -> "np.ndarray":
         """Log-probability of each of tokens[1:] after the tokens before it (argmax: the most likely token after
         each of tokens[:-1] instead); ``seq`` is left empty."""
+
+    def embed_limit(self) -> int:
+        """With capabilities.embeddings: the most tokens one input to :meth:`embed` may have."""
+
+    def embed(self, inputs: Sequence[Sequence[int]], pooling: str) -> "np.ndarray":
+        """With capabilities.embeddings: one unnormalized vector per token list, the last hidden states pooled
+        ("mean", "last" or "cls"); it does not touch the generating sequences."""
 
     def stats(self) -> dict[str, Any]:
         """Counters of the last generation (e.g. speculative decoding's drafted/accepted tokens)."""
@@ -180,6 +188,7 @@ class BackendBase:
     name: ClassVar[str] = "base"
     capabilities: Capabilities = Capabilities()
     n_ctx: int = 0
+    n_vocab: int = 0
     bos_token: str = ""
     eos_token: str = ""
     chat_template: str | None = None
@@ -194,6 +203,15 @@ class BackendBase:
 
     def token_bytes(self, token: int) -> bytes:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # --- embeddings (capabilities.embeddings) ---------------------------------------------------------------
+
+    def embed_limit(self) -> int:
+        return 0
+
+    def embed(self, inputs: Sequence[Sequence[int]], pooling: str) -> "np.ndarray":
+        raise BackendError(f"The {self.name} backend cannot embed text.",
+                           fix="Use a GGUF model on the llama.cpp backend for embeddings.")
 
     # --- sequences ------------------------------------------------------------------------------------------
 

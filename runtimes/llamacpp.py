@@ -9,6 +9,7 @@ one batch, one sampler chain per generation.
 from __future__ import annotations
 
 import ctypes
+import threading
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -22,6 +23,11 @@ from edgelm.params import GenerationParams
 
 from . import speculative
 from .base import BackendBase, Capabilities, LoadOptions, Seq, resolve_n_ctx
+
+
+# Model.embed's pooling names -> llama.cpp pooling types
+POOLING = {"mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "last": llama_cpp.LLAMA_POOLING_TYPE_LAST,
+           "cls": llama_cpp.LLAMA_POOLING_TYPE_CLS}
 
 
 class _Sampler:
@@ -63,8 +69,10 @@ class LlamaCppBackend(BackendBase):
         self.draft: LlamaCppBackend | None = None
         self.rpc: dict[str, Any] | None = None  # where each part lives, when layers are on RPC workers
         self.speculation_stats: dict[str, Any] = {}
-        self.capabilities = Capabilities(max_sequences=self.parallel, grammar=True, state=True,
+        self.capabilities = Capabilities(max_sequences=self.parallel, grammar=True, state=True, embeddings=True,
                                          speculative=self.parallel == 1)
+        self._embedders: dict[str, Any] = {}  # pooling -> an embedding context over the same weights
+        self._embed_lock = threading.Lock()
         self._make_sequences(self.parallel)
 
     # --- loading --------------------------------------------------------------------------------------------
@@ -426,6 +434,97 @@ class LlamaCppBackend(BackendBase):
     def stats(self) -> dict[str, Any]:
         return {"speculative": dict(self.speculation_stats)} if self.speculation_stats else {}
 
+    # --- embeddings -----------------------------------------------------------------------------------------
+
+    EMBED_MAX_TOKENS = 2048  # the longest input embedded (its whole sequence goes through one ubatch)
+    EMBED_MAX_SEQUENCES = 64  # inputs packed into one decode
+
+    def embed_limit(self) -> int:
+        """The most tokens one input may have."""
+        return min(self.n_ctx, self.EMBED_MAX_TOKENS)
+
+    def _embedder(self, pooling: str) -> Any:
+        """A second llama.cpp context over the same weights with embeddings on and ``pooling`` done in llama.cpp
+        (made on first use): embedding never touches the generating sequences' caches."""
+        ctx = self._embedders.get(pooling)
+        if ctx is None:
+            cp = llama_cpp.llama_context_default_params()
+            cp.embeddings = True
+            cp.pooling_type = POOLING[pooling]
+            cp.n_ctx = cp.n_batch = cp.n_ubatch = self.embed_limit()
+            cp.n_seq_max = self.EMBED_MAX_SEQUENCES
+            cp.kv_unified = True  # the packed inputs share one pool of n_ctx cells
+            # flash attention off, as in llama-cpp-python's Llama.embed: the vectors equal its (cosine > 0.9999999).
+            # Packed inputs attend over one pool of cells (the others masked), which rounds differently from an
+            # input alone: last-token pooling moves by up to 2e-4 in cosine, as Llama.embed's own packing does.
+            cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            cp.n_threads = cp.n_threads_batch = self.options.threads
+            cp.no_perf = True
+            try:
+                ctx = internals.LlamaContext(model=self._model, params=cp, verbose=True)
+            except ValueError as exc:
+                raise BackendError(f"llama.cpp could not create an embedding context for {self.path}: "
+                                   f"{native.recent_errors() or exc}.", fix="Load the model with a smaller n_ctx.",
+                                   path=str(self.path)) from exc
+            self._embedders[pooling] = ctx
+        return ctx
+
+    def embed(self, inputs: Sequence[Sequence[int]], pooling: str) -> Any:
+        """One vector per token list (``pooling`` over the last hidden states: mean, last or cls), not normalized.
+        Inputs are packed into as few decodes as they fit (one sequence id each)."""
+        import numpy as np
+
+        n_embd = self._model.n_embd()
+        out = np.empty((len(inputs), n_embd), dtype=np.float32)
+        limit = self.embed_limit()
+        with self._embed_lock:
+            ctx = self._embedder(pooling)
+            batch = internals.LlamaBatch(n_tokens=limit, embd=0, n_seq_max=1, verbose=False)
+            try:
+                group: list[int] = []
+                used = 0
+                for i, tokens in enumerate(inputs):
+                    if len(tokens) > limit:
+                        raise InvalidParameterError(f"Input {i} has {len(tokens)} tokens; at most {limit} are embedded.",
+                                                    fix="Shorten it, or pass truncate=True.", parameter=f"input[{i}]",
+                                                    value=len(tokens))
+                    if group and (used + len(tokens) > limit or len(group) >= self.EMBED_MAX_SEQUENCES):
+                        self._embed_group(ctx, batch, inputs, group, out, n_embd)
+                        group, used = [], 0
+                    group.append(i)
+                    used += len(tokens)
+                if group:
+                    self._embed_group(ctx, batch, inputs, group, out, n_embd)
+            finally:
+                batch.close()
+        return out
+
+    def _embed_group(self, ctx: Any, batch: Any, inputs: Sequence[Sequence[int]], group: list[int], out: Any,
+                     n_embd: int) -> None:
+        import numpy as np
+
+        b = batch.batch
+        j = 0
+        for sid, i in enumerate(group):
+            for pos, tok in enumerate(inputs[i]):
+                b.token[j] = tok
+                b.pos[j] = pos
+                b.seq_id[j][0] = sid
+                b.n_seq_id[j] = 1
+                b.logits[j] = True  # in embedding mode every token is an output
+                j += 1
+        b.n_tokens = j
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
+        rc = llama_cpp.llama_decode(ctx.ctx, b)
+        if rc != 0:
+            raise BackendError(f"llama.cpp failed to embed {len(group)} inputs (code {rc}): {native.recent_errors()}.",
+                               fix="Try shorter or fewer inputs.")
+        for sid, i in enumerate(group):
+            ptr = llama_cpp.llama_get_embeddings_seq(ctx.ctx, sid)
+            if not ptr:
+                raise BackendError("llama.cpp returned no embedding.", fix="Use another pooling.")
+            out[i] = np.ctypeslib.as_array(ptr, shape=(n_embd,))
+
     # --- persistent KV state ---------------------------------------------------------------------------------
 
     def fingerprint(self) -> str:
@@ -512,6 +611,9 @@ class LlamaCppBackend(BackendBase):
         if draft is not None:
             draft.close()
             self.draft = None
+        for ctx in getattr(self, "_embedders", {}).values():
+            ctx.close()
+        self._embedders = {}
         for obj in (getattr(self, "_batch", None), getattr(self, "_ctx", None), getattr(self, "_model", None)):
             if obj is not None:
                 obj.close()

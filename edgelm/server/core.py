@@ -110,6 +110,52 @@ async def start(registry: Registry, entry: Entry, build: Callable[[Any], Iterato
     return Generation(entry, first, queue, handle, holder.get("model"))
 
 
+async def call(registry: Registry, entry: Entry, fn: Callable[[Any], Any]) -> Any:
+    """``fn(model)`` in a worker thread, the model loaded on first use and kept while it runs."""
+
+    def work() -> Any:
+        registry.begin(entry)
+        try:
+            return fn(registry.load(entry))
+        finally:
+            registry.end(entry)
+
+    return await asyncio.to_thread(work)
+
+
+MAX_EMBED_INPUTS = 2048  # inputs one embeddings request may hold (as OpenAI's API)
+
+
+@dataclass
+class Embedded:
+    vectors: Any  # float32 [inputs, n_embd]
+    prompt_tokens: int
+    seconds: float
+
+
+def embed_inputs(model: Any, inputs: Any, *, param: str, truncate: bool, normalize: bool,
+                 pooling: str = "mean") -> Embedded:
+    """What both APIs' embedding routes do: check the inputs (errors name the index), tokenize once, embed."""
+    import time
+
+    if isinstance(inputs, (str, bytes)) or (isinstance(inputs, list) and inputs and
+                                            all(isinstance(x, int) and not isinstance(x, bool) for x in inputs)):
+        inputs = [inputs]  # one string, or one token list
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidParameterError(f"{param} is empty or not a string or list: {inputs!r:.80}.",
+                                    fix="Send a string, a list of strings, or token lists.", parameter=param,
+                                    value=inputs)
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise InvalidParameterError(f"{param} holds {len(inputs)} inputs; at most {MAX_EMBED_INPUTS} are embedded "
+                                    "per request.", fix="Split them over several requests.", parameter=param,
+                                    value=len(inputs))
+    started = time.perf_counter()
+    tokens = model.embedding_tokens(inputs)
+    limit = model.embed_limit
+    vectors = model.embed(tokens, pooling=pooling, normalize=normalize, truncate=truncate)
+    return Embedded(vectors, sum(min(len(t), limit) for t in tokens), time.perf_counter() - started)
+
+
 def json_grammar(kind: str, schema: Any = None) -> str:
     """A GBNF grammar whose every output parses as JSON (matching ``schema`` when given)."""
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf

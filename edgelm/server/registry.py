@@ -29,6 +29,7 @@ class Entry:
     expires_at: float = 0.0
     load_lock: threading.Lock = field(default_factory=threading.Lock)
     load_seconds: float = 0.0
+    keep_alive: float | None = None  # seconds, set by a request (Ollama's keep_alive); None: the registry's
 
 
 class Registry:
@@ -72,8 +73,7 @@ class Registry:
                 t = time.perf_counter()
                 e.model = edgelm.load(e.path, **self.options_for(e))
                 e.load_seconds = time.perf_counter() - t
-            e.last_used = time.monotonic()
-            e.expires_at = time.time() + self.keep_alive
+            self.touch(e)
             return e.model
 
     def options_for(self, e: Entry) -> dict[str, Any]:
@@ -92,15 +92,18 @@ class Registry:
             options["parallel"] = default_parallel(path, n_ctx=options.get("n_ctx"), kv_cache=options.get("kv_cache"))
         return options
 
+    def keep_alive_of(self, e: Entry) -> float:
+        return self.keep_alive if e.keep_alive is None else e.keep_alive
+
     def touch(self, e: Entry) -> None:
         e.last_used = time.monotonic()
-        e.expires_at = time.time() + self.keep_alive
+        e.expires_at = time.time() + self.keep_alive_of(e)
 
     def _reap(self) -> None:
-        while not self._stop.wait(min(1.0, max(0.05, self.keep_alive / 4))):
+        while not self._stop.wait(min(1.0, max(0.05, self.keep_alive / 4))):  # a request's keep_alive: within 1 s
             now = time.monotonic()
             for e in self.entries.values():
-                if e.model is None or now - e.last_used <= self.keep_alive:
+                if e.model is None or now - e.last_used <= self.keep_alive_of(e):
                     continue
                 with e.lock:
                     if e.users:
