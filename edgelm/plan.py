@@ -495,6 +495,10 @@ def _plan_checkpoint(f: ModelFacts, t: _Target) -> Plan:
              + (f" with n_ctx {min(t.wanted_ctx, RECOMMEND_MIN_CTX)} or more" if roomy else "")
              + f", up to {recommend_cap(f.parameters)} for a model of this size"
              + (" (small models lose the most to 4-bit weights)." if f.parameters < SMALL_MODEL_PARAMETERS else ".")]
+    if f.shape.n_embd % 256:
+        notes.append(f"The hidden size ({f.shape.n_embd}) is not a multiple of 256, which k-quants (Q*_K) need: "
+                     "llama.cpp keeps those tensors at Q5_0/Q8_0, so the k-quant files come out larger (and slower) "
+                     "than listed (SmolLM2-135M at Q4_K_M: 101 MB, not 78).")
     notes += _notes(f, t, fit)
     return _plan(f, t, fit, backend="llamacpp", fmt="gguf", needs_conversion=True,
                  convert_command=rows[best]["convert_command"], notes=notes, alternatives=[], quantizations=rows)
