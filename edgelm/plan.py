@@ -222,7 +222,7 @@ def _hub_checkpoint(name: str) -> Path | ModelFacts | None:
 
 
 def _runnable_files(snapshot: Path) -> bool:
-    return any(snapshot.rglob("*.gguf")) or any(snapshot.rglob("edgelm.json")) or any(snapshot.rglob("genai_config.json"))
+    return any(any(snapshot.rglob(pattern)) for pattern in ("*.gguf", "edgelm.json", "genai_config.json"))
 
 
 def _remote_checkpoint(repo_id: str, endpoint: str, cache: str) -> ModelFacts | None:

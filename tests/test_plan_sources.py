@@ -50,7 +50,8 @@ def checkpoint(folder: Path, *, layers: int, hidden: int, heads: int, kv_heads: 
                    (p + "self_attn.k_proj.weight", [kv_heads * head, hidden]),
                    (p + "self_attn.v_proj.weight", [kv_heads * head, hidden]),
                    (p + "self_attn.o_proj.weight", [hidden, heads * head]),
-                   (p + "mlp.gate_proj.weight", [intermediate, hidden]), (p + "mlp.up_proj.weight", [intermediate, hidden]),
+                   (p + "mlp.gate_proj.weight", [intermediate, hidden]),
+                   (p + "mlp.up_proj.weight", [intermediate, hidden]),
                    (p + "mlp.down_proj.weight", [hidden, intermediate]),
                    (p + "input_layernorm.weight", [hidden]), (p + "post_attention_layernorm.weight", [hidden])]
     size = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
