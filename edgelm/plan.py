@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DoesNotFitError, HubError, UnsupportedModelError
-from .formats.gguf import AttentionShape, file_type_bpw
+from .formats.gguf import AttentionShape, estimate_file_bytes, file_type_bpw
 
 MB = 1024**2
 HEADROOM = 0.85  # a plan may use at most this share of the device's usable memory
@@ -449,13 +449,15 @@ def recommend_cap(parameters: int) -> str:
 
 
 def quantization_rows(f: ModelFacts, t: _Target) -> tuple[list[dict[str, Any]], list[_Fit]]:
-    """One row per quantization a checkpoint could be converted to: GGUF (PLAN_QUANTS, bits per weight from
-    edgelm.formats.gguf) and ONNX (PLAN_ONNX_QUANTS, bytes per parameter from edgelm.formats.onnx_folder)."""
+    """One row per quantization a checkpoint could be converted to: GGUF (PLAN_QUANTS, sizes from
+    edgelm.formats.gguf.estimate_file_bytes) and ONNX (PLAN_ONNX_QUANTS, bytes per parameter from edgelm.formats.onnx_folder)."""
     from .formats.onnx_folder import BYTES_PER_PARAMETER
 
     source = f.source or f.path
     rows, fits = [], []
-    options = [("gguf", q, int(f.parameters * file_type_bpw(q) / 8)) for q in PLAN_QUANTS]
+    output = f.shape.n_vocab * f.shape.n_embd  # the output matrix (the token embedding, when tied)
+    options = [("gguf", q, estimate_file_bytes(q, f.parameters, row_size=f.shape.n_embd, output_parameters=output))
+               for q in PLAN_QUANTS]
     options += [("onnx", q, int(f.parameters * BYTES_PER_PARAMETER[q])) for q in PLAN_ONNX_QUANTS]
     for fmt, q, size in options:
         kv_types = ("f16", "q8_0") if fmt == "gguf" else (_onnx_kv(f, t, q),)
@@ -490,15 +492,15 @@ def _plan_checkpoint(f: ModelFacts, t: _Target) -> Plan:
     rows[best]["recommended"] = True
     fit = fits[best]
     notes = [f"Planned from config.json and the safetensors headers ({f.parameters / 1e6:.1f} M parameters, "
-             f"{f.quantization}); sizes are estimates from typical bits per weight.",
+             f"{f.quantization}); sizes are estimates (edgelm.formats.gguf.estimate_file_bytes).",
              f"{fit.quant} is the highest-quality quantization that fits"
              + (f" with n_ctx {min(t.wanted_ctx, RECOMMEND_MIN_CTX)} or more" if roomy else "")
              + f", up to {recommend_cap(f.parameters)} for a model of this size"
              + (" (small models lose the most to 4-bit weights)." if f.parameters < SMALL_MODEL_PARAMETERS else ".")]
     if f.shape.n_embd % 256:
         notes.append(f"The hidden size ({f.shape.n_embd}) is not a multiple of 256, which k-quants (Q*_K) need: "
-                     "llama.cpp keeps those tensors at Q5_0/Q8_0, so the k-quant files come out larger (and slower) "
-                     "than listed (SmolLM2-135M at Q4_K_M: 101 MB, not 78).")
+                     "llama.cpp stores those tensors as Q5_0/Q5_1/IQ4_NL/Q8_0 instead (counted in the sizes), so "
+                     "the k-quants gain little over Q4_0/Q8_0 here.")
     notes += _notes(f, t, fit)
     return _plan(f, t, fit, backend="llamacpp", fmt="gguf", needs_conversion=True,
                  convert_command=rows[best]["convert_command"], notes=notes, alternatives=[], quantizations=rows)
