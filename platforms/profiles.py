@@ -130,7 +130,10 @@ def this_machine(host: Any = None, bandwidth_gbs: float | None = None) -> Device
 # integer SIMD the compute side binds first, even for small models that fit the caches.
 # Calibration (SmolLM2-135M Q4_1, 134.5 M parameters, 2 threads, greedy decode; edgelm.plan's model):
 #   avx (AMD EPYC with AVX/FMA/F16C, no AVX2): ~100 tok/s measured (9.9 ms/token) -> 16 (the plan says ~101);
-#   avx2 (AMD EPYC with AVX2, no AVX-512, this project's CI machine kind): see AVX2_CALIBRATION below;
+#   avx2 (AMD EPYC with AVX2, no AVX-512): twice AVX's integer width, below AVX-512's bound -> 40 (memory-bound in
+#     the plan for small models).  Measured here on 2026-11-25 only under a load average of 6-8 from other jobs:
+#     14-23 tok/s at 2 threads, 20-29 at 1, one-thread bandwidth 4-5 GB/s: too disturbed to calibrate with
+#     (benchmarks/bench_plan.py prints estimate vs measured on an idle machine);
 #   avx512 (AMD EPYC with AVX-512): Q4_0 at 233 tok/s means at least 48 (memory-bound there in the plan);
 #   amx: AMX tiles serve matrix-matrix products (prompts), not decode's mat-vec: as AVX-512.
 #   ARM: neon / dotprod as the Raspberry Pi 4 (Cortex-A72) and Pi 5 (Cortex-A76) profiles; i8mm as the phone's.
