@@ -24,6 +24,14 @@ def convert(src, **kwargs):
     return _convert(src, **kwargs)
 
 
+def compress(src, output, **kwargs):
+    """Remove decoder blocks / MLP neurons from a Hugging Face checkpoint, heal, measure; see
+    edgelm.compression.api.compress."""
+    from .compression import compress as _compress
+
+    return _compress(src, output, **kwargs)
+
+
 def serve(*args, **kwargs):
     """Serve models over the OpenAI- and Ollama-compatible API (blocking); see edgelm.server.serve."""
     from .server import serve as _serve
@@ -40,5 +48,5 @@ except Exception:  # running from a source tree that is not installed
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
-    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "__version__",
+    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "compress", "__version__",
 ]

@@ -85,9 +85,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import convert, generate, measure, platforms, serve
+    from . import compress, convert, generate, measure, platforms, serve
 
-    for module in (generate, convert, measure, platforms, serve):
+    for module in (generate, convert, compress, measure, platforms, serve):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -30,6 +30,7 @@ class LinearPlan:
     drop: list[int]  # original indices of the blocks removed
     width: int | None = None  # MLP neurons kept per layer (None: all)
     heal_depth: bool = True  # fit the block before each removed run to the original's state after it
+    compensate: bool = True  # width pruning: the kept neurons' weights absorb the removed ones (else left as they were)
     ridge: float = 1e-2  # lam, relative to the mean diagonal of A^T A
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -110,6 +111,7 @@ def linear_pass(teacher: Any, student: Any, batches: Sequence[Any], plan: Linear
     drop = set(plan.drop)
     keep = [i for i in range(n) if i not in drop]
     stats: dict[str, Any] = {"layers": []}
+    kept_neurons: list[list[int]] = []
     with torch.no_grad():
         teach = [teacher.model.embed_tokens(b) for b in batches]
         stud = [t.clone() for t in teach]
@@ -145,6 +147,9 @@ def linear_pass(teacher: Any, student: Any, batches: Sequence[Any], plan: Linear
             if width is not None:
                 idx, wk, err = obs_prune(w.T, gram, width, plan.ridge)
                 entry["mlp_error"] = err
+                if not plan.compensate:
+                    wk = w.T[:, idx]
+                kept_neurons.append(idx.tolist())
                 down.weight.data = wk.float().contiguous()  # out x kept
                 down.in_features = width
                 for name in ("gate_proj", "up_proj"):
@@ -169,5 +174,6 @@ def linear_pass(teacher: Any, student: Any, batches: Sequence[Any], plan: Linear
             report(f"layer {j + 1}/{n}", done / len(keep))
     if plan.width is not None:
         student.config.intermediate_size = plan.width
+        stats["kept_neurons"] = kept_neurons
     plan.stats = stats
     return stats

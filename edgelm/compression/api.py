@@ -1,0 +1,509 @@
+"""`edgelm.compress`: remove decoder blocks and MLP neurons from a Hugging Face checkpoint, heal, and measure.
+
+Stages (each recorded in the work folder next to the output, so an interrupted run resumes where it stopped):
+
+1. score every block on calibration text and choose which to remove (:mod:`.scoring`);
+2. remove them and narrow the MLPs, healing in closed form (:mod:`.linear`);
+3. distil from the original within the budget (:mod:`.distill`), checkpointing every few minutes;
+4. write the checkpoint (a temporary folder, renamed into place), then measure: q8_0 GGUFs of the original, the
+   pruned-but-not-healed model and the result, perplexity with llama.cpp and decode speed in child processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from edgelm.errors import InvalidParameterError, OutputExistsError, QualityBudgetError
+
+from . import calibration as calib
+from .distill import Budget, DistillSettings, DistillState, distill, parse_budget, trainable_parameters
+from .families import Family, family_of
+from .linear import LinearPlan, linear_pass
+from .report import CompressionReport
+from .scoring import LayerScore, score_layers
+from .surgery import (check_structure, count_parameters, drop_layers, load_model, max_window, prune_mlp,
+                      read_config, save_checkpoint, source_dtype)
+from .work import WorkDir, source_identity
+
+Progress = Callable[[str, float], None]
+HEALS = ("none", "linear", "distill")
+WIDTH_MULTIPLE = 32  # MLP width kept: a multiple of llama.cpp's q8_0/q4_0 block, so every type quantizes it
+
+
+def _fraction(value: Any, name: str) -> float:
+    """"25%" / 0.25 -> 0.25 (0 <= x < 1)."""
+    try:
+        text = str(value).strip()
+        out = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except (TypeError, ValueError):
+        out = -1.0
+    if not 0 <= out < 1:
+        raise InvalidParameterError(f"Invalid {name}: {value!r}.", fix='Use a percentage like "25%" or a fraction '
+                                    "0.25, below 100 %.", parameter=name, value=value)
+    return out
+
+
+def _check_drop(drop: Sequence[int], n: int) -> list[int]:
+    out = sorted({int(i) for i in drop})
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise InvalidParameterError(f"Layer {bad[0]} does not exist: the model has layers 0..{n - 1}.",
+                                    fix=f"Pick blocks between 1 and {n - 2}.", parameter="drop_layers", value=bad[0])
+    edge = [i for i in out if i in (0, n - 1)]
+    if edge:
+        raise InvalidParameterError(
+            f"Layer {edge[0]} is the {'first' if edge[0] == 0 else 'last'} decoder block, which is never removed "
+            "(it turns embeddings into the residual stream / the stream into next-token features; removing it "
+            "breaks the model).", fix=f"Pick blocks between 1 and {n - 2}.", parameter="drop_layers", value=edge[0])
+    return out
+
+
+def read_per_token(model: Any) -> int:
+    """Weights read from memory per generated token: every matrix but the input embedding's rows not looked up
+    (a tied output head is read whole)."""
+    emb = model.model.embed_tokens.weight
+    tied = model.lm_head.weight is emb
+    return count_parameters(model) - (0 if tied else emb.numel())
+
+
+def estimate_speedup(model: Any, drop: Sequence[int], width: int | None) -> float:
+    layers = model.model.layers
+    before = read_per_token(model)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    mlp = layers[0].mlp
+    full = mlp.down_proj.in_features
+    mlp_params = sum(p.numel() for p in mlp.parameters())
+    after_layer = per_layer - (mlp_params * (1 - (width or full) / full))
+    kept = len(layers) - len(drop)
+    after = before - len(layers) * per_layer + kept * after_layer
+    return before / after
+
+
+def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
+             drop_layers: int | Sequence[int] | None = None, target_speedup: float | None = None,
+             max_ppl_increase: str | float | None = None, prune_mlp: str | float | None = None,
+             heal: str = "distill", calibration: str | os.PathLike[str] | None = None,
+             calibration_text: str | None = None, eval_text: str | os.PathLike[str] | None = None,
+             budget: str | float | Budget | None = "30m", overwrite: bool = False, resume: bool | None = None,
+             revision: str | None = None, measure: bool = True, curve: bool = False, seed: int = 0,
+             seq_len: int = 512, calibration_tokens: int = 120_000, fit_tokens: int = 16_384,
+             distill_settings: DistillSettings | None = None, threads: int | None = None,
+             progress: Progress | None = None) -> CompressionReport:
+    """Compress the Hugging Face checkpoint ``src`` (a folder or Hub id) into the folder ``output``.
+
+    What to remove - one of:
+      drop_layers: a number of decoder blocks (the best-scored are chosen) or a list of block indices;
+      target_speedup: remove the fewest blocks whose estimated decode speed-up reaches this (e.g. 1.2);
+      max_ppl_increase: remove the most blocks whose estimated perplexity increase stays within this ("10%"),
+        checked again on the result (QualityBudgetError, nothing written, when the result is over);
+    and/or prune_mlp: the share of MLP neurons removed in every block ("25%").
+    heal: "none" (just remove), "linear" (least-squares, seconds), "distill" (linear, then logit distillation
+      from the original within ``budget``: "30m", "90s", or training tokens "200k").
+    calibration / calibration_text: text like what the model will see (default: Python's docstrings).
+    eval_text: a text file scored besides the built-in text.  measure=False skips the GGUF measurements.
+    curve: also measure perplexity with 0..N blocks removed (for the report's chart).
+    resume: None continues a matching interrupted run, True requires one, False starts afresh.
+    """
+    t_start = time.perf_counter()
+    report_progress = progress or (lambda message, fraction: None)
+    if heal not in HEALS:
+        raise InvalidParameterError(f"Invalid heal {heal!r}.", fix="Use none, linear or distill.", parameter="heal",
+                                    value=heal)
+    modes = [name for name, value in (("drop_layers", drop_layers), ("target_speedup", target_speedup),
+                                      ("max_ppl_increase", max_ppl_increase)) if value is not None]
+    if len(modes) > 1:
+        raise InvalidParameterError(f"{' and '.join(modes)} were both given; they are alternatives.",
+                                    fix="Give one of --drop-layers, --target-speedup, --max-ppl-increase.",
+                                    parameter=modes[1], value=None)
+    width_cut = _fraction(prune_mlp, "prune_mlp") if prune_mlp is not None else 0.0
+    if not modes and not width_cut:
+        raise InvalidParameterError("Nothing to remove: give what to compress.",
+                                    fix="Pass --drop-layers N, --target-speedup 1.2, --max-ppl-increase 10% and/or "
+                                    "--prune-mlp 25%.", parameter="drop_layers", value=None)
+    if target_speedup is not None and (not isinstance(target_speedup, (int, float)) or target_speedup <= 1):
+        raise InvalidParameterError(f"Invalid target_speedup {target_speedup!r}.",
+                                    fix="Use a factor above 1, e.g. 1.2.", parameter="target_speedup",
+                                    value=target_speedup)
+    ppl_budget = _fraction(max_ppl_increase, "max_ppl_increase") if max_ppl_increase is not None else None
+    if ppl_budget is not None and not measure:
+        raise InvalidParameterError("max_ppl_increase needs the measurements, but measure=False.",
+                                    fix="Drop --no-eval.", parameter="measure", value=False)
+    if isinstance(drop_layers, bool) or (isinstance(drop_layers, int) and drop_layers < 0):
+        raise InvalidParameterError(f"Invalid drop_layers {drop_layers!r}.", fix="Use a number of blocks >= 0 or a "
+                                    "list of block indices.", parameter="drop_layers", value=drop_layers)
+    the_budget = parse_budget(budget) if heal == "distill" else None
+    if heal == "distill" and the_budget is None:
+        raise InvalidParameterError("heal='distill' needs a budget.", fix='Pass budget="30m" or "200k" (tokens).',
+                                    parameter="budget", value=None)
+    if calibration is not None and calibration_text is not None:
+        raise InvalidParameterError("calibration and calibration_text were both given.", fix="Give one.",
+                                    parameter="calibration_text", value=None)
+    extra_text = calib.read_text(eval_text, "eval_text") if eval_text is not None else None
+    cal_text = calibration_text if calibration_text is not None else (
+        calib.read_text(calibration, "calibration") if calibration is not None else None)
+    cal_name = Path(calibration).name if calibration is not None else (
+        "calibration_text" if calibration_text is not None else "Python standard library docstrings")
+
+    from edgelm.converters.source import read_checkpoint, resolve
+
+    source = resolve(src, revision=revision)
+    config = read_checkpoint(source, tokenizer_files=("tokenizer.json", "tokenizer.model", "vocab.json"),
+                             tokenizer_why="the compressed model needs the tokenizer")
+    family = family_of(config, str(src))
+    out = Path(output).expanduser()
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not overwrite:
+            raise OutputExistsError(f"The output {out} already exists.", fix="Choose another folder or pass "
+                                    "--overwrite.", path=str(out))
+        if not out.is_dir():
+            raise OutputExistsError(f"The output {out} is a file; compress writes a folder.",
+                                    fix="Choose a folder path.", path=str(out))
+    if measure:
+        _need_converter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    cal = cal_text if cal_text is not None else calib.default_text()
+    calib.check_length(tokenizer, cal, cal_name)  # before minutes of loading and scoring
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cal_digest = _text_digest(cal_text if cal_text is not None else "default")
+    settings = {"source": source_identity(source), "drop_layers": drop_layers, "target_speedup": target_speedup,
+                "max_ppl_increase": ppl_budget, "prune_mlp": width_cut, "heal": heal, "calibration": cal_digest,
+                "seed": seed, "seq_len": seq_len, "calibration_tokens": calibration_tokens, "fit_tokens": fit_tokens,
+                "distill": vars(distill_settings) if distill_settings else None, "version": 1}
+    work = WorkDir(out, settings)
+    resumed = work.open(resume)
+    seconds: dict[str, float] = dict((work.read("seconds.json") or {}) if resumed else {})
+    # earlier runs' time before their distillation, counted against a time budget (their distillation time is in
+    # the checkpoint's state)
+    spent_before = sum(v for k, v in seconds.items() if k not in ("healing", "saving", "measuring"))
+    clock = _Clock(seconds, work)
+
+    report_progress("loading the model", 0.0)
+    teacher = load_model(source)
+    check_structure(teacher, str(src))
+    n_layers = len(teacher.model.layers)
+    full_width = teacher.model.layers[0].mlp.down_proj.in_features
+    width = None
+    if width_cut:
+        width = max(WIDTH_MULTIPLE, int(round(full_width * (1 - width_cut) / WIDTH_MULTIPLE)) * WIDTH_MULTIPLE)
+        width = min(width, full_width)
+    seq = min(seq_len, getattr(teacher.config, "max_position_embeddings", seq_len) or seq_len,
+              max_window(teacher) or seq_len)
+    win = calib.windows(tokenizer, cal, seq_len=seq, max_tokens=calibration_tokens, fit_tokens=fit_tokens,
+                        source=cal_name)
+
+    # 1. scores and choice
+    plan = work.read("plan.json") if resumed else None
+    if plan is None:
+        with clock("scoring"):
+            explicit = not isinstance(drop_layers, int) and drop_layers is not None
+            if explicit:
+                _check_drop(drop_layers, n_layers)
+            scores = score_layers(teacher, list(win.fit[: 8].split(2)), list(win.score.split(2)),
+                                  progress=lambda m, f: report_progress(m, 0.05 + 0.15 * f)) if n_layers > 2 else []
+            drop, choice = _choose(scores, n_layers, drop_layers, target_speedup, ppl_budget, heal, teacher, width)
+            plan = {"scores": [s.to_dict() for s in scores], "drop": drop, "choice": choice, "width": width}
+            work.write("plan.json", plan)
+    drop, scores = plan["drop"], plan["scores"]
+    _check_drop(drop, n_layers)
+    if len(drop) > n_layers - 2:
+        raise InvalidParameterError(f"Cannot remove {len(drop)} of {n_layers} blocks.", fix=f"At most {n_layers - 2}.",
+                                    parameter="drop_layers", value=len(drop))
+
+    # 2. removal with closed-form healing
+    student = copy.deepcopy(teacher)
+    lin_plan = LinearPlan(drop=drop, width=width, heal_depth=heal != "none", compensate=heal != "none")
+    linear_ckpt = work.path / "linear"
+    state = work.latest() if resumed else None
+    if (linear_ckpt / "state.json").is_file() or state is not None:
+        kept = _restore_structure(student, family, drop, width)
+        _load_weights(student, (state[0] if state else linear_ckpt))
+        lin_state = work.read("linear.json") or {}
+    else:
+        with clock("pruning"):
+            stats = linear_pass(teacher, student, list(win.fit.split(2)), lin_plan,
+                                progress=lambda m, f: report_progress(f"pruning: {m}", 0.2 + 0.1 * f))
+            drop_layers_(student, family, drop)
+            lin_state = {"kept_neurons": stats.get("kept_neurons"), "layers": stats["layers"]}
+            work.write("linear.json", lin_state)
+            _save_weights_dir(work, "linear", student, {"stage": "linear"})
+        state = None
+
+    # 3. distillation
+    distilled: DistillState | None = None
+    if heal == "distill":
+        ds = distill_settings or DistillSettings(seed=seed)
+        prior = DistillState(**{k: v for k, v in state[1].items() if k in DistillState.__dataclass_fields__}) \
+            if state and state[1].get("stage") == "distill" else None
+        opt_state = torch.load(state[0] / "optim.pt", weights_only=True) if prior is not None else None
+
+        def save(st: DistillState, opt: Any) -> None:
+            clock.flush()
+            _save_weights_dir(work, f"distill-{st.steps:06d}", student, {"stage": "distill", **st.to_dict()},
+                              optimizer=opt)
+
+        with clock("healing"):
+            spent = spent_before + time.perf_counter() - t_start
+            distilled = distill(teacher, student, win.train, the_budget, settings=ds, state=prior,
+                                optimizer_state=opt_state, spent_seconds=spent, save=save,
+                                progress=lambda m, f: report_progress(m, 0.3 + 0.5 * f))
+
+    # 4. write the checkpoint (temporary folder, renamed at the end), measure
+    params_after = count_parameters(student)
+    result = CompressionReport(
+        output=str(out), source=str(src), architecture=family.model_type, layers_before=n_layers,
+        layers_after=n_layers - len(drop), dropped_layers=drop, mlp_width_before=full_width,
+        mlp_width_after=width or full_width, parameters_before=count_parameters(teacher),
+        parameters_after=params_after, heal=heal, choice=plan["choice"], scores=scores,
+        estimated_speedup=round(estimate_speedup(teacher, drop, width), 3),
+        budget=the_budget.describe() if the_budget else None,
+        distillation=distilled.to_dict() if distilled else None, resumed=resumed, calibration=cal_name,
+        calibration_tokens=win.tokens)
+    provenance = {"source": str(src), "dropped_layers": drop, "mlp_width": width or full_width,
+                  "original_layers": n_layers, "original_mlp_width": full_width, "heal": heal}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        with clock("saving"):
+            report_progress("writing the checkpoint", 0.8)
+            save_checkpoint(student, source, tmp, dtype=source_dtype(config), provenance=provenance)
+        if measure:
+            with clock("measuring"):
+                _measure(result, source, tmp, teacher, family, drop, width, lin_state, extra_text, eval_text,
+                         curve, scores, work, lambda m, f: report_progress(m, 0.85 + 0.15 * f))
+            if ppl_budget is not None:
+                ratio = result.ppl_ratio("built-in")
+                if ratio is not None and ratio - 1 > ppl_budget:
+                    work.remove()
+                    raise QualityBudgetError(
+                        f"Removing {len(drop)} blocks raised perplexity on the built-in text by {(ratio - 1):.1%} "
+                        f"(estimated before healing: within {ppl_budget:.1%}), over the budget; {out} was not written.",
+                        fix=f"Use --drop-layers {max(0, len(drop) - 1)} or a looser --max-ppl-increase.",
+                        perplexity=result.perplexity)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    work.remove()
+    seconds["total"] = sum(v for k, v in seconds.items() if k != "total")
+    result.seconds = {k: round(v, 1) for k, v in seconds.items()}
+    report_progress("done", 1.0)
+    return result
+
+
+drop_layers_ = drop_layers  # the module function; ``drop_layers`` is also compress()'s parameter name
+
+
+def _text_digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _Clock:
+    """Seconds per stage, added to those of earlier (interrupted) runs and saved in the work folder."""
+
+    def __init__(self, seconds: dict[str, float], work: WorkDir) -> None:
+        self.seconds, self.work = seconds, work
+        self._stage: str | None = None
+        self._t0 = 0.0
+
+    def __call__(self, stage: str) -> "_Clock":
+        self._stage = stage
+        return self
+
+    def __enter__(self) -> "_Clock":
+        self._t0 = time.perf_counter()
+        return self
+
+    def flush(self) -> None:
+        if self._stage:
+            now = time.perf_counter()
+            self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + now - self._t0
+            self._t0 = now
+            if self.work.path.is_dir():
+                self.work.write("seconds.json", self.seconds)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.flush()
+        self._stage = None
+
+
+def _need_converter() -> None:
+    from edgelm.converters.hf_gguf import find_converter
+
+    if find_converter() is None:
+        from edgelm.errors import BackendNotInstalledError
+
+        raise BackendNotInstalledError("Measuring the result needs llama.cpp's Hugging Face -> GGUF converter, which "
+                                       "is not installed.", fix="Run `edgelm install-converter` once, or pass "
+                                       "--no-eval (measure=False) to skip the measurements.")
+
+
+def _choose(scores: list[LayerScore], n: int, drop_layers: Any, target_speedup: float | None,
+            ppl_budget: float | None, heal: str, model: Any, width: int | None) -> tuple[list[int], str]:
+    key = "kl_healed" if heal != "none" else "kl"
+    ranked = sorted(scores, key=lambda s: getattr(s, key))
+    if drop_layers is None and target_speedup is None and ppl_budget is None:
+        return [], "no blocks removed"
+    if drop_layers is not None and not isinstance(drop_layers, int):
+        return sorted(int(i) for i in drop_layers), "given"
+    if isinstance(drop_layers, int):
+        if drop_layers > n - 2:
+            raise InvalidParameterError(
+                f"Cannot remove {drop_layers} of {n} decoder blocks: the first and last are always kept"
+                + (", so removing them all is impossible" if drop_layers >= n else "") + ".",
+                fix=f"Remove at most {n - 2}.", parameter="drop_layers", value=drop_layers)
+        return sorted(s.layer for s in ranked[:drop_layers]), f"the {drop_layers} lowest {key.replace('_', ' ')}"
+    if target_speedup is not None:
+        for k in range(0, n - 1):
+            chosen = [s.layer for s in ranked[:k]]
+            if estimate_speedup(model, chosen, width) >= target_speedup:
+                return sorted(chosen), (f"fewest blocks (lowest {key.replace('_', ' ')} first) for an estimated "
+                                        f"{target_speedup:.2f}x")
+        raise InvalidParameterError(f"No choice of blocks reaches an estimated {target_speedup:.2f}x decode speed.",
+                                    fix="Ask for less, or add --prune-mlp.", parameter="target_speedup",
+                                    value=target_speedup)
+    limit = math.log1p(ppl_budget)
+    total, chosen = 0.0, []
+    for s in ranked:
+        cost = max(0.0, s.ce_increase if heal != "none" else s.kl)
+        if total + cost > limit:
+            break
+        total += cost
+        chosen.append(s.layer)
+    return sorted(chosen), (f"most blocks whose summed cross-entropy increase ({total:.3f} nats) stays within "
+                            f"log(1 + {ppl_budget:.0%})")
+
+
+def _restore_structure(student: Any, family: Family, drop: list[int], width: int | None) -> None:
+    import torch
+
+    drop_layers_(student, family, drop)
+    if width is not None:
+        prune_mlp(student, [torch.arange(width) for _ in student.model.layers])
+
+
+def _save_weights_dir(work: WorkDir, name: str, student: Any, state: dict[str, Any], optimizer: Any = None) -> None:
+    from safetensors.torch import save_file
+
+    def write(folder: Path) -> None:
+        tensors = {k: v.detach().contiguous() for k, v in trainable_parameters(student).items()}
+        save_file(tensors, str(folder / "student.safetensors"))
+        if optimizer is not None:
+            import torch
+
+            torch.save(optimizer.state_dict(), folder / "optim.pt")
+
+    if name == "linear":  # the base every later stage starts from: kept apart from the distillation checkpoints
+        import json
+
+        target = work.path / "linear"
+        tmp = Path(tempfile.mkdtemp(prefix=".linear.", dir=work.path))
+        write(tmp)
+        (tmp / "state.json").write_text(json.dumps(state))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        return
+    work.checkpoint(name, write, state)
+
+
+def _load_weights(student: Any, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "student.safetensors"))
+    params = trainable_parameters(student)
+    missing = set(params) - set(tensors)
+    if missing:
+        raise InvalidParameterError(f"The checkpoint in {folder} does not match the model ({sorted(missing)[0]} "
+                                    "missing).", fix="Start afresh with resume=False (--no-resume).",
+                                    parameter="resume", value=str(folder))
+    for name, p in params.items():
+        p.data = tensors[name].to(p.dtype).contiguous()
+
+
+def _measure(result: CompressionReport, source: Path, compressed: Path, teacher: Any, family: Family,
+             drop: list[int], width: int | None, lin_state: dict[str, Any], extra_text: str | None,
+             eval_text: Any, curve: bool, scores: list[dict[str, Any]], work: WorkDir, report: Progress) -> None:
+    """q8_0 GGUFs of the original, the pruned-not-healed model and the result: perplexity (llama.cpp) on the
+    built-in text and ``extra_text``, decode tokens/s each in its own process; with ``curve``, perplexity with the
+    best-scored 0..N blocks removed (no healing, full MLP width)."""
+    import edgelm
+    from edgelm.measure import bench, evaluate
+
+    folder = Path(tempfile.mkdtemp(prefix=".measure.", dir=work.path))
+    try:
+        def gguf(checkpoint: Path, name: str) -> Path:
+            path = folder / f"{name}-q8_0.gguf"
+            edgelm.convert(str(checkpoint), to="gguf", quant="q8_0", output=str(path), eval=False)
+            return path
+
+        def plain(name: str, blocks: list[int], kept: list[list[int]] | None) -> Path:
+            import torch
+
+            model = copy.deepcopy(teacher)
+            drop_layers_(model, family, blocks)
+            if kept:
+                prune_mlp(model, [torch.tensor(k) for k in kept])
+            ckpt = folder / name
+            ckpt.mkdir()
+            save_checkpoint(model, source, ckpt, dtype=None, provenance={"dropped_layers": blocks})
+            del model
+            path = gguf(ckpt, name)
+            shutil.rmtree(ckpt)
+            return path
+
+        report("converting the original to q8_0", 0.0)
+        models = {"original": gguf(source, "original"), "compressed": gguf(compressed, "compressed")}
+        if result.heal != "none":
+            report("building the pruned, not healed model", 0.15)
+            models["pruned"] = plain("pruned", drop, lin_state.get("kept_neurons"))
+        texts: dict[str, str | None] = {"built-in": None}
+        if extra_text is not None:
+            texts[Path(eval_text).name] = extra_text
+        for t, (label, text) in enumerate(texts.items()):
+            row = {}
+            for name, path in models.items():
+                report(f"perplexity of the {name} model on the {label} text", 0.3 + 0.3 * t / len(texts))
+                row[name] = round(evaluate(str(path), text=text)[0].perplexity, 4)
+            if "pruned" not in row:
+                row["pruned"] = row["compressed"]
+            result.perplexity[label] = row
+        report("decode speed (each model in its own process)", 0.6)
+        runs = bench([str(models["original"]), str(models["compressed"])] * 2, runs=3, prompt_tokens=64,
+                     gen_tokens=64, n_ctx=512)
+        import statistics
+
+        result.tokens_per_second = {
+            "original": round(statistics.median([runs[0].tokens_per_second, runs[2].tokens_per_second]), 1),
+            "compressed": round(statistics.median([runs[1].tokens_per_second, runs[3].tokens_per_second]), 1)}
+        result.gguf_q8_0_bytes = {"original": models["original"].stat().st_size,
+                                  "compressed": models["compressed"].stat().st_size}
+        if curve:
+            order = [s["layer"] for s in sorted(scores, key=lambda s: s.get("kl_healed") or 0) if s["layer"] in drop]
+            order += [i for i in drop if i not in order]
+            points = [{"layers_removed": 0, "perplexity": result.perplexity["built-in"]["original"]}]
+            for k in range(1, len(order) + 1):
+                report(f"curve: {k} blocks removed", 0.75 + 0.25 * k / len(order))
+                path = plain(f"curve-{k}", sorted(order[:k]), None)
+                points.append({"layers_removed": k, "perplexity": round(evaluate(str(path))[0].perplexity, 4)})
+                path.unlink()
+            result.curve = points
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
