@@ -54,7 +54,8 @@ def _drop(value: str | None) -> int | list[int] | None:
 @click.option("--no-eval", is_flag=True, help="Skip the GGUF measurements (perplexity, speed).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of perplexity against blocks removed (measures each count: slower).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch and the llama.cpp measurements [default: the cores available].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors

@@ -11,6 +11,7 @@ Stages (each recorded in the work folder next to the output, so an interrupted r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from edgelm.errors import InvalidParameterError, OutputExistsError, QualityBudgetError
 
@@ -108,6 +109,7 @@ def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
       from the original within ``budget``: "30m", "90s", or training tokens "200k").
     calibration / calibration_text: text like what the model will see (default: Python's docstrings).
     eval_text: a text file scored besides the built-in text.  measure=False skips the GGUF measurements.
+    threads: CPU threads for torch and for the llama.cpp measurements (default: each library's own choice).
     curve: also measure perplexity with 0..N blocks removed (for the report's chart).
     resume: None continues a matching interrupted run, True requires one, False starts afresh.
     """
@@ -177,133 +179,146 @@ def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
 
     import torch
 
+    with _torch_threads(threads):
+        torch.manual_seed(seed)
+        cal_digest = _text_digest(cal_text if cal_text is not None else "default")
+        settings = {"source": source_identity(source), "drop_layers": drop_layers, "target_speedup": target_speedup,
+                    "max_ppl_increase": ppl_budget, "prune_mlp": width_cut, "heal": heal, "calibration": cal_digest,
+                    "seed": seed, "seq_len": seq_len, "calibration_tokens": calibration_tokens, "fit_tokens": fit_tokens,
+                    "distill": vars(distill_settings) if distill_settings else None, "version": 1}
+        work = WorkDir(out, settings)
+        resumed = work.open(resume)
+        seconds: dict[str, float] = dict((work.read("seconds.json") or {}) if resumed else {})
+        # earlier runs' time before their distillation, counted against a time budget (their distillation time is in
+        # the checkpoint's state)
+        spent_before = sum(v for k, v in seconds.items() if k not in ("healing", "saving", "measuring"))
+        clock = _Clock(seconds, work)
+
+        report_progress("loading the model", 0.0)
+        teacher = load_model(source)
+        check_structure(teacher, str(src))
+        n_layers = len(teacher.model.layers)
+        full_width = teacher.model.layers[0].mlp.down_proj.in_features
+        width = None
+        if width_cut:
+            width = max(WIDTH_MULTIPLE, int(round(full_width * (1 - width_cut) / WIDTH_MULTIPLE)) * WIDTH_MULTIPLE)
+            width = min(width, full_width)
+        seq = min(seq_len, getattr(teacher.config, "max_position_embeddings", seq_len) or seq_len,
+                  max_window(teacher) or seq_len)
+        win = calib.windows(tokenizer, cal, seq_len=seq, max_tokens=calibration_tokens, fit_tokens=fit_tokens,
+                            source=cal_name)
+
+        # 1. scores and choice
+        plan = work.read("plan.json") if resumed else None
+        if plan is None:
+            with clock("scoring"):
+                explicit = not isinstance(drop_layers, int) and drop_layers is not None
+                if explicit:
+                    _check_drop(drop_layers, n_layers)
+                scores = score_layers(teacher, list(win.fit[: 8].split(2)), list(win.score.split(2)),
+                                      progress=lambda m, f: report_progress(m, 0.05 + 0.15 * f)) if n_layers > 2 else []
+                drop, choice = _choose(scores, n_layers, drop_layers, target_speedup, ppl_budget, heal, teacher, width)
+                plan = {"scores": [s.to_dict() for s in scores], "drop": drop, "choice": choice, "width": width}
+                work.write("plan.json", plan)
+        drop, scores = plan["drop"], plan["scores"]
+        _check_drop(drop, n_layers)
+        if len(drop) > n_layers - 2:
+            raise InvalidParameterError(f"Cannot remove {len(drop)} of {n_layers} blocks.", fix=f"At most {n_layers - 2}.",
+                                        parameter="drop_layers", value=len(drop))
+
+        # 2. removal with closed-form healing
+        student = copy.deepcopy(teacher)
+        lin_plan = LinearPlan(drop=drop, width=width, heal_depth=heal != "none", compensate=heal != "none")
+        linear_ckpt = work.path / "linear"
+        state = work.latest() if resumed else None
+        if (linear_ckpt / "state.json").is_file() or state is not None:
+            kept = _restore_structure(student, family, drop, width)
+            _load_weights(student, (state[0] if state else linear_ckpt))
+            lin_state = work.read("linear.json") or {}
+        else:
+            with clock("pruning"):
+                stats = linear_pass(teacher, student, list(win.fit.split(2)), lin_plan,
+                                    progress=lambda m, f: report_progress(f"pruning: {m}", 0.2 + 0.1 * f))
+                drop_layers_(student, family, drop)
+                lin_state = {"kept_neurons": stats.get("kept_neurons"), "layers": stats["layers"]}
+                work.write("linear.json", lin_state)
+                _save_weights_dir(work, "linear", student, {"stage": "linear"})
+            state = None
+
+        # 3. distillation
+        distilled: DistillState | None = None
+        if heal == "distill":
+            ds = distill_settings or DistillSettings(seed=seed)
+            prior = DistillState(**{k: v for k, v in state[1].items() if k in DistillState.__dataclass_fields__}) \
+                if state and state[1].get("stage") == "distill" else None
+            opt_state = torch.load(state[0] / "optim.pt", weights_only=True) if prior is not None else None
+
+            def save(st: DistillState, opt: Any) -> None:
+                clock.flush()
+                _save_weights_dir(work, f"distill-{st.steps:06d}", student, {"stage": "distill", **st.to_dict()},
+                                  optimizer=opt)
+
+            with clock("healing"):
+                spent = spent_before + time.perf_counter() - t_start
+                distilled = distill(teacher, student, win.train, the_budget, settings=ds, state=prior,
+                                    optimizer_state=opt_state, spent_seconds=spent, save=save,
+                                    progress=lambda m, f: report_progress(m, 0.3 + 0.5 * f))
+
+        # 4. write the checkpoint (temporary folder, renamed at the end), measure
+        params_after = count_parameters(student)
+        result = CompressionReport(
+            output=str(out), source=str(src), architecture=family.model_type, layers_before=n_layers,
+            layers_after=n_layers - len(drop), dropped_layers=drop, mlp_width_before=full_width,
+            mlp_width_after=width or full_width, parameters_before=count_parameters(teacher),
+            parameters_after=params_after, heal=heal, choice=plan["choice"], scores=scores,
+            estimated_speedup=round(estimate_speedup(teacher, drop, width), 3),
+            budget=the_budget.describe() if the_budget else None,
+            distillation=distilled.to_dict() if distilled else None, resumed=resumed, calibration=cal_name,
+            calibration_tokens=win.tokens)
+        provenance = {"source": str(src), "dropped_layers": drop, "mlp_width": width or full_width,
+                      "original_layers": n_layers, "original_mlp_width": full_width, "heal": heal}
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            with clock("saving"):
+                report_progress("writing the checkpoint", 0.8)
+                save_checkpoint(student, source, tmp, dtype=source_dtype(config), provenance=provenance)
+            if measure:
+                with clock("measuring"):
+                    _measure(result, source, tmp, teacher, family, drop, width, lin_state, extra_text, eval_text,
+                             curve, scores, work, lambda m, f: report_progress(m, 0.85 + 0.15 * f))
+                if ppl_budget is not None:
+                    ratio = result.ppl_ratio("built-in")
+                    if ratio is not None and ratio - 1 > ppl_budget:
+                        work.remove()
+                        raise QualityBudgetError(
+                            f"Removing {len(drop)} blocks raised perplexity on the built-in text by {(ratio - 1):.1%} "
+                            f"(estimated before healing: within {ppl_budget:.1%}), over the budget; {out} was not written.",
+                            fix=f"Use --drop-layers {max(0, len(drop) - 1)} or a looser --max-ppl-increase.",
+                            perplexity=result.perplexity)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        work.remove()
+        seconds["total"] = sum(v for k, v in seconds.items() if k != "total")
+        result.seconds = {k: round(v, 1) for k, v in seconds.items()}
+        report_progress("done", 1.0)
+        return result
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads for the compression, restored after (a library call leaves global state as it was)."""
+    import torch
+
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    cal_digest = _text_digest(cal_text if cal_text is not None else "default")
-    settings = {"source": source_identity(source), "drop_layers": drop_layers, "target_speedup": target_speedup,
-                "max_ppl_increase": ppl_budget, "prune_mlp": width_cut, "heal": heal, "calibration": cal_digest,
-                "seed": seed, "seq_len": seq_len, "calibration_tokens": calibration_tokens, "fit_tokens": fit_tokens,
-                "distill": vars(distill_settings) if distill_settings else None, "version": 1}
-    work = WorkDir(out, settings)
-    resumed = work.open(resume)
-    seconds: dict[str, float] = dict((work.read("seconds.json") or {}) if resumed else {})
-    # earlier runs' time before their distillation, counted against a time budget (their distillation time is in
-    # the checkpoint's state)
-    spent_before = sum(v for k, v in seconds.items() if k not in ("healing", "saving", "measuring"))
-    clock = _Clock(seconds, work)
-
-    report_progress("loading the model", 0.0)
-    teacher = load_model(source)
-    check_structure(teacher, str(src))
-    n_layers = len(teacher.model.layers)
-    full_width = teacher.model.layers[0].mlp.down_proj.in_features
-    width = None
-    if width_cut:
-        width = max(WIDTH_MULTIPLE, int(round(full_width * (1 - width_cut) / WIDTH_MULTIPLE)) * WIDTH_MULTIPLE)
-        width = min(width, full_width)
-    seq = min(seq_len, getattr(teacher.config, "max_position_embeddings", seq_len) or seq_len,
-              max_window(teacher) or seq_len)
-    win = calib.windows(tokenizer, cal, seq_len=seq, max_tokens=calibration_tokens, fit_tokens=fit_tokens,
-                        source=cal_name)
-
-    # 1. scores and choice
-    plan = work.read("plan.json") if resumed else None
-    if plan is None:
-        with clock("scoring"):
-            explicit = not isinstance(drop_layers, int) and drop_layers is not None
-            if explicit:
-                _check_drop(drop_layers, n_layers)
-            scores = score_layers(teacher, list(win.fit[: 8].split(2)), list(win.score.split(2)),
-                                  progress=lambda m, f: report_progress(m, 0.05 + 0.15 * f)) if n_layers > 2 else []
-            drop, choice = _choose(scores, n_layers, drop_layers, target_speedup, ppl_budget, heal, teacher, width)
-            plan = {"scores": [s.to_dict() for s in scores], "drop": drop, "choice": choice, "width": width}
-            work.write("plan.json", plan)
-    drop, scores = plan["drop"], plan["scores"]
-    _check_drop(drop, n_layers)
-    if len(drop) > n_layers - 2:
-        raise InvalidParameterError(f"Cannot remove {len(drop)} of {n_layers} blocks.", fix=f"At most {n_layers - 2}.",
-                                    parameter="drop_layers", value=len(drop))
-
-    # 2. removal with closed-form healing
-    student = copy.deepcopy(teacher)
-    lin_plan = LinearPlan(drop=drop, width=width, heal_depth=heal != "none", compensate=heal != "none")
-    linear_ckpt = work.path / "linear"
-    state = work.latest() if resumed else None
-    if (linear_ckpt / "state.json").is_file() or state is not None:
-        kept = _restore_structure(student, family, drop, width)
-        _load_weights(student, (state[0] if state else linear_ckpt))
-        lin_state = work.read("linear.json") or {}
-    else:
-        with clock("pruning"):
-            stats = linear_pass(teacher, student, list(win.fit.split(2)), lin_plan,
-                                progress=lambda m, f: report_progress(f"pruning: {m}", 0.2 + 0.1 * f))
-            drop_layers_(student, family, drop)
-            lin_state = {"kept_neurons": stats.get("kept_neurons"), "layers": stats["layers"]}
-            work.write("linear.json", lin_state)
-            _save_weights_dir(work, "linear", student, {"stage": "linear"})
-        state = None
-
-    # 3. distillation
-    distilled: DistillState | None = None
-    if heal == "distill":
-        ds = distill_settings or DistillSettings(seed=seed)
-        prior = DistillState(**{k: v for k, v in state[1].items() if k in DistillState.__dataclass_fields__}) \
-            if state and state[1].get("stage") == "distill" else None
-        opt_state = torch.load(state[0] / "optim.pt", weights_only=True) if prior is not None else None
-
-        def save(st: DistillState, opt: Any) -> None:
-            clock.flush()
-            _save_weights_dir(work, f"distill-{st.steps:06d}", student, {"stage": "distill", **st.to_dict()},
-                              optimizer=opt)
-
-        with clock("healing"):
-            spent = spent_before + time.perf_counter() - t_start
-            distilled = distill(teacher, student, win.train, the_budget, settings=ds, state=prior,
-                                optimizer_state=opt_state, spent_seconds=spent, save=save,
-                                progress=lambda m, f: report_progress(m, 0.3 + 0.5 * f))
-
-    # 4. write the checkpoint (temporary folder, renamed at the end), measure
-    params_after = count_parameters(student)
-    result = CompressionReport(
-        output=str(out), source=str(src), architecture=family.model_type, layers_before=n_layers,
-        layers_after=n_layers - len(drop), dropped_layers=drop, mlp_width_before=full_width,
-        mlp_width_after=width or full_width, parameters_before=count_parameters(teacher),
-        parameters_after=params_after, heal=heal, choice=plan["choice"], scores=scores,
-        estimated_speedup=round(estimate_speedup(teacher, drop, width), 3),
-        budget=the_budget.describe() if the_budget else None,
-        distillation=distilled.to_dict() if distilled else None, resumed=resumed, calibration=cal_name,
-        calibration_tokens=win.tokens)
-    provenance = {"source": str(src), "dropped_layers": drop, "mlp_width": width or full_width,
-                  "original_layers": n_layers, "original_mlp_width": full_width, "heal": heal}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        with clock("saving"):
-            report_progress("writing the checkpoint", 0.8)
-            save_checkpoint(student, source, tmp, dtype=source_dtype(config), provenance=provenance)
-        if measure:
-            with clock("measuring"):
-                _measure(result, source, tmp, teacher, family, drop, width, lin_state, extra_text, eval_text,
-                         curve, scores, work, lambda m, f: report_progress(m, 0.85 + 0.15 * f))
-            if ppl_budget is not None:
-                ratio = result.ppl_ratio("built-in")
-                if ratio is not None and ratio - 1 > ppl_budget:
-                    work.remove()
-                    raise QualityBudgetError(
-                        f"Removing {len(drop)} blocks raised perplexity on the built-in text by {(ratio - 1):.1%} "
-                        f"(estimated before healing: within {ppl_budget:.1%}), over the budget; {out} was not written.",
-                        fix=f"Use --drop-layers {max(0, len(drop) - 1)} or a looser --max-ppl-increase.",
-                        perplexity=result.perplexity)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    work.remove()
-    seconds["total"] = sum(v for k, v in seconds.items() if k != "total")
-    result.seconds = {k: round(v, 1) for k, v in seconds.items()}
-    report_progress("done", 1.0)
-    return result
+        torch.set_num_threads(before)
 
 
 drop_layers_ = drop_layers  # the module function; ``drop_layers`` is also compress()'s parameter name
@@ -440,13 +455,15 @@ def _load_weights(student: Any, folder: Path) -> None:
 
 def _measure(result: CompressionReport, source: Path, compressed: Path, teacher: Any, family: Family,
              drop: list[int], width: int | None, lin_state: dict[str, Any], extra_text: str | None,
-             eval_text: Any, curve: bool, scores: list[dict[str, Any]], work: WorkDir, report: Progress) -> None:
+             eval_text: Any, curve: bool, scores: list[dict[str, Any]], work: WorkDir, threads: int | None,
+             report: Progress) -> None:
     """q8_0 GGUFs of the original, the pruned-not-healed model and the result: perplexity (llama.cpp) on the
     built-in text and ``extra_text``, decode tokens/s each in its own process; with ``curve``, perplexity with the
     best-scored 0..N blocks removed (no healing, full MLP width)."""
     import edgelm
     from edgelm.measure import bench, evaluate
 
+    load = {"threads": threads} if threads else {}
     folder = Path(tempfile.mkdtemp(prefix=".measure.", dir=work.path))
     try:
         def gguf(checkpoint: Path, name: str) -> Path:
@@ -481,13 +498,13 @@ def _measure(result: CompressionReport, source: Path, compressed: Path, teacher:
             row = {}
             for name, path in models.items():
                 report(f"perplexity of the {name} model on the {label} text", 0.3 + 0.3 * t / len(texts))
-                row[name] = round(evaluate(str(path), text=text)[0].perplexity, 4)
+                row[name] = round(evaluate(str(path), text=text, **load)[0].perplexity, 4)
             if "pruned" not in row:
                 row["pruned"] = row["compressed"]
             result.perplexity[label] = row
         report("decode speed (each model in its own process)", 0.6)
         runs = bench([str(models["original"]), str(models["compressed"])] * 2, runs=3, prompt_tokens=64,
-                     gen_tokens=64, n_ctx=512)
+                     gen_tokens=64, n_ctx=512, **load)
         import statistics
 
         result.tokens_per_second = {
@@ -502,7 +519,8 @@ def _measure(result: CompressionReport, source: Path, compressed: Path, teacher:
             for k in range(1, len(order) + 1):
                 report(f"curve: {k} blocks removed", 0.75 + 0.25 * k / len(order))
                 path = plain(f"curve-{k}", sorted(order[:k]), None)
-                points.append({"layers_removed": k, "perplexity": round(evaluate(str(path))[0].perplexity, 4)})
+                ppl = evaluate(str(path), **load)[0].perplexity
+                points.append({"layers_removed": k, "perplexity": round(ppl, 4)})
                 path.unlink()
             result.curve = points
     finally:

@@ -219,7 +219,7 @@ def distill(teacher: Any, student: Any, windows: Any, budget: Budget, *, setting
                 if cfg.clip:
                     torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
                 opt.step()
-                value = float(loss)
+                value = float(loss.detach())
                 st.steps += 1
                 st.tokens += ids.numel()
                 st.seconds += time.perf_counter() - t0
