@@ -289,13 +289,14 @@ def test_token_and_time_budgets_are_honoured(tmp_path):
     per_step = 4 * 128
     assert d["tokens"] <= 5000 and d["tokens"] > 5000 - per_step and d["steps"] == d["tokens"] // per_step
     assert d["loss_last"] is not None
-    start = time.perf_counter()
-    r = edgelm.compress(src, tmp_path / "time", drop_layers=1, heal="distill", budget="12s", measure=False, **FAST)
-    step = r.distillation["seconds"] / max(1, r.distillation["steps"])
-    used = sum(v for k, v in r.seconds.items() if k in ("scoring", "pruning", "healing"))
-    assert r.distillation["steps"] >= 1
-    assert used <= 12 + 2 * step + 1.0, (r.seconds, step)
-    assert time.perf_counter() - start < 12 + 60  # loading and saving come on top; they are seconds, not minutes
+    r = edgelm.compress(src, tmp_path / "time", drop_layers=1, heal="distill", budget="20s", measure=False, **FAST)
+    steps = r.distillation["steps"]
+    step = r.distillation["seconds"] / max(1, steps)
+    before = r.seconds["scoring"] + r.seconds["pruning"]
+    used = before + r.seconds["healing"]
+    assert used <= 20 + 2 * step + 1.0, (r.seconds, step)  # the budget covers scoring and pruning too
+    if before < 15:  # a very busy machine may spend the budget before distilling
+        assert steps >= 1 and used >= 20 - 2 * step - 1.0, (r.seconds, step)
 
 
 @pytest.mark.slow  # budget: 40 s (torch + llama.cpp's converter for two families)

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,7 +31,7 @@ from .linear import LinearPlan, linear_pass
 from .report import CompressionReport
 from .scoring import LayerScore, score_layers
 from .surgery import (check_structure, count_parameters, drop_layers, load_model, max_window, prune_mlp,
-                      read_config, save_checkpoint, source_dtype)
+                      save_checkpoint, source_dtype)
 from .work import WorkDir, source_identity
 
 Progress = Callable[[str, float], None]
@@ -87,6 +88,46 @@ def estimate_speedup(model: Any, drop: Sequence[int], width: int | None) -> floa
     return before / after
 
 
+@dataclass
+class _Options:
+    """compress()'s arguments, checked and normalised."""
+
+    src: str
+    source: Path  # the resolved checkpoint folder
+    config: dict[str, Any]
+    family: Family
+    out: Path
+    drop_layers: int | list[int] | None
+    target_speedup: float | None
+    ppl_budget: float | None
+    width_cut: float
+    heal: str
+    budget: Budget | None
+    calibration: str | None  # None: the default text
+    calibration_name: str
+    eval_text: str | None
+    eval_name: str | None
+    resume: bool | None
+    measure: bool
+    curve: bool
+    seed: int
+    seq_len: int
+    calibration_tokens: int
+    fit_tokens: int
+    distill: DistillSettings
+    threads: int | None
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the result (the work folder's key): not the budget, so more budget continues a run."""
+        return {"source": source_identity(self.source), "drop_layers": self.drop_layers,
+                "target_speedup": self.target_speedup, "max_ppl_increase": self.ppl_budget,
+                "prune_mlp": self.width_cut, "heal": self.heal,
+                "calibration": _text_digest(self.calibration if self.calibration is not None else "default"),
+                "seed": self.seed, "seq_len": self.seq_len, "calibration_tokens": self.calibration_tokens,
+                "fit_tokens": self.fit_tokens, "distill": {k: v for k, v in asdict(self.distill).items()
+                                                           if k != "checkpoint_every"}, "version": 1}
+
+
 def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
              drop_layers: int | Sequence[int] | None = None, target_speedup: float | None = None,
              max_ppl_increase: str | float | None = None, prune_mlp: str | float | None = None,
@@ -105,16 +146,29 @@ def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
       max_ppl_increase: remove the most blocks whose estimated perplexity increase stays within this ("10%"),
         checked again on the result (QualityBudgetError, nothing written, when the result is over);
     and/or prune_mlp: the share of MLP neurons removed in every block ("25%").
-    heal: "none" (just remove), "linear" (least-squares, seconds), "distill" (linear, then logit distillation
-      from the original within ``budget``: "30m", "90s", or training tokens "200k").
-    calibration / calibration_text: text like what the model will see (default: Python's docstrings).
+    heal: "none" (just remove), "linear" (least squares, seconds to minutes), "distill" (linear, then logit
+      distillation from the original within ``budget``: "30m", "90s" for the whole compression, or "200k"
+      distillation tokens).
+    calibration (a file) / calibration_text: text like what the model will see (default: Python's docstrings);
+      the first calibration_tokens tokens are used, in windows of seq_len, fit_tokens of them for least squares.
     eval_text: a text file scored besides the built-in text.  measure=False skips the GGUF measurements.
-    threads: CPU threads for torch and for the llama.cpp measurements (default: each library's own choice).
     curve: also measure perplexity with 0..N blocks removed (for the report's chart).
     resume: None continues a matching interrupted run, True requires one, False starts afresh.
+    threads: CPU threads for torch and for the llama.cpp measurements (default: each library's own choice).
     """
-    t_start = time.perf_counter()
-    report_progress = progress or (lambda message, fraction: None)
+    opts = _options(src, output, drop_layers, target_speedup, max_ppl_increase, prune_mlp, heal, calibration,
+                    calibration_text, eval_text, budget, overwrite, resume, revision, measure, curve, seed, seq_len,
+                    calibration_tokens, fit_tokens, distill_settings, threads)
+    with _torch_threads(threads):
+        return _Compression(opts, progress).run()
+
+
+def _options(src: Any, output: Any, drop_layers: Any, target_speedup: Any, max_ppl_increase: Any, prune_mlp: Any,
+             heal: str, calibration: Any, calibration_text: str | None, eval_text: Any, budget: Any, overwrite: bool,
+             resume: bool | None, revision: str | None, measure: bool, curve: bool, seed: int, seq_len: int,
+             calibration_tokens: int, fit_tokens: int, distill_settings: DistillSettings | None,
+             threads: int | None) -> _Options:
+    """Check every argument before anything slow happens (loading, scoring)."""
     if heal not in HEALS:
         raise InvalidParameterError(f"Invalid heal {heal!r}.", fix="Use none, linear or distill.", parameter="heal",
                                     value=heal)
@@ -129,7 +183,8 @@ def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
         raise InvalidParameterError("Nothing to remove: give what to compress.",
                                     fix="Pass --drop-layers N, --target-speedup 1.2, --max-ppl-increase 10% and/or "
                                     "--prune-mlp 25%.", parameter="drop_layers", value=None)
-    if target_speedup is not None and (not isinstance(target_speedup, (int, float)) or target_speedup <= 1):
+    if target_speedup is not None and (isinstance(target_speedup, bool)
+                                       or not isinstance(target_speedup, (int, float)) or target_speedup <= 1):
         raise InvalidParameterError(f"Invalid target_speedup {target_speedup!r}.",
                                     fix="Use a factor above 1, e.g. 1.2.", parameter="target_speedup",
                                     value=target_speedup)
@@ -140,6 +195,8 @@ def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
     if isinstance(drop_layers, bool) or (isinstance(drop_layers, int) and drop_layers < 0):
         raise InvalidParameterError(f"Invalid drop_layers {drop_layers!r}.", fix="Use a number of blocks >= 0 or a "
                                     "list of block indices.", parameter="drop_layers", value=drop_layers)
+    if drop_layers is not None and not isinstance(drop_layers, int):
+        drop_layers = sorted({int(i) for i in drop_layers})
     the_budget = parse_budget(budget) if heal == "distill" else None
     if heal == "distill" and the_budget is None:
         raise InvalidParameterError("heal='distill' needs a budget.", fix='Pass budget="30m" or "200k" (tokens).',
@@ -147,8 +204,8 @@ def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
     if calibration is not None and calibration_text is not None:
         raise InvalidParameterError("calibration and calibration_text were both given.", fix="Give one.",
                                     parameter="calibration_text", value=None)
-    extra_text = calib.read_text(eval_text, "eval_text") if eval_text is not None else None
-    cal_text = calibration_text if calibration_text is not None else (
+    extra = calib.read_text(eval_text, "eval_text") if eval_text is not None else None
+    cal = calibration_text if calibration_text is not None else (
         calib.read_text(calibration, "calibration") if calibration is not None else None)
     cal_name = Path(calibration).name if calibration is not None else (
         "calibration_text" if calibration_text is not None else "Python standard library docstrings")
@@ -169,142 +226,169 @@ def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
                                     fix="Choose a folder path.", path=str(out))
     if measure:
         _need_converter()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return _Options(src=str(src), source=source, config=config, family=family, out=out, drop_layers=drop_layers,
+                    target_speedup=target_speedup, ppl_budget=ppl_budget, width_cut=width_cut, heal=heal,
+                    budget=the_budget, calibration=cal, calibration_name=cal_name, eval_text=extra,
+                    eval_name=Path(eval_text).name if eval_text is not None else None, resume=resume,
+                    measure=measure, curve=curve, seed=seed, seq_len=seq_len, calibration_tokens=calibration_tokens,
+                    fit_tokens=fit_tokens, distill=distill_settings or DistillSettings(seed=seed), threads=threads)
 
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    cal = cal_text if cal_text is not None else calib.default_text()
-    calib.check_length(tokenizer, cal, cal_name)  # before minutes of loading and scoring
+class _Compression:
+    """One compression run, stage by stage; each stage's result is recorded in the work folder."""
 
-    import torch
+    def __init__(self, opts: _Options, progress: Progress | None) -> None:
+        self.o = opts
+        self.report = progress or (lambda message, fraction: None)
+        self.t_start = time.perf_counter()
 
-    with _torch_threads(threads):
-        torch.manual_seed(seed)
-        cal_digest = _text_digest(cal_text if cal_text is not None else "default")
-        settings = {"source": source_identity(source), "drop_layers": drop_layers, "target_speedup": target_speedup,
-                    "max_ppl_increase": ppl_budget, "prune_mlp": width_cut, "heal": heal, "calibration": cal_digest,
-                    "seed": seed, "seq_len": seq_len, "calibration_tokens": calibration_tokens, "fit_tokens": fit_tokens,
-                    "distill": vars(distill_settings) if distill_settings else None, "version": 1}
-        work = WorkDir(out, settings)
-        resumed = work.open(resume)
-        seconds: dict[str, float] = dict((work.read("seconds.json") or {}) if resumed else {})
-        # earlier runs' time before their distillation, counted against a time budget (their distillation time is in
-        # the checkpoint's state)
-        spent_before = sum(v for k, v in seconds.items() if k not in ("healing", "saving", "measuring"))
-        clock = _Clock(seconds, work)
+    def run(self) -> CompressionReport:
+        import torch
+        from transformers import AutoTokenizer
 
-        report_progress("loading the model", 0.0)
-        teacher = load_model(source)
-        check_structure(teacher, str(src))
-        n_layers = len(teacher.model.layers)
-        full_width = teacher.model.layers[0].mlp.down_proj.in_features
-        width = None
-        if width_cut:
-            width = max(WIDTH_MULTIPLE, int(round(full_width * (1 - width_cut) / WIDTH_MULTIPLE)) * WIDTH_MULTIPLE)
-            width = min(width, full_width)
-        seq = min(seq_len, getattr(teacher.config, "max_position_embeddings", seq_len) or seq_len,
-                  max_window(teacher) or seq_len)
-        win = calib.windows(tokenizer, cal, seq_len=seq, max_tokens=calibration_tokens, fit_tokens=fit_tokens,
-                            source=cal_name)
+        o = self.o
+        tokenizer = AutoTokenizer.from_pretrained(o.source)
+        text = o.calibration if o.calibration is not None else calib.default_text()
+        calib.check_length(tokenizer, text, o.calibration_name)  # before minutes of loading and scoring
+        o.out.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(o.seed)
+        self.work = WorkDir(o.out, o.settings())
+        self.resumed = self.work.open(o.resume)
+        self.seconds: dict[str, float] = dict((self.work.read("seconds.json") or {}) if self.resumed else {})
+        self.clock = _Clock(self.seconds, self.work)
+        self.earlier = sum(v for k, v in self.seconds.items() if k in ("scoring", "pruning"))  # earlier runs
 
-        # 1. scores and choice
-        plan = work.read("plan.json") if resumed else None
-        if plan is None:
-            with clock("scoring"):
-                explicit = not isinstance(drop_layers, int) and drop_layers is not None
-                if explicit:
-                    _check_drop(drop_layers, n_layers)
-                scores = score_layers(teacher, list(win.fit[: 8].split(2)), list(win.score.split(2)),
-                                      progress=lambda m, f: report_progress(m, 0.05 + 0.15 * f)) if n_layers > 2 else []
-                drop, choice = _choose(scores, n_layers, drop_layers, target_speedup, ppl_budget, heal, teacher, width)
-                plan = {"scores": [s.to_dict() for s in scores], "drop": drop, "choice": choice, "width": width}
-                work.write("plan.json", plan)
-        drop, scores = plan["drop"], plan["scores"]
-        _check_drop(drop, n_layers)
-        if len(drop) > n_layers - 2:
-            raise InvalidParameterError(f"Cannot remove {len(drop)} of {n_layers} blocks.", fix=f"At most {n_layers - 2}.",
-                                        parameter="drop_layers", value=len(drop))
+        self.report("loading the model", 0.0)
+        self.teacher = load_model(o.source)
+        check_structure(self.teacher, o.src)
+        self.n_layers = len(self.teacher.model.layers)
+        self.full_width = self.teacher.model.layers[0].mlp.down_proj.in_features
+        self.width = None
+        if o.width_cut:
+            kept = int(round(self.full_width * (1 - o.width_cut) / WIDTH_MULTIPLE)) * WIDTH_MULTIPLE
+            self.width = min(self.full_width, max(WIDTH_MULTIPLE, kept))
+        seq = min(o.seq_len, getattr(self.teacher.config, "max_position_embeddings", None) or o.seq_len,
+                  max_window(self.teacher) or o.seq_len)
+        self.windows = calib.windows(tokenizer, text, seq_len=seq, max_tokens=o.calibration_tokens,
+                                     fit_tokens=o.fit_tokens, source=o.calibration_name)
+        plan = self._plan()
+        student, lin_state, latest = self._prune(plan["drop"])
+        distilled = self._distill(student, latest) if o.heal == "distill" else None
+        return self._finish(plan, student, lin_state, distilled)
 
-        # 2. removal with closed-form healing
-        student = copy.deepcopy(teacher)
-        lin_plan = LinearPlan(drop=drop, width=width, heal_depth=heal != "none", compensate=heal != "none")
-        linear_ckpt = work.path / "linear"
-        state = work.latest() if resumed else None
-        if (linear_ckpt / "state.json").is_file() or state is not None:
-            kept = _restore_structure(student, family, drop, width)
-            _load_weights(student, (state[0] if state else linear_ckpt))
-            lin_state = work.read("linear.json") or {}
-        else:
-            with clock("pruning"):
-                stats = linear_pass(teacher, student, list(win.fit.split(2)), lin_plan,
-                                    progress=lambda m, f: report_progress(f"pruning: {m}", 0.2 + 0.1 * f))
-                drop_layers_(student, family, drop)
-                lin_state = {"kept_neurons": stats.get("kept_neurons"), "layers": stats["layers"]}
-                work.write("linear.json", lin_state)
-                _save_weights_dir(work, "linear", student, {"stage": "linear"})
-            state = None
+    # --- 1. scores and choice -----------------------------------------------------------------------------
 
-        # 3. distillation
-        distilled: DistillState | None = None
-        if heal == "distill":
-            ds = distill_settings or DistillSettings(seed=seed)
-            prior = DistillState(**{k: v for k, v in state[1].items() if k in DistillState.__dataclass_fields__}) \
-                if state and state[1].get("stage") == "distill" else None
-            opt_state = torch.load(state[0] / "optim.pt", weights_only=True) if prior is not None else None
+    def _plan(self) -> dict[str, Any]:
+        o = self.o
+        plan = self.work.read("plan.json") if self.resumed else None
+        if plan is not None:
+            return plan
+        if isinstance(o.drop_layers, list):
+            _check_drop(o.drop_layers, self.n_layers)
+        with self.clock("scoring"):
+            w = self.windows
+            scores = score_layers(self.teacher, list(w.fit[:8].split(2)), list(w.score.split(2)),
+                                  progress=lambda m, f: self.report(m, 0.05 + 0.15 * f))
+            drop, choice = _choose(scores, self.n_layers, o.drop_layers, o.target_speedup, o.ppl_budget, o.heal,
+                                   self.teacher, self.width)
+            _check_drop(drop, self.n_layers)
+            plan = {"scores": [s.to_dict() for s in scores], "drop": drop, "choice": choice}
+            self.work.write("plan.json", plan)
+        return plan
 
-            def save(st: DistillState, opt: Any) -> None:
-                clock.flush()
-                _save_weights_dir(work, f"distill-{st.steps:06d}", student, {"stage": "distill", **st.to_dict()},
-                                  optimizer=opt)
+    # --- 2. removal, with closed-form healing ---------------------------------------------------------------
 
-            with clock("healing"):
-                spent = spent_before + time.perf_counter() - t_start
-                distilled = distill(teacher, student, win.train, the_budget, settings=ds, state=prior,
-                                    optimizer_state=opt_state, spent_seconds=spent, save=save,
-                                    progress=lambda m, f: report_progress(m, 0.3 + 0.5 * f))
+    def _prune(self, drop: list[int]) -> tuple[Any, dict[str, Any], tuple[Path, dict[str, Any]] | None]:
+        o = self.o
+        student = copy.deepcopy(self.teacher)
+        latest = self.work.latest() if self.resumed else None
+        base = self.work.path / "linear"
+        if latest is not None or (self.resumed and (base / "state.json").is_file()):
+            _restore_structure(student, o.family, drop, self.width)
+            _load_weights(student, latest[0] if latest else base)
+            return student, self.work.read("linear.json") or {}, latest
+        heal = o.heal != "none"
+        plan = LinearPlan(drop=drop, width=self.width, heal_depth=heal, compensate=heal)
+        with self.clock("pruning"):
+            stats = linear_pass(self.teacher, student, list(self.windows.fit.split(2)), plan,
+                                progress=lambda m, f: self.report(f"pruning: {m}", 0.2 + 0.1 * f))
+            drop_layers_(student, o.family, drop)
+            lin_state = {"kept_neurons": stats.get("kept_neurons"), "layers": stats["layers"]}
+            self.work.write("linear.json", lin_state)
+            _save_weights_dir(self.work, "linear", student, {"stage": "linear"})
+        return student, lin_state, None
 
-        # 4. write the checkpoint (temporary folder, renamed at the end), measure
-        params_after = count_parameters(student)
+    # --- 3. distillation ------------------------------------------------------------------------------------
+
+    def _distill(self, student: Any, latest: tuple[Path, dict[str, Any]] | None) -> DistillState:
+        import torch
+
+        prior = opt_state = None
+        if latest is not None and latest[1].get("stage") == "distill":
+            prior = DistillState(**{k: v for k, v in latest[1].items() if k in DistillState.__dataclass_fields__})
+            opt_state = torch.load(latest[0] / "optim.pt", weights_only=True)
+
+        def save(st: DistillState, opt: Any) -> None:
+            self.clock.flush()
+            _save_weights_dir(self.work, f"distill-{st.steps:06d}", student, {"stage": "distill", **st.to_dict()},
+                              optimizer=opt)
+
+        # a time budget covers the whole compression: this run so far, and earlier runs before their
+        # distillation (their distillation time is in the checkpoint's state)
+        spent = self.earlier + (time.perf_counter() - self.t_start)
+        with self.clock("healing"):
+            return distill(self.teacher, student, self.windows.train, self.o.budget, settings=self.o.distill,
+                           state=prior, optimizer_state=opt_state, spent_seconds=spent, save=save,
+                           progress=lambda m, f: self.report(m, 0.3 + 0.5 * f))
+
+    # --- 4. the output, and what it cost ---------------------------------------------------------------------
+
+    def _finish(self, plan: dict[str, Any], student: Any, lin_state: dict[str, Any],
+                distilled: DistillState | None) -> CompressionReport:
+        o, drop = self.o, plan["drop"]
         result = CompressionReport(
-            output=str(out), source=str(src), architecture=family.model_type, layers_before=n_layers,
-            layers_after=n_layers - len(drop), dropped_layers=drop, mlp_width_before=full_width,
-            mlp_width_after=width or full_width, parameters_before=count_parameters(teacher),
-            parameters_after=params_after, heal=heal, choice=plan["choice"], scores=scores,
-            estimated_speedup=round(estimate_speedup(teacher, drop, width), 3),
-            budget=the_budget.describe() if the_budget else None,
-            distillation=distilled.to_dict() if distilled else None, resumed=resumed, calibration=cal_name,
-            calibration_tokens=win.tokens)
-        provenance = {"source": str(src), "dropped_layers": drop, "mlp_width": width or full_width,
-                      "original_layers": n_layers, "original_mlp_width": full_width, "heal": heal}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            output=str(o.out), source=o.src, architecture=o.family.model_type, layers_before=self.n_layers,
+            layers_after=self.n_layers - len(drop), dropped_layers=drop, mlp_width_before=self.full_width,
+            mlp_width_after=self.width or self.full_width, parameters_before=count_parameters(self.teacher),
+            parameters_after=count_parameters(student), heal=o.heal, choice=plan["choice"], scores=plan["scores"],
+            estimated_speedup=round(estimate_speedup(self.teacher, drop, self.width), 3),
+            budget=o.budget.describe() if o.budget else None,
+            distillation=distilled.to_dict() if distilled else None, resumed=self.resumed,
+            calibration=o.calibration_name, calibration_tokens=self.windows.tokens)
+        provenance = {"source": o.src, "dropped_layers": drop, "mlp_width": self.width or self.full_width,
+                      "original_layers": self.n_layers, "original_mlp_width": self.full_width, "heal": o.heal}
+        tmp = Path(tempfile.mkdtemp(prefix=f".{o.out.name}.", suffix=".tmp", dir=o.out.parent))
         try:
-            with clock("saving"):
-                report_progress("writing the checkpoint", 0.8)
-                save_checkpoint(student, source, tmp, dtype=source_dtype(config), provenance=provenance)
-            if measure:
-                with clock("measuring"):
-                    _measure(result, source, tmp, teacher, family, drop, width, lin_state, extra_text, eval_text,
-                             curve, scores, work, lambda m, f: report_progress(m, 0.85 + 0.15 * f))
-                if ppl_budget is not None:
-                    ratio = result.ppl_ratio("built-in")
-                    if ratio is not None and ratio - 1 > ppl_budget:
-                        work.remove()
-                        raise QualityBudgetError(
-                            f"Removing {len(drop)} blocks raised perplexity on the built-in text by {(ratio - 1):.1%} "
-                            f"(estimated before healing: within {ppl_budget:.1%}), over the budget; {out} was not written.",
-                            fix=f"Use --drop-layers {max(0, len(drop) - 1)} or a looser --max-ppl-increase.",
-                            perplexity=result.perplexity)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            with self.clock("saving"):
+                self.report("writing the checkpoint", 0.8)
+                save_checkpoint(student, o.source, tmp, dtype=source_dtype(o.config), provenance=provenance)
+            if o.measure:
+                with self.clock("measuring"):
+                    _measure(result, o, tmp, self.teacher, drop, self.width, lin_state, self.work,
+                             lambda m, f: self.report(m, 0.85 + 0.15 * f))
+                self._check_quality(result)
+            if o.out.exists():
+                shutil.rmtree(o.out)
+            os.replace(tmp, o.out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        work.remove()
-        seconds["total"] = sum(v for k, v in seconds.items() if k != "total")
-        result.seconds = {k: round(v, 1) for k, v in seconds.items()}
-        report_progress("done", 1.0)
+        self.work.remove()
+        self.seconds["total"] = sum(v for k, v in self.seconds.items() if k != "total")
+        result.seconds = {k: round(v, 1) for k, v in self.seconds.items()}
+        self.report("done", 1.0)
         return result
+
+    def _check_quality(self, result: CompressionReport) -> None:
+        budget = self.o.ppl_budget
+        ratio = result.ppl_ratio("built-in")
+        if budget is None or ratio is None or ratio - 1 <= budget:
+            return
+        self.work.remove()  # the settings include the budget: a looser one starts afresh anyway
+        n = len(result.dropped_layers)
+        raise QualityBudgetError(
+            f"Removing {n} blocks raised perplexity on the built-in text by {ratio - 1:.1%} (estimated from the "
+            f"layer scores: within {budget:.1%}), over the budget; {self.o.out} was not written.",
+            fix=f"Use --drop-layers {max(0, n - 1)}, or a looser --max-ppl-increase.", perplexity=result.perplexity)
 
 
 @contextlib.contextmanager
@@ -453,17 +537,16 @@ def _load_weights(student: Any, folder: Path) -> None:
         p.data = tensors[name].to(p.dtype).contiguous()
 
 
-def _measure(result: CompressionReport, source: Path, compressed: Path, teacher: Any, family: Family,
-             drop: list[int], width: int | None, lin_state: dict[str, Any], extra_text: str | None,
-             eval_text: Any, curve: bool, scores: list[dict[str, Any]], work: WorkDir, threads: int | None,
-             report: Progress) -> None:
+def _measure(result: CompressionReport, o: _Options, compressed: Path, teacher: Any, drop: list[int],
+             width: int | None, lin_state: dict[str, Any], work: WorkDir, report: Progress) -> None:
     """q8_0 GGUFs of the original, the pruned-not-healed model and the result: perplexity (llama.cpp) on the
-    built-in text and ``extra_text``, decode tokens/s each in its own process; with ``curve``, perplexity with the
-    best-scored 0..N blocks removed (no healing, full MLP width)."""
+    built-in text and the eval text, decode tokens/s each in its own process; with ``o.curve``, perplexity with
+    the best-scored 0..N blocks removed (no healing, full MLP width)."""
     import edgelm
     from edgelm.measure import bench, evaluate
 
-    load = {"threads": threads} if threads else {}
+    load = {"threads": o.threads} if o.threads else {}
+    source, family, scores = o.source, o.family, result.scores
     folder = Path(tempfile.mkdtemp(prefix=".measure.", dir=work.path))
     try:
         def gguf(checkpoint: Path, name: str) -> Path:
@@ -492,8 +575,8 @@ def _measure(result: CompressionReport, source: Path, compressed: Path, teacher:
             report("building the pruned, not healed model", 0.15)
             models["pruned"] = plain("pruned", drop, lin_state.get("kept_neurons"))
         texts: dict[str, str | None] = {"built-in": None}
-        if extra_text is not None:
-            texts[Path(eval_text).name] = extra_text
+        if o.eval_text is not None:
+            texts[o.eval_name or "eval text"] = o.eval_text
         for t, (label, text) in enumerate(texts.items()):
             row = {}
             for name, path in models.items():
@@ -512,7 +595,7 @@ def _measure(result: CompressionReport, source: Path, compressed: Path, teacher:
             "compressed": round(statistics.median([runs[1].tokens_per_second, runs[3].tokens_per_second]), 1)}
         result.gguf_q8_0_bytes = {"original": models["original"].stat().st_size,
                                   "compressed": models["compressed"].stat().st_size}
-        if curve:
+        if o.curve:
             order = [s["layer"] for s in sorted(scores, key=lambda s: s.get("kl_healed") or 0) if s["layer"] in drop]
             order += [i for i in drop if i not in order]
             points = [{"layers_removed": 0, "perplexity": result.perplexity["built-in"]["original"]}]

@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from edgelm.errors import InvalidParameterError

@@ -133,7 +133,7 @@ def prune_mlp(model: Any, keep: Sequence[Any]) -> None:
     width = {len(k) for k in keep}
     if len(width) != 1:
         raise ValueError(f"every layer must keep the same number of MLP neurons, got {sorted(width)}")
-    for layer, idx in zip(decoder_layers(model), keep):
+    for layer, idx in zip(decoder_layers(model), keep, strict=True):
         idx = torch.as_tensor(idx, dtype=torch.long).sort().values
         mlp = layer.mlp
         for name in ("gate_proj", "up_proj"):
@@ -186,5 +186,3 @@ def source_dtype(config: dict[str, Any]) -> str | None:
     return config.get("torch_dtype") or config.get("dtype")
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
