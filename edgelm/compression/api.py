@@ -287,8 +287,9 @@ class _Compression:
             _check_drop(o.drop_layers, self.n_layers)
         with self.clock("scoring"):
             w = self.windows
-            scores = score_layers(self.teacher, list(w.fit[:8].split(2)), list(w.score.split(2)),
-                                  progress=lambda m, f: self.report(m, 0.05 + 0.15 * f))
+            healed = o.heal != "none"
+            scores = score_layers(self.teacher, list(w.fit[:8].split(2)), list(w.score.split(1)), plain=not healed,
+                                  healed=healed, progress=lambda m, f: self.report(m, 0.05 + 0.15 * f))
             drop, choice = _choose(scores, self.n_layers, o.drop_layers, o.target_speedup, o.ppl_budget, o.heal,
                                    self.teacher, self.width)
             _check_drop(drop, self.n_layers)
@@ -481,7 +482,7 @@ def _choose(scores: list[LayerScore], n: int, drop_layers: Any, target_speedup: 
     limit = math.log1p(ppl_budget)
     total, chosen = 0.0, []
     for s in ranked:
-        cost = max(0.0, s.ce_increase if heal != "none" else s.kl)
+        cost = max(0.0, s.ce_increase or 0.0)
         if total + cost > limit:
             break
         total += cost
@@ -596,7 +597,8 @@ def _measure(result: CompressionReport, o: _Options, compressed: Path, teacher: 
         result.gguf_q8_0_bytes = {"original": models["original"].stat().st_size,
                                   "compressed": models["compressed"].stat().st_size}
         if o.curve:
-            order = [s["layer"] for s in sorted(scores, key=lambda s: s.get("kl_healed") or 0) if s["layer"] in drop]
+            ranked = sorted(scores, key=lambda s: s["kl_healed"] if s.get("kl_healed") is not None else s["kl"])
+            order = [s["layer"] for s in ranked if s["layer"] in drop]
             order += [i for i in drop if i not in order]
             points = [{"layers_removed": 0, "perplexity": result.perplexity["built-in"]["original"]}]
             for k in range(1, len(order) + 1):

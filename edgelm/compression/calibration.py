@@ -57,7 +57,7 @@ class Windows:
     tokens: int  # in the whole text
 
 
-def windows(tokenizer: Any, text: str, *, seq_len: int, max_tokens: int, fit_tokens: int, score_windows: int = 4,
+def windows(tokenizer: Any, text: str, *, seq_len: int, max_tokens: int, fit_tokens: int, score_windows: int = 2,
             source: str = "calibration text") -> Windows:
     import torch
 
