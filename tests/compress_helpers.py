@@ -1,6 +1,7 @@
 """Tiny random checkpoints for the compression tests: 6 decoder blocks (so middle ones can go), hidden 64, a
-512-piece SentencePiece tokenizer llama.cpp's converter reads (Qwen3: SmolLM2's byte-level BPE, which the converter
-recognises; see tests/hf_fixtures.py)."""
+512-piece SentencePiece tokenizer llama.cpp's converter reads.  (llama.cpp converts Qwen3 only with a byte-level
+BPE tokenizer: ``tokenizer="bpe"`` copies SmolLM2's, which costs deriving SmolLM2 once per test session, see
+tests/hf_fixtures.py; the tests that never convert a Qwen3 checkpoint to GGUF do not need it.)"""
 
 from __future__ import annotations
 
@@ -12,18 +13,19 @@ ARCHS = {  # model type -> (config class, model class, tokenizer)
     "llama": ("LlamaConfig", "LlamaForCausalLM", "spm"),
     "mistral": ("MistralConfig", "MistralForCausalLM", "spm"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "spm"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "bpe"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "spm"),
 }
 
 
 def tiny_model(model_type: str, folder: Path, *, layers: int = 6, hidden: int = 64, intermediate: int = 256,
-               seed: int = 0) -> Path:
+               seed: int = 0, tokenizer: str | None = None) -> Path:
     import torch
     import transformers
 
     from .hf_fixtures import _sentencepiece_tokenizer, smollm2_hf_checkpoint
 
-    config_cls, model_cls, tokenizer = ARCHS[model_type]
+    config_cls, model_cls, default_tokenizer = ARCHS[model_type]
+    tokenizer = tokenizer or default_tokenizer
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer == "bpe":
         src = smollm2_hf_checkpoint()

@@ -27,6 +27,7 @@ from edgelm.errors import InvalidParameterError, OutputExistsError, QualityBudge
 from . import calibration as calib
 from .distill import Budget, DistillSettings, DistillState, distill, parse_budget, trainable_parameters
 from .families import Family, family_of
+from .gguf_blocks import drop_blocks
 from .linear import LinearPlan, linear_pass
 from .report import CompressionReport
 from .scoring import LayerScore, score_layers
@@ -288,8 +289,11 @@ class _Compression:
         with self.clock("scoring"):
             w = self.windows
             healed = o.heal != "none"
-            scores = score_layers(self.teacher, list(w.fit[:8].split(2)), list(w.score.split(1)), plain=not healed,
-                                  healed=healed, progress=lambda m, f: self.report(m, 0.05 + 0.15 * f))
+            given = isinstance(o.drop_layers, list) or not (o.drop_layers or o.target_speedup or o.ppl_budget)
+            # blocks given (or none removed): nothing to choose, so only the cheap angular distances, for the report
+            scores = score_layers(self.teacher, list(w.fit[:8].split(2)), list(w.score.split(1)),
+                                  plain=not healed and not given, healed=healed and not given,
+                                  progress=lambda m, f: self.report(m, 0.05 + 0.15 * f))
             drop, choice = _choose(scores, self.n_layers, o.drop_layers, o.target_speedup, o.ppl_budget, o.heal,
                                    self.teacher, self.width)
             _check_drop(drop, self.n_layers)
@@ -458,11 +462,11 @@ def _need_converter() -> None:
 def _choose(scores: list[LayerScore], n: int, drop_layers: Any, target_speedup: float | None,
             ppl_budget: float | None, heal: str, model: Any, width: int | None) -> tuple[list[int], str]:
     key = "kl_healed" if heal != "none" else "kl"
-    ranked = sorted(scores, key=lambda s: getattr(s, key))
-    if drop_layers is None and target_speedup is None and ppl_budget is None:
+    if (drop_layers is None and target_speedup is None and ppl_budget is None) or drop_layers == 0:
         return [], "no blocks removed"
     if drop_layers is not None and not isinstance(drop_layers, int):
         return sorted(int(i) for i in drop_layers), "given"
+    ranked = sorted(scores, key=lambda s: getattr(s, key))
     if isinstance(drop_layers, int):
         if drop_layers > n - 2:
             raise InvalidParameterError(
@@ -570,11 +574,15 @@ def _measure(result: CompressionReport, o: _Options, compressed: Path, teacher: 
             shutil.rmtree(ckpt)
             return path
 
+        def cut(name: str, blocks: list[int]) -> Path:  # blocks removed, nothing else: cut from the original's GGUF
+            return drop_blocks(models["original"], folder / f"{name}-q8_0.gguf", blocks)
+
         report("converting the original to q8_0", 0.0)
         models = {"original": gguf(source, "original"), "compressed": gguf(compressed, "compressed")}
         if result.heal != "none":
             report("building the pruned, not healed model", 0.15)
-            models["pruned"] = plain("pruned", drop, lin_state.get("kept_neurons"))
+            kept = lin_state.get("kept_neurons")
+            models["pruned"] = plain("pruned", drop, kept) if kept else cut("pruned", drop)
         texts: dict[str, str | None] = {"built-in": None}
         if o.eval_text is not None:
             texts[o.eval_name or "eval text"] = o.eval_text
@@ -603,7 +611,7 @@ def _measure(result: CompressionReport, o: _Options, compressed: Path, teacher: 
             points = [{"layers_removed": 0, "perplexity": result.perplexity["built-in"]["original"]}]
             for k in range(1, len(order) + 1):
                 report(f"curve: {k} blocks removed", 0.75 + 0.25 * k / len(order))
-                path = plain(f"curve-{k}", sorted(order[:k]), None)
+                path = cut(f"curve-{k}", sorted(order[:k]))
                 ppl = evaluate(str(path), **load)[0].perplexity
                 points.append({"layers_removed": k, "perplexity": round(ppl, 4)})
                 path.unlink()

@@ -107,7 +107,8 @@ def score_layers(model: Any, fit: Sequence[Any], score: Sequence[Any], *, ridge:
             count += 1
         for s in scores:
             ang, kl, klh, dce = totals[s.layer]
-            s.angular, s.ce_increase = ang / count, dce / count
+            s.angular = ang / count
+            s.ce_increase = dce / count if plain or healed else None
             s.kl = kl / count if plain else None
             s.kl_healed = klh / count if healed else None
     return scores
