@@ -313,6 +313,9 @@ class _Compression:
             _load_weights(student, latest[0] if latest else base)
             return student, self.work.read("linear.json") or {}, latest
         heal = o.heal != "none"
+        if not heal and self.width is None:  # blocks removed, nothing refitted: no statistics to gather
+            drop_layers_(student, o.family, drop)
+            return student, {"kept_neurons": None, "layers": []}, None
         plan = LinearPlan(drop=drop, width=self.width, heal_depth=heal, compensate=heal)
         with self.clock("pruning"):
             stats = linear_pass(self.teacher, student, list(self.windows.fit.split(2)), plan,

@@ -8,7 +8,8 @@ least-squares healing folds its correction into ``mlp.down_proj``, the last line
 also needs that shape (Gemma's norm after the MLP breaks it; Phi-3 fuses gate and up into one matrix).
 
 Each family is verified by the tests on a tiny random checkpoint: the compressed output loads in transformers,
-generates, and converts to GGUF with llama.cpp's converter.
+computes what the original computes with those blocks skipped, and generates; Llama and Qwen2 outputs are also
+converted to GGUF with llama.cpp's converter and run.
 """
 
 from __future__ import annotations
