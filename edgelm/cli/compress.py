@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from typing import Any
 
 import click
@@ -88,6 +89,30 @@ def compress_command(src: str, output: str, drop_layers: str | None, target_spee
     from edgelm.compression import compress
     from edgelm.compression.report import plot as plot_report
 
+    def terminated(signum: int, frame: Any) -> None:  # `kill` cleans up like Ctrl-C: no temporary folder is left
+        raise KeyboardInterrupt
+
+    options = dict(drop_layers=_drop(drop_layers), target_speedup=target_speedup, max_ppl_increase=max_ppl_increase,
+                   prune_mlp=prune_mlp, heal=heal, budget=budget, calibration=calibration, eval_text=eval_text,
+                   overwrite=overwrite, resume=resume, revision=revision, measure=not no_eval,
+                   curve=plot is not None, seed=seed, threads=threads)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        report = _with_progress(lambda progress: compress(src, output, progress=progress, **options))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if plot:
+        plot_report(report, plot)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    click.echo(report.table())
+    if plot:
+        click.echo(f"chart         {plot}")
+
+
+def _with_progress(work: Any) -> Any:
+    """Run ``work(progress)`` under a progress bar on stderr (the report goes to stdout)."""
     with click.progressbar(length=1000, label="compressing", file=click.get_text_stream("stderr"),
                            show_eta=False, item_show_func=lambda s: s) as bar:
         state = {"done": 0}
@@ -97,20 +122,9 @@ def compress_command(src: str, output: str, drop_layers: str | None, target_spee
             bar.update(max(0, target - state["done"]), message)
             state["done"] = max(state["done"], target)
 
-        report = compress(src, output, drop_layers=_drop(drop_layers), target_speedup=target_speedup,
-                          max_ppl_increase=max_ppl_increase, prune_mlp=prune_mlp, heal=heal, budget=budget,
-                          calibration=calibration, eval_text=eval_text, overwrite=overwrite, resume=resume,
-                          revision=revision, measure=not no_eval, curve=plot is not None, seed=seed,
-                          threads=threads, progress=progress)
+        result = work(progress)
         bar.update(1000 - state["done"], "done")
-    if plot:
-        plot_report(report, plot)
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
-        return
-    click.echo(report.table())
-    if plot:
-        click.echo(f"chart         {plot}")
+    return result
 
 
 COMMANDS: list[Any] = [compress_command]
