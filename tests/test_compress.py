@@ -111,6 +111,18 @@ def test_bad_parameters_are_refused_before_any_work(tmp_path, kwargs, parameter)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+@pytest.mark.parametrize("drop,says", [
+    (6, "removing them all is impossible"), (5, "Remove at most 4"), ([0, 2], "first decoder block"),
+    ([3, 5], "last decoder block"), ([2, 9], "has layers 0..5"),
+])
+def test_all_first_or_last_block_is_refused_before_loading(tmp_path, drop, says):
+    src = _fake_checkpoint(tmp_path / "src", LLAMA)  # no real weights: the check comes before any loading
+    with pytest.raises(InvalidParameterError) as err:
+        edgelm.compress(src, tmp_path / "out", drop_layers=drop, measure=False)
+    assert err.value.parameter == "drop_layers" and says in str(err.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 @pytest.mark.parametrize("config,named", [
     ({"architectures": ["BertModel"], "model_type": "bert"}, "BertModel"),
     ({"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True}, "t5"),

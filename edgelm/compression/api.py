@@ -68,6 +68,14 @@ def _check_drop(drop: Sequence[int], n: int) -> list[int]:
     return out
 
 
+def _check_count(count: int, n: int) -> None:
+    if count > n - 2:
+        raise InvalidParameterError(
+            f"Cannot remove {count} of {n} decoder blocks: the first and last are always kept"
+            + (", so removing them all is impossible" if count >= n else "") + ".",
+            fix=f"Remove at most {n - 2}.", parameter="drop_layers", value=count)
+
+
 def read_per_token(model: Any) -> int:
     """Weights read from memory per generated token: every matrix but the input embedding's rows not looked up
     (a tied output head is read whole)."""
@@ -217,6 +225,12 @@ def _options(src: Any, output: Any, drop_layers: Any, target_speedup: Any, max_p
     config = read_checkpoint(source, tokenizer_files=("tokenizer.json", "tokenizer.model", "vocab.json"),
                              tokenizer_why="the compressed model needs the tokenizer")
     family = family_of(config, str(src))
+    n_layers = config.get("num_hidden_layers")
+    if isinstance(n_layers, int) and drop_layers is not None:  # checked again on the loaded model
+        if isinstance(drop_layers, list):
+            _check_drop(drop_layers, n_layers)
+        else:
+            _check_count(drop_layers, n_layers)
     out = Path(output).expanduser()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         if not overwrite:
@@ -471,11 +485,7 @@ def _choose(scores: list[LayerScore], n: int, drop_layers: Any, target_speedup: 
         return sorted(int(i) for i in drop_layers), "given"
     ranked = sorted(scores, key=lambda s: getattr(s, key))
     if isinstance(drop_layers, int):
-        if drop_layers > n - 2:
-            raise InvalidParameterError(
-                f"Cannot remove {drop_layers} of {n} decoder blocks: the first and last are always kept"
-                + (", so removing them all is impossible" if drop_layers >= n else "") + ".",
-                fix=f"Remove at most {n - 2}.", parameter="drop_layers", value=drop_layers)
+        _check_count(drop_layers, n)
         return sorted(s.layer for s in ranked[:drop_layers]), f"the {drop_layers} lowest {key.replace('_', ' ')}"
     if target_speedup is not None:
         for k in range(0, n - 1):
