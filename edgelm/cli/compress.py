@@ -89,8 +89,12 @@ def compress_command(src: str, output: str, drop_layers: str | None, target_spee
     from edgelm.compression import compress
     from edgelm.compression.report import plot as plot_report
 
-    def terminated(signum: int, frame: Any) -> None:  # `kill` cleans up like Ctrl-C: no temporary folder is left
-        raise KeyboardInterrupt
+    def terminated(signum: int, frame: Any) -> None:  # `kill` acts as Ctrl-C: a checkpoint, no temporary folder
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
 
     options = dict(drop_layers=_drop(drop_layers), target_speedup=target_speedup, max_ppl_increase=max_ppl_increase,
                    prune_mlp=prune_mlp, heal=heal, budget=budget, calibration=calibration, eval_text=eval_text,
