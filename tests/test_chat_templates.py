@@ -346,3 +346,41 @@ def test_real_server_answers_chat_with_400_to_the_official_clients(base_gguf):
         plain = oll.generate(model="base", prompt="The capital of France is",
                              options={"num_predict": 8, "temperature": 0})
         assert raw.response.strip() and plain.response == raw.response  # no template: the prompt as it is
+
+
+# --- the onnxruntime backend: an ONNX folder whose tokenizer files carry no template -----------------------------
+
+@pytest.fixture(scope="module")
+def onnx_base(tmp_path_factory) -> Path:
+    """A tiny random llama exported to ONNX (fp32), then stripped of chat_template.jinja and the tokenizer_config
+    entry: what a base model's export looks like."""
+    import json
+
+    from edgelm.converters.onnx import convert_to_onnx
+
+    from .onnx_helpers import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("onnx-no-template")
+    out = convert_to_onnx(tiny_checkpoint("llama", root / "src"), root / "model", "fp32")
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.budget(120)
+def test_onnx_model_without_template_refuses_chat_until_one_is_named(onnx_base):
+    with edgelm.load(onnx_base, backend="onnxruntime", threads=1) as m:
+        assert m.chat_template is None
+        with pytest.raises(NoChatTemplateError, match="no chat_template.jinja"):
+            m.chat(HI)
+        assert m.generate("The object", max_tokens=4, temperature=0).usage.completion_tokens > 0
+    with edgelm.load(onnx_base, backend="onnxruntime", threads=1, chat_template="chatml") as m:
+        tokens = m.chat_tokens(HI)
+        start = m.tokenize("<|im_start|>", add_special=False, parse_special=True)
+        assert len(start) == 1 and tokens.count(start[0]) == 2  # the user turn and the assistant's
+        assert m.chat(HI, max_tokens=4, temperature=0).usage.prompt_tokens == len(tokens)
+    with pytest.raises(InvalidParameterError, match="<start_of_turn>, <end_of_turn>"):
+        edgelm.load(onnx_base, backend="onnxruntime", threads=1, chat_template="gemma")
