@@ -242,7 +242,8 @@ def without_chat_template(src: Path, dst: Path, key: str = "tokenizer.chat_templ
             r.string()
             n_dims = r.scalar("<I")
             r.pos += 8 * n_dims + 4 + 8
-        head = bytes(buf[:8]) + struct.pack("<QQ", n_tensors, len(kept)) + b"".join(kept) + bytes(buf[infos_start:r.pos])
+        infos = bytes(buf[infos_start:r.pos])
+        head = bytes(buf[:8]) + struct.pack("<QQ", n_tensors, len(kept)) + b"".join(kept) + infos
         head += b"\0" * (-len(head) % alignment)
         tmp = dst.with_suffix(".part")
         with open(tmp, "wb") as out:
