@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import DoesNotFitError, HubError, UnsupportedModelError
 from .formats.gguf import AttentionShape, estimate_file_bytes, file_type_bpw
+from .units import human_bytes
 
 MB = 1024**2
 HEADROOM = 0.85  # a plan may use at most this share of the device's usable memory
@@ -378,17 +379,17 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
         smallest = min(tried, key=lambda r: r["memory_bytes"])
         raise DoesNotFitError(
             f"{Path(f.path).name} does not fit {dev.title}: it needs "
-            f"{_human(f.weight_bytes + parallel * f.kv_bytes(512) + _overhead(f, 512))} at its own {own} with n_ctx 512"
-            f"{f' for {parallel} sequences' if parallel > 1 else ''}, and the device has {_human(dev.usable_bytes)} usable "
-            f"({_human(dev.ram_bytes)} RAM); the smallest option, {smallest['quant']} with a {smallest['kv_cache']} "
-            f"KV cache at n_ctx {smallest['n_ctx']}, needs {_human(smallest['memory_bytes'])}.",
+            f"{human_bytes(f.weight_bytes + parallel * f.kv_bytes(512) + _overhead(f, 512))} at its own {own} with n_ctx 512"
+            f"{f' for {parallel} sequences' if parallel > 1 else ''}, and the device has {human_bytes(dev.usable_bytes)} usable "
+            f"({human_bytes(dev.ram_bytes)} RAM); the smallest option, {smallest['quant']} with a {smallest['kv_cache']} "
+            f"KV cache at n_ctx {smallest['n_ctx']}, needs {human_bytes(smallest['memory_bytes'])}.",
             fix="Use a smaller model (fewer parameters), fewer parallel sequences, or a device with more memory.",
             device=dev.name, needed=smallest["memory_bytes"], available=dev.usable_bytes,
         )
     quant = chosen.quant
     notes = []
     if quant != own:
-        notes.append(f"The file is {own} ({_human(f.weight_bytes)} of weights); {quant} is the largest that fits.")
+        notes.append(f"The file is {own} ({human_bytes(f.weight_bytes)} of weights); {quant} is the largest that fits.")
     notes += _notes(f, t, chosen)
     return _plan(f, t, chosen, backend="llamacpp", fmt="gguf", needs_conversion=quant != own,
                  convert_command=(f"edgelm convert SRC --to gguf --quant {quant.lower()} -o model-{quant.lower()}.gguf"
@@ -423,9 +424,9 @@ def _plan_onnx(f: ModelFacts, t: _Target) -> Plan:
     fit = _fit(f, t, f.quantization, f.weight_bytes, (_onnx_kv(f, t, f.quantization),), tried)
     if not fit.fits:
         raise DoesNotFitError(
-            f"{Path(f.path).name} ({f.quantization} ONNX, {_human(f.weight_bytes)} of weights) does not fit "
-            f"{t.dev.title}: it needs {_human(fit.memory_bytes)} at n_ctx {fit.n_ctx}, and the device has "
-            f"{_human(t.dev.usable_bytes)} usable ({_human(t.dev.ram_bytes)} RAM).",
+            f"{Path(f.path).name} ({f.quantization} ONNX, {human_bytes(f.weight_bytes)} of weights) does not fit "
+            f"{t.dev.title}: it needs {human_bytes(fit.memory_bytes)} at n_ctx {fit.n_ctx}, and the device has "
+            f"{human_bytes(t.dev.usable_bytes)} usable ({human_bytes(t.dev.ram_bytes)} RAM).",
             fix="Convert the source to a smaller quantization (`edgelm recommend SRC` on the Hugging Face checkpoint "
             "lists them with their sizes), or use a device with more memory.",
             device=t.dev.name, needed=fit.memory_bytes, available=t.dev.usable_bytes)
@@ -484,9 +485,9 @@ def _plan_checkpoint(f: ModelFacts, t: _Target) -> Plan:
         smallest = min((fit for r, fit in zip(rows, fits) if r["format"] == "gguf"), key=lambda x: x.memory_bytes)
         raise DoesNotFitError(
             f"{f.source or f.path} ({f.parameters / 1e6:.0f} M parameters) does not fit {t.dev.title} at any "
-            f"quantization: even {smallest.quant} ({_human(smallest.weight_bytes)}) with a {smallest.kv} KV cache at "
-            f"n_ctx {smallest.n_ctx} needs {_human(smallest.memory_bytes)}, and the device has "
-            f"{_human(t.dev.usable_bytes)} usable ({_human(t.dev.ram_bytes)} RAM).",
+            f"quantization: even {smallest.quant} ({human_bytes(smallest.weight_bytes)}) with a {smallest.kv} KV cache at "
+            f"n_ctx {smallest.n_ctx} needs {human_bytes(smallest.memory_bytes)}, and the device has "
+            f"{human_bytes(t.dev.usable_bytes)} usable ({human_bytes(t.dev.ram_bytes)} RAM).",
             fix="Use a smaller model (fewer parameters) or a device with more memory.",
             device=t.dev.name, needed=smallest.memory_bytes, available=t.dev.usable_bytes)
     rows[best]["recommended"] = True
@@ -525,5 +526,3 @@ def default_parallel(model: str | os.PathLike[str] | None, *, n_ctx: int | None 
     return max(1, min(most, available // 4 // per))
 
 
-def _human(n: int) -> str:
-    return f"{n / 1024**3:.2f} GB" if n >= 1024**3 else f"{n / MB:.0f} MB"
