@@ -8,7 +8,8 @@ text of other kinds.  The mix takes equal shares of several kinds, each read fro
 - ``docstrings``: the standard library's docstrings (technical reference prose, code in it);
 - ``manuals``: prose the standard library ships as files: IDLE's user manual, its change logs and read-me files;
 - ``readmes``: the project descriptions (mostly Markdown) of the installed distributions;
-- ``licences``: the licence files of the installed distributions and Python's own LICENSE.txt.
+- ``licences``: the licence files of the installed distributions and Python's own LICENSE.txt, less any of the
+  GNU family (GPL-3 is the out-of-domain text edgelm measures int4 on).
 
 Deterministic: sources are read in sorted order and cut to fixed shares, so one environment gives one text.  Held
 out: any paragraph that shares a run of :data:`SHINGLE` words with an evaluation text (the built-in one, or texts
@@ -34,6 +35,10 @@ DOCSTRING_MODULES = ("os", "re", "json", "collections", "itertools", "functools"
 KINDS = ("docstrings", "manuals", "readmes", "licences")
 DEFAULT_KINDS = KINDS
 SHINGLE = 8  # words: a paragraph sharing this many consecutive words with a held-out text is left out
+# licences of the GNU family are left out whole: edgelm's out-of-domain measurement (benchmarks/bench_int4_quality.py)
+# is the GPL-3 text, and some distributions bundle it in their licence files
+GNU = re.compile(r"GNU (?:(?:LESSER|LIBRARY|AFFERO) )?GENERAL PUBLIC LICENSE\s+Version|GNU Free Documentation "
+                 r"License\s+Version")  # a licence's own title, not a mention of it
 _WORD = re.compile(r"\w+")
 
 
@@ -76,8 +81,8 @@ def readmes() -> Iterator[str]:
 def licences() -> Iterator[str]:
     """Python's LICENSE.txt, then the licence files of the installed distributions, sorted by name."""
     python = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
-    if python.is_file():
-        yield python.read_text(encoding="utf-8", errors="replace")
+    if python.is_file() and not GNU.search(text := python.read_text(encoding="utf-8", errors="replace")):
+        yield text
     for dist in _distributions():
         for f in sorted(dist.files or (), key=str):
             name = f.name.upper()
@@ -86,7 +91,7 @@ def licences() -> Iterator[str]:
                     text = Path(dist.locate_file(f)).read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError):
                     continue
-                if len(text) > 500:
+                if len(text) > 500 and not GNU.search(text):
                     yield text
 
 

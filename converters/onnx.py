@@ -176,12 +176,16 @@ def _export_gptq(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     export_report(f"Exporting {config['architectures'][0]} to ONNX ({quant}) with onnxruntime-genai's model builder",
                   0.0)
     _run_builder(checkpoint, tmp, quant, opts, export_report)
+    from .onnx_mixed import apply_int8, read_int8  # issue 18: the matrices GPTQ kept at 8 bits
+
+    int8 = read_int8(checkpoint)
     shutil.rmtree(checkpoint, ignore_errors=True)
     if (config.get("text_config") or config).get("tie_word_embeddings", config.get("tie_word_embeddings")):
         export_report("Reading the input embedding from the int4 output head", 0.9)
         if not _embed_from_head(tmp):
             log.warning("The GPTQ model keeps a float copy of the embedding table (asymmetric int4, or not the graph "
                         "expected for a tied head): correct, but larger than round-to-nearest int4.")
+    apply_int8(tmp, int8)  # after _embed_from_head: an embedding looked up in an 8-bit head reads 8-bit rows
 
 
 def _embed_from_head(folder: Path) -> bool:
