@@ -13,7 +13,7 @@ import time
 import llama_cpp
 
 import edgelm
-from edgelm.runtimes.llamacpp import amx_present
+from edgelm.native.llamacpp import amx_present
 
 PROMPT = "Count from one to two hundred, in words: one, two, three,"
 

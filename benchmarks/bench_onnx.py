@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 import edgelm
-from edgelm.converters.onnx import BUILDER_MODULE, DEFAULT_ALGO, convert_to_onnx
+from edgelm.converters.onnx import convert_to_onnx
+from edgelm.converters.onnx_builder import BUILDER_MODULE
+from edgelm.converters.onnx_options import DEFAULT_ALGO
 from edgelm.platforms import default_threads
 
 PROMPT = "<|im_start|>user\nWrite a long story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"

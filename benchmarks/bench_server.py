@@ -156,7 +156,7 @@ def anchor(path: str, args: argparse.Namespace) -> None:
     port = free_port()
     # its AMX buffers crash on AMX CPUs (see bench_llamacpp.py): run it with extra buffers off, like edgelm
     code = ("import llama_cpp, llama_cpp.llama_cpp as b, runpy, sys\n"
-            "from edgelm.runtimes.llamacpp import amx_present\n"
+            "from edgelm.native.llamacpp import amx_present\n"
             "o = b.llama_model_default_params\n"
             "def p():\n    x = o(); x.use_extra_bufts = not amx_present(); return x\n"
             "b.llama_model_default_params = p\n"

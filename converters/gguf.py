@@ -1,4 +1,5 @@
-"""GGUF output: llama.cpp's own quantizer (through llama-cpp-python) re-quantizes a GGUF to any type it offers.
+"""The GGUF target: Hugging Face checkpoint -> 16-bit GGUF (llama.cpp's converter, :mod:`.hf_gguf`) -> any type
+llama.cpp's quantizer offers (through llama-cpp-python); a GGUF source is re-quantized directly.
 
 Writes to a temporary file next to the target and renames it at the end: an interrupted or failed run (Ctrl-C
 included) leaves nothing at the target.
@@ -6,21 +7,34 @@ included) leaves nothing at the target.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
-from edgelm.errors import (BackendNotInstalledError, ConversionError, InsufficientDiskSpaceError, OutputExistsError,
-                           UnknownQuantizationError)
-from edgelm.runtimes.gguf import FILE_TYPES, read_header
+from edgelm.errors import (BackendNotInstalledError, ConversionError, InvalidParameterError, InvalidSourceError,
+                           OutputExistsError, UnknownQuantizationError)
+from edgelm.formats import ensure_free_space, hf
+from edgelm.formats.gguf import FILE_TYPES, file_type_bpw, is_gguf, read_header
+
+from . import Progress, Staged, Verify, as_is
 
 # output types by name (llama_ftype ids), as users type them: q4_k_m, Q8_0, f16, ...
 QUANTS: dict[str, int] = {name.lower(): ftype for ftype, name in FILE_TYPES.items() if name not in ("MXFP4_MOE",)}
-# approximate bits per weight of each type, to check disk space before writing
-BPW = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.5, "q5_0": 5.5,
-       "q5_1": 6.0, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_0": 4.5, "q4_1": 5.0}
+
+
+@dataclass(frozen=True)
+class GGUFOptions:
+    threads: int | None = None  # threads for llama.cpp's quantizer (default: all cores)
+    timeout: float | None = None  # seconds llama.cpp's HF -> GGUF converter may run
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise InvalidParameterError(f"Invalid threads: {self.threads!r}.", fix="threads must be an integer >= 1.",
+                                        parameter="threads", value=self.threads)
 
 
 def quant_id(name: str) -> int:
@@ -32,8 +46,7 @@ def quant_id(name: str) -> int:
 
 
 def requantize(source: Path, output: Path, quant: str, *, overwrite: bool = False, threads: int | None = None,
-               progress: Callable[[str, float], None] | None = None,
-               verify: Callable[[Path], None] | None = None) -> Path:
+               progress: Progress | None = None, verify: Verify | None = None) -> Path:
     """Write ``source`` (a GGUF) re-quantized to ``quant`` at ``output``.
 
     ``verify(path)`` runs on the finished temporary file before it is renamed to ``output``; raising there leaves
@@ -42,23 +55,20 @@ def requantize(source: Path, output: Path, quant: str, *, overwrite: bool = Fals
     header = read_header(source)  # a malformed source is refused before llama.cpp sees it
     try:
         import llama_cpp
+
+        from edgelm.native import llamacpp as native
     except ImportError as exc:
         raise BackendNotInstalledError("GGUF quantization needs llama-cpp-python.",
                                        fix='pip install "edgelm[llamacpp]"') from exc
-    from edgelm.runtimes.llamacpp import _init_backend
-
-    _init_backend()  # llama.cpp's log goes to `logging`, not the terminal
+    native.init()  # llama.cpp's log goes to `logging`, not the terminal
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
         raise OutputExistsError(f"The output {output} already exists.", fix="Choose another path or pass --overwrite.",
                                 path=str(output))
     folder = output.parent if str(output.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
-    need = int(header.parameters * BPW.get(quant.lower(), 16) / 8 * 1.05) + (1 << 20)
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise InsufficientDiskSpaceError(f"{folder} has {free / 1e6:.0f} MB free; the {quant} file needs about "
-                                         f"{need / 1e6:.0f} MB.", fix="Free some space or write elsewhere.")
+    need = int(header.parameters * file_type_bpw(quant) / 8 * 1.05) + (1 << 20)
+    ensure_free_space(folder, need, f"The {quant} file")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -77,6 +87,9 @@ def requantize(source: Path, output: Path, quant: str, *, overwrite: bool = Fals
         read_header(tmp)  # what was written is whole
         if verify:
             verify(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private: the output gets the user's usual permissions
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -85,48 +98,53 @@ def requantize(source: Path, output: Path, quant: str, *, overwrite: bool = Fals
     return output
 
 
-def check_runs(path: Path, timeout: float = 300) -> None:
-    """Load ``path`` with the llama.cpp backend and decode a few tokens, in a child process (llama.cpp aborts the
-    process on some bad files).  A file this llama.cpp cannot load or run is a ConversionError that says why."""
-    import json
-    import subprocess
-    import sys
+class GGUFTarget:
+    name = "gguf"
+    options = GGUFOptions
+    auto_quants = ("q2_k", "q3_k_m", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
 
-    code = "from edgelm.converters.gguf import _check_child; _check_child()"
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                              errors="replace", timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise ConversionError(f"Loading the converted {path.name} did not finish in {timeout:.0f} s.",
-                              fix="Check the file with `edgelm info`.") from exc
-    last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
-    result = json.loads(last[0]) if last and last[0].startswith("{") else {}
-    if proc.returncode == 0 and result.get("ok"):
-        return
-    header = read_header(path)
-    import llama_cpp
+    def check_quant(self, quant: str) -> str:
+        quant_id(quant)
+        return str(quant).strip().lower()
 
-    why = result.get("error") or (f"the process died with signal {-proc.returncode}" if proc.returncode < 0 else
-                                  " | ".join(proc.stderr.strip().splitlines()[-3:]) or f"exit {proc.returncode}")
-    raise ConversionError(
-        f"The converted file ({header.architecture}, {header.quantization}) does not run on the llama.cpp in "
-        f"llama-cpp-python {llama_cpp.__version__}: {why}",
-        fix="The converter may know an architecture or tokenizer this llama.cpp does not: upgrade llama-cpp-python "
-        '(pip install -U "edgelm[llamacpp]"), or install the converter version edgelm is tested with '
-        "(`edgelm install-converter --force`).", architecture=header.architecture)
+    @contextlib.contextmanager
+    def stage(self, source: Path, name: str, quant: str, out: Path, options: GGUFOptions, *, allow_pickle: bool,
+              progress: Progress) -> Iterator[Staged]:
+        if source.is_file() and is_gguf(source):
+            yield Staged(source, source, f"the source {name}")
+            return
+        if not (source.is_dir() and (source / "config.json").is_file()):
+            raise InvalidSourceError(f"{source} is neither a GGUF file nor a Hugging Face folder (no config.json).",
+                                     fix="Pass a model folder with config.json, or a .gguf to re-quantize.",
+                                     path=str(source))
+        from .hf_gguf import check_hf_source, hf_to_gguf
+
+        check_hf_source(source, allow_pickle=allow_pickle)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = hf.count_parameters(source) or sum(f.stat().st_size for f in source.glob("*.bin")) // 2
+        bytes_16 = 4 if quant == "f32" else 2
+        ensure_free_space(out.parent, params * bytes_16 * 2 + (16 << 20), f"Converting {source.name}")
+        outtype = quant if quant in ("f32", "bf16") else "auto"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".convert", dir=out.parent))
+        try:
+            path = tmp / f"{source.name}-{outtype}.gguf"
+            run = hf_to_gguf(source, path, outtype, allow_pickle=allow_pickle, timeout=options.timeout,
+                             progress=lambda message, fraction: progress(message, 0.5 * fraction))
+            header = read_header(path)
+            yield Staged(source, path, f"{header.quantization} GGUF of {name}", run.seconds, run.peak_rss)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(self, staged: Staged, quant: str, out: Path, options: GGUFOptions, *, overwrite: bool,
+              progress: Progress, verify: Verify | None) -> Path:
+        return requantize(staged.path, out, quant, overwrite=overwrite, threads=options.threads, verify=verify,
+                          progress=lambda message, fraction: progress(message, 0.5 + 0.1 * fraction))
+
+    def reference(self, staged: Staged, out: Path, quant: str | None) -> contextlib.AbstractContextManager[Path]:
+        return as_is(staged.path)
+
+    def method(self, out: Path) -> str | None:
+        return None
 
 
-def _check_child() -> None:
-    import json
-    import sys
-
-    from edgelm.errors import EdgelmError
-    from edgelm.loader import load
-
-    try:
-        with load(sys.argv[1], backend="llamacpp", n_ctx=64, threads=1) as model:
-            model.generate("Hello", max_tokens=2, temperature=0)
-    except EdgelmError as exc:
-        print(json.dumps({"ok": False, "error": exc.message}))
-        sys.exit(1)
-    print(json.dumps({"ok": True}))
+TARGET = GGUFTarget()

@@ -157,16 +157,9 @@ _PEAK = "EDGELM_PEAK_RSS"
 # runs the converter script as __main__ and prints its peak RSS at exit (VmHWM: getrusage in the parent would start
 # from this process's own RSS, which the kernel carries into children across fork and exec)
 _LAUNCHER = f"""
-import atexit, resource, runpy, sys
-def _peak():
-    try:
-        with open("/proc/self/status") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        peak = kb * 1024
-    except (OSError, StopIteration):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    print("{_PEAK}", peak, flush=True)
-atexit.register(_peak)
+import atexit, runpy, sys
+from edgelm.platforms.process import peak_rss_bytes
+atexit.register(lambda: print("{_PEAK}", peak_rss_bytes(), flush=True))
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

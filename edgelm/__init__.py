@@ -8,6 +8,16 @@
 
 from __future__ import annotations
 
+import os as _os
+
+# llama.cpp (OPENMP = 1 in llama-cpp-python's build) and torch run their threads under OpenMP, which by default
+# keeps idle threads spinning.  On a machine with other busy processes, spinning threads take the cores the working
+# ones need: measured on this project's 2-core machines under load, decoding from a thread whose OpenMP team had
+# gone idle ran at 0.3-1 tok/s instead of 20-40, and a torch workload took 3x as long.  Idle threads that sleep
+# cost one wake-up per parallel region (microseconds against milliseconds per token).  Read by OpenMP once, when
+# the library loads: set here, before edgelm imports either.  Set OMP_WAIT_POLICY yourself to choose otherwise.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the public API)
 from .errors import EdgelmError
 from .loader import default_model_path, load
@@ -22,6 +32,27 @@ def convert(src, **kwargs):
     from .conversion import convert as _convert
 
     return _convert(src, **kwargs)
+
+
+def pull(reference, revision=None, **kwargs):
+    """Download ORG/REPO[:QUANT] from the Hugging Face Hub into its cache; see edgelm.hub.pull."""
+    from .hub import pull as _pull
+
+    return _pull(reference, revision, **kwargs)
+
+
+def worker(*args, **kwargs):
+    """Run a llama.cpp RPC worker that other machines split models onto (blocking); see edgelm.rpc.serve_worker."""
+    from .rpc import serve_worker
+
+    return serve_worker(*args, **kwargs)
+
+
+def recommend_cluster(*args, **kwargs):
+    """Plan a model over a device and N RPC workers; see edgelm.rpc.cluster.recommend_cluster."""
+    from .rpc.cluster import recommend_cluster as _recommend
+
+    return _recommend(*args, **kwargs)
 
 
 def serve(*args, **kwargs):
@@ -40,5 +71,6 @@ except Exception:  # running from a source tree that is not installed
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
-    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "__version__",
+    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "pull", "worker", "recommend_cluster",
+    "__version__",
 ]

@@ -7,21 +7,16 @@ text, and runs a short generation in a child process for decode speed and peak m
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from .errors import InvalidParameterError, InvalidSourceError, OutputExistsError, QualityBudgetError
+from .errors import InvalidParameterError, OutputExistsError, QualityBudgetError
 
 Progress = Callable[[str, float], None]
-# --quant auto tries these, smallest first, and keeps the first that meets the budgets
-AUTO_GGUF = ("q2_k", "q3_k_m", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
-AUTO_ONNX = ("int4", "int8", "fp16")
 
 
 @dataclass
@@ -78,35 +73,37 @@ def parse_size(value: str | int | None) -> int | None:
     return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit])
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-
-
 def convert(src: str, *, to: str = "gguf", quant: str = "q4_k_m", output: str | None = None, overwrite: bool = False,
             revision: str | None = None, eval: bool = True, max_ppl_increase: str | float | None = None,
             max_size: str | int | None = None, allow_pickle: bool = False, progress: Progress | None = None,
             **options: Any) -> ConversionReport:
     """Convert ``src`` (a Hugging Face folder or Hub id; for GGUF output also a .gguf to re-quantize).
 
-    to: "gguf" or "onnx".  quant: a llama.cpp type (q4_k_m, q8_0, f16, ...) or int4/int8/fp16/fp32 for ONNX, or
-    "auto" to keep the smallest that meets ``max_size`` / ``max_ppl_increase``.
+    to: "gguf" or "onnx" (edgelm.converters.TARGETS).  quant: a llama.cpp type (q4_k_m, q8_0, f16, ...) or
+    int4/int8/fp16/fp32 for ONNX, or "auto" to keep the smallest that meets ``max_size`` / ``max_ppl_increase``.
+    options: the target's options (GGUF: threads, timeout; ONNX: see edgelm.converters.onnx_options.OnnxOptions).
 
     A Hugging Face checkpoint becomes GGUF in two steps: llama.cpp's converter writes a 16-bit GGUF (bf16 for bf16
     checkpoints, f16 otherwise; f32/bf16 when asked for), then llama.cpp's quantizer writes ``quant`` from it; that
     16-bit file is the reference the quality report compares against, and is removed at the end.
     allow_pickle: accept *.bin pickle weights (they can run code when loaded).
     """
+    from .converters import option_record, target as find_target
     from .converters.source import resolve
 
-    to = str(to).lower()
-    if to not in ("gguf", "onnx"):
-        raise InvalidParameterError(f"Invalid target format {to!r}.", fix='Use to="gguf" or to="onnx".',
-                                    parameter="to", value=to)
+    target = find_target(to)
     budget_ppl = parse_fraction(max_ppl_increase)
     budget_size = parse_size(max_size)
     if budget_ppl is not None and not eval:
         raise InvalidParameterError("max_ppl_increase needs the quality evaluation, but eval=False.",
                                     fix="Drop --no-eval.", parameter="eval", value=False)
+    opts = option_record(target.options, options, f"{target.name.upper()} conversion")
+    quant = str(quant).lower()
+    if quant == "auto" and budget_ppl is None and budget_size is None:
+        raise InvalidParameterError('quant="auto" needs a budget.', fix="Add max_size and/or max_ppl_increase.",
+                                    parameter="quant", value="auto")
+    if quant != "auto":
+        quant = target.check_quant(quant)  # an unknown type is refused before minutes of conversion
     source = resolve(src, revision=revision)
     if output is None:
         raise InvalidParameterError("No output path given.", fix="Pass output= (-o on the command line).",
@@ -115,94 +112,105 @@ def convert(src: str, *, to: str = "gguf", quant: str = "q4_k_m", output: str | 
     if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise OutputExistsError(f"The output {out} already exists.", fix="Choose another path or pass --overwrite.",
                                 path=str(out))
-    report = progress or (lambda message, fraction: None)
-    quant = str(quant).lower()
-    if quant == "auto" and budget_ppl is None and budget_size is None:
-        raise InvalidParameterError('quant="auto" needs a budget.', fix="Add max_size and/or max_ppl_increase.",
-                                    parameter="quant", value="auto")
-    if to == "gguf" and quant != "auto":
-        from .converters.gguf import quant_id
+    from .store import record_output, remove_stale
 
-        quant_id(quant)  # an unknown type is refused before minutes of conversion
+    if out.parent.is_dir():
+        remove_stale(out.parent)  # what a killed conversion left there (hidden temporary files and folders)
+    job = _Job(target, opts, out, overwrite, eval, budget_ppl, budget_size, progress or (lambda message, fraction: None))
     name = source.name if Path(src).expanduser().exists() else str(src)  # a Hub id, not its snapshot hash
-    with _staged(source, name, to, quant, out, allow_pickle, report, options) as staged:
-        if quant == "auto":
-            return _auto(staged, to, out, overwrite, eval, budget_ppl, budget_size, report, options)
-        return _one(staged, to, quant, out, overwrite, eval, budget_ppl, budget_size, report, options)
+    with target.stage(source, name, quant, out, opts, allow_pickle=allow_pickle, progress=job.report) as staged:
+        job.staged = staged
+        result = job.auto() if quant == "auto" else job.one(quant)
+    record_output(out)  # `edgelm list` shows it
+    return result
 
 
 @dataclass
-class _Staged:
-    """What the writer reads: the source itself, or (Hugging Face -> GGUF) the converter's 16-bit GGUF."""
+class _Job:
+    """One conversion: the target, its options and budgets, and what was staged."""
 
-    source: Path  # the user's source (folder or file)
-    path: Path  # what the GGUF quantizer reads; for ONNX the source folder
-    reference: str = ""  # how the report names the unquantized reference
-    seconds: float = 0.0  # time already spent converting
-    peak_rss: int | None = None  # the converter process's peak memory
-    allow_pickle: bool = False
+    target: Any
+    options: Any
+    out: Path
+    overwrite: bool
+    evaluate: bool
+    budget_ppl: float | None
+    budget_size: int | None
+    report: Progress
+    staged: Any = None
 
+    def one(self, quant: str, overwrite: bool | None = None, reference: tuple[str, float] | None = None
+            ) -> ConversionReport:
+        t0 = time.perf_counter()
+        self.target.write(self.staged, quant, self.out, self.options,
+                          overwrite=self.overwrite if overwrite is None else overwrite, progress=self.report,
+                          verify=check_runs)
+        seconds = time.perf_counter() - t0 + self.staged.seconds
+        try:
+            result = self._describe(quant, seconds)
+            if self.budget_size is not None and result.size_bytes > self.budget_size:
+                raise QualityBudgetError(f"{self.out.name} is {result.size_bytes / 1e6:.1f} MB, over max_size "
+                                         f"{self.budget_size / 1e6:.1f} MB.", fix="Use a smaller quantization.",
+                                         size=result.size_bytes)
+            if self.evaluate:
+                _measure(result, reference or self.reference(quant), self.report)
+                if self.budget_ppl is not None and result.ppl_increase > self.budget_ppl:
+                    raise QualityBudgetError(
+                        f"{quant.upper()} raised perplexity by {result.ppl_increase * 100:.2f} % "
+                        f"({result.perplexity:.3f} vs {result.reference_perplexity:.3f} for {result.reference}), over "
+                        f"the budget of {self.budget_ppl * 100:.2f} %; {self.out} was not kept.",
+                        fix="Use a larger quantization (e.g. q5_k_m, q8_0) or raise --max-ppl-increase.",
+                        perplexity=result.perplexity, reference_perplexity=result.reference_perplexity,
+                        size=result.size_bytes)
+        except BaseException:
+            _remove(self.out)
+            raise
+        return result
 
-@contextlib.contextmanager
-def _staged(source: Path, name: str, to: str, quant: str, out: Path, allow_pickle: bool, report: Progress,
-            options: dict[str, Any]) -> Iterator[_Staged]:
-    if to == "onnx":
-        if not source.is_dir():
-            raise InvalidSourceError(f"ONNX conversion needs a Hugging Face folder; {source} is a file.",
-                                     fix="Pass the folder with config.json and the safetensors weights.",
-                                     path=str(source))
-        options["allow_pickle"] = allow_pickle
-        yield _Staged(source, source, "fp32 ONNX of the same source", allow_pickle=allow_pickle)
-        return
-    from .runtimes.gguf import is_gguf, read_header
+    def _describe(self, quant: str, seconds: float) -> ConversionReport:
+        from .formats import disk_size
+        from .loader import inspect
 
-    unknown = sorted(set(options) - {"threads", "timeout"})
-    if unknown:
-        raise InvalidParameterError(f"Unknown GGUF conversion option {unknown[0]!r}.", fix="Use threads or timeout.",
-                                    parameter=unknown[0], value=options[unknown[0]])
-    if source.is_file() and is_gguf(source):
-        yield _Staged(source, source, f"the source {name}")
-        return
-    if not (source.is_dir() and (source / "config.json").is_file()):
-        raise InvalidSourceError(f"{source} is neither a GGUF file nor a Hugging Face folder (no config.json).",
-                                 fix="Pass a model folder with config.json, or a .gguf to re-quantize.",
-                                 path=str(source))
-    from .converters.hf_gguf import check_hf_source, hf_to_gguf
-    from .converters.onnx import _count_parameters
+        facts = inspect(self.out)
+        params = facts.get("parameters") or 0
+        size = disk_size(self.out)
+        return ConversionReport(output=str(self.out), format=self.target.name, quant=quant,
+                                architecture=str(facts.get("architecture")), size_bytes=size,
+                                bits_per_weight=round(8 * size / params, 3) if params else None,
+                                seconds=round(seconds, 2), method=self.target.method(self.out),
+                                conversion_peak_rss=self.staged.peak_rss)
 
-    check_hf_source(source, allow_pickle=allow_pickle)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    params = _count_parameters(source) or sum(f.stat().st_size for f in source.glob("*.bin")) // 2  # pickles: 16-bit?
-    need = params * (4 if quant == "f32" else 2) * 2 + (16 << 20)  # the 16-bit file + the output
-    free = shutil.disk_usage(out.parent).free
-    if free < need:
-        from .errors import InsufficientDiskSpaceError
+    def reference(self, quant: str | None) -> tuple[str, float]:
+        """Perplexity of the target's unquantized reference of the same source."""
+        self.report(f"measuring the reference ({self.staged.reference}) perplexity", 0.6)
+        with self.target.reference(self.staged, self.out, quant) as path:
+            label = f"{quant} (the output itself)" if path == self.out else self.staged.reference
+            return label, _perplexity(path)
 
-        raise InsufficientDiskSpaceError(f"{out.parent} has {free / 1e6:.0f} MB free; converting {source.name} needs "
-                                         f"about {need / 1e6:.0f} MB there.", fix="Free some space or write elsewhere.",
-                                         needed=need, free=free)
-    outtype = quant if quant in ("f32", "bf16") else "auto"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".convert", dir=out.parent))
-    try:
-        path = tmp / f"{source.name}-{outtype}.gguf"
-        run = hf_to_gguf(source, path, outtype, allow_pickle=allow_pickle, timeout=options.get("timeout"),
-                         progress=lambda message, fraction: report(message, 0.5 * fraction))
-        header = read_header(path)
-        yield _Staged(source, path, f"{header.quantization} GGUF of {name}", run.seconds, run.peak_rss)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write(staged: _Staged, to: str, quant: str, out: Path, overwrite: bool, report: Progress,
-           options: dict[str, Any]) -> Path:
-    if to == "gguf":
-        from .converters.gguf import check_runs, requantize
-
-        return requantize(staged.path, out, quant, overwrite=overwrite, threads=options.get("threads"),
-                          verify=check_runs, progress=lambda message, fraction: report(message, 0.5 + 0.1 * fraction))
-    from .converters.onnx import convert_to_onnx
-
-    return convert_to_onnx(staged.path, out, quant, progress=report, overwrite=overwrite, **options)
+    def auto(self) -> ConversionReport:
+        """Try quantizations smallest first; keep the first that meets every budget."""
+        reference = self.reference(None) if self.evaluate else None
+        tried: list[dict[str, Any]] = []
+        for quant in self.target.auto_quants:
+            self.report(f"trying {quant}", 0.0)
+            try:
+                result = self.one(quant, overwrite=True, reference=reference)
+            except QualityBudgetError as exc:
+                tried.append({"quant": quant, "kept": False, "reason": exc.message,
+                              **{k: exc.details.get(k) for k in ("size", "perplexity") if k in exc.details}})
+                continue
+            tried.append({"quant": quant, "kept": True, "size_bytes": result.size_bytes,
+                          "perplexity": result.perplexity})
+            result.tried = tried
+            return result
+        b_size, b_ppl = self.budget_size, self.budget_ppl
+        raise QualityBudgetError(
+            f"No quantization of {self.staged.source.name} meets the budget "
+            f"({'max size ' + str(b_size) + ' bytes' if b_size else ''}"
+            f"{', ' if b_size and b_ppl is not None else ''}"
+            f"{'max perplexity increase ' + format(b_ppl * 100, '.2f') + ' %' if b_ppl is not None else ''}); "
+            f"tried {', '.join(t['quant'] for t in tried)}.",
+            fix="Loosen the budget, or use a smaller model.", tried=tried)
 
 
 def _remove(path: Path) -> None:
@@ -210,64 +218,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _one(staged: _Staged, to: str, quant: str, out: Path, overwrite: bool, evaluate: bool, budget_ppl: float | None,
-         budget_size: int | None, report: Progress, options: dict[str, Any], reference: tuple[str, float] | None = None
-         ) -> ConversionReport:
-    t0 = time.perf_counter()
-    _write(staged, to, quant, out, overwrite, report, options)
-    seconds = time.perf_counter() - t0 + staged.seconds
-    try:
-        result = _describe(out, to, quant, seconds)
-        result.conversion_peak_rss = staged.peak_rss
-        if budget_size is not None and result.size_bytes > budget_size:
-            raise QualityBudgetError(f"{out.name} is {result.size_bytes / 1e6:.1f} MB, over max_size "
-                                     f"{budget_size / 1e6:.1f} MB.", fix="Use a smaller quantization.",
-                                     size=result.size_bytes)
-        if evaluate:
-            ref = reference or _reference(staged, to, out, quant, report)
-            _measure(result, ref, report)
-            if budget_ppl is not None and result.ppl_increase > budget_ppl:
-                raise QualityBudgetError(
-                    f"{quant.upper()} raised perplexity by {result.ppl_increase * 100:.2f} % "
-                    f"({result.perplexity:.3f} vs {result.reference_perplexity:.3f} for {result.reference}), over the "
-                    f"budget of {budget_ppl * 100:.2f} %; {out} was not kept.",
-                    fix="Use a larger quantization (e.g. q5_k_m, q8_0) or raise --max-ppl-increase.",
-                    perplexity=result.perplexity, reference_perplexity=result.reference_perplexity,
-                    size=result.size_bytes)
-    except BaseException:
-        _remove(out)
-        raise
-    return result
-
-
-def _describe(out: Path, to: str, quant: str, seconds: float) -> ConversionReport:
-    from .loader import inspect
-
-    facts = inspect(out)
-    params = facts.get("parameters") or 0
-    size = _size(out)
-    method = (facts.get("quantization_options") or {}).get("algo") if to == "onnx" else None
-    return ConversionReport(output=str(out), format=to, quant=quant, architecture=str(facts.get("architecture")),
-                            size_bytes=size, bits_per_weight=round(8 * size / params, 3) if params else None,
-                            seconds=round(seconds, 2), method=method)
-
-
-def _reference(staged: _Staged, to: str, out: Path, quant: str | None, report: Progress) -> tuple[str, float]:
-    """Perplexity of the unquantized model: the source GGUF or the converter's 16-bit GGUF, or an fp32 ONNX export
-    (temporary)."""
-    if to == "gguf":
-        report(f"measuring the reference ({staged.reference}) perplexity", 0.6)
-        return (staged.reference, _perplexity(staged.path))
-    if quant == "fp32":
-        return ("fp32 (the output itself)", _perplexity(out))
-    from .converters.onnx import convert_to_onnx
-
-    report("exporting the fp32 reference", 0.6)
-    with tempfile.TemporaryDirectory(prefix=".edgelm-ref-", dir=out.parent) as tmp:
-        ref = convert_to_onnx(staged.path, Path(tmp) / "fp32", "fp32", allow_pickle=staged.allow_pickle)
-        return (staged.reference, _perplexity(ref))
 
 
 def _perplexity(path: Path) -> float:
@@ -287,28 +237,60 @@ def _measure(result: ConversionReport, reference: tuple[str, float], report: Pro
     result.peak_rss = run.peak_rss
 
 
-def _auto(staged: _Staged, to: str, out: Path, overwrite: bool, evaluate: bool, budget_ppl: float | None,
-          budget_size: int | None, report: Progress, options: dict[str, Any]) -> ConversionReport:
-    """Try quantizations smallest first; keep the first that meets every budget."""
-    candidates = AUTO_GGUF if to == "gguf" else AUTO_ONNX
-    reference = _reference(staged, to, out, None, report) if evaluate else None
-    tried: list[dict[str, Any]] = []
-    for quant in candidates:
-        report(f"trying {quant}", 0.0)
-        try:
-            result = _one(staged, to, quant, out, True, evaluate, budget_ppl, budget_size, report, options, reference)
-        except QualityBudgetError as exc:
-            tried.append({"quant": quant, "kept": False, "reason": exc.message,
-                          **{k: exc.details.get(k) for k in ("size", "perplexity") if k in exc.details}})
-            continue
-        tried.append({"quant": quant, "kept": True, "size_bytes": result.size_bytes,
-                      "perplexity": result.perplexity})
-        result.tried = tried
-        return result
-    raise QualityBudgetError(
-        f"No quantization of {staged.source.name} meets the budget "
-        f"({'max size ' + str(budget_size) + ' bytes' if budget_size else ''}"
-        f"{', ' if budget_size and budget_ppl is not None else ''}"
-        f"{'max perplexity increase ' + format(budget_ppl * 100, '.2f') + ' %' if budget_ppl is not None else ''}); "
-        f"tried {', '.join(t['quant'] for t in tried)}.",
-        fix="Loosen the budget, or use a smaller model.", tried=tried)
+# what to do when a freshly written model does not run, by the backend that runs it
+_NOT_RUNNING_FIX = {
+    "llamacpp": "The converter may know an architecture or tokenizer this llama.cpp does not: upgrade llama-cpp-python "
+                '(pip install -U "edgelm[llamacpp]"), or install the converter version edgelm is tested with '
+                "(`edgelm install-converter --force`).",
+    "onnxruntime": 'Upgrade onnxruntime (pip install -U "edgelm[onnx]"), try another quantization, or convert to GGUF.',
+}
+
+
+def check_runs(path: Path, timeout: float = 300) -> None:
+    """Load the model at ``path`` (a temporary output) and decode a few tokens in a child process (llama.cpp aborts
+    the process on some bad files).  A model this machine's runtime cannot load or run is a ConversionError that
+    says why; the caller then removes it."""
+    import json
+    import subprocess
+    import sys
+
+    from .errors import ConversionError
+    from .loader import inspect
+    from .runtimes import detect_backend
+
+    code = "from edgelm.conversion import _check_child; _check_child()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                              errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise ConversionError(f"Loading the converted {path.name} did not finish in {timeout:.0f} s.",
+                              fix="Check the file with `edgelm info`.") from exc
+    last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
+    result = json.loads(last[0]) if last and last[0].startswith("{") else {}
+    if proc.returncode == 0 and result.get("ok"):
+        return
+    facts = inspect(path)
+    backend = detect_backend(path) or "?"
+    why = result.get("error") or (f"the process died with signal {-proc.returncode}" if proc.returncode < 0 else
+                                  " | ".join(proc.stderr.strip().splitlines()[-3:]) or f"exit {proc.returncode}")
+    raise ConversionError(
+        f"The converted model ({facts.get('architecture')}, {facts.get('quantization')}) does not run on this "
+        f"machine's {backend} backend: {why}",
+        fix=_NOT_RUNNING_FIX.get(backend, "Convert it again, or to another format."),
+        architecture=facts.get("architecture"))
+
+
+def _check_child() -> None:
+    import json
+    import sys
+
+    from .errors import EdgelmError
+    from .loader import load
+
+    try:
+        with load(sys.argv[1], n_ctx=64, threads=1) as model:
+            model.generate("Hello", max_tokens=2, temperature=0)
+    except EdgelmError as exc:
+        print(json.dumps({"ok": False, "error": exc.message}))
+        sys.exit(1)
+    print(json.dumps({"ok": True}))

@@ -141,6 +141,18 @@ class HubError(EdgelmError, OSError):
     code = "hub_error"
 
 
+class QuantNotFoundError(HubError):
+    """A Hub repository has no file for the quantization asked for; ``available`` lists the ones it has."""
+
+    code = "quant_not_found"
+
+
+class DownloadCorruptError(HubError):
+    """A downloaded (or cached) file does not match its sha256 / size from the Hub; it has been deleted."""
+
+    code = "download_corrupt"
+
+
 # --- platforms ------------------------------------------------------------------------------------------
 
 class UnknownDeviceError(EdgelmError, LookupError):
@@ -169,6 +181,26 @@ class UnknownModelNameError(EdgelmError, LookupError):
 
 class InsecureBindError(EdgelmError, PermissionError):
     code = "insecure_bind"
+
+
+# --- workers (llama.cpp RPC) ----------------------------------------------------------------------------
+
+class WorkerUnreachableError(EdgelmError, ConnectionError):
+    """An RPC worker (``edgelm worker``) could not be reached or did not answer; ``endpoint`` names it."""
+
+    code = "worker_unreachable"
+
+
+class WorkerLostError(WorkerUnreachableError):
+    """A worker stopped answering while a model split across it was in use; the model must be loaded again."""
+
+    code = "worker_lost"
+
+
+class WorkerStartError(EdgelmError, OSError):
+    """``edgelm worker`` could not start (address in use, no RPC backend in this build, ...)."""
+
+    code = "worker_start_failed"
 
 
 __all__ = [name for name, value in globals().items() if isinstance(value, type) and issubclass(value, EdgelmError)]

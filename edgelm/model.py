@@ -11,27 +11,36 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from . import chat as chat_templates
 from .errors import (BackendError, ContextLengthExceededError, InvalidParameterError, ModelClosedError,
-                     ModelNotFoundError)
+                     ModelNotFoundError, UnsupportedModelError)
 from .params import GenerationParams
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Model:
     """A loaded model.  Create it with :func:`edgelm.load`; use it as a context manager or call :meth:`close`.
 
-    One generation runs at a time per model; other threads wait for it (the server queues on top of this).
+    Its methods may be called from several threads at once.  A model loaded with ``parallel=N`` (llama.cpp)
+    generates up to N streams at the same time, batched, and queues the rest in arrival order; otherwise
+    generations run one at a time, in arrival order.  Either way each sequence's KV cache is kept, so a prompt
+    that extends an earlier one (the next chat turn) only evaluates the new tokens.
     """
 
     def __init__(self, backend: Any, info: ModelInfo, defaults: GenerationParams | None = None) -> None:
+        from .runtimes.scheduler import Direct, Scheduler
+
         self._backend = backend
         self.info = info
         self.defaults = defaults or GenerationParams()
-        self._lock = threading.Lock()
         self._closed = False
+        batched = backend.capabilities.max_sequences > 1
+        self._engine: Any = Scheduler(backend) if batched else Direct(backend)
 
     # --- tokens ---------------------------------------------------------------------------------------------
 
@@ -45,6 +54,11 @@ class Model:
     def n_ctx(self) -> int:
         return self.backend.n_ctx
 
+    @property
+    def capabilities(self) -> Any:
+        """What the backend can do (:class:`edgelm.runtimes.Capabilities`): max_sequences, grammar, state, ..."""
+        return self.backend.capabilities
+
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise InvalidParameterError(f"Invalid text to tokenize: {text!r:.80}.", fix="Pass a str.",
@@ -52,8 +66,16 @@ class Model:
         return self.backend.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.token_bytes(tokens).decode("utf-8", errors="replace")
+
+    def token_bytes(self, tokens: Sequence[int]) -> bytes:
+        """The raw bytes of ``tokens`` (one token may hold part of a UTF-8 character; control tokens have none)."""
         backend = self.backend
-        return b"".join(backend.token_bytes(int(t)) for t in tokens).decode("utf-8", errors="replace")
+        return b"".join(backend.token_bytes(int(t)) for t in tokens)
+
+    def is_eog(self, token: int) -> bool:
+        """True for the model's end-of-generation tokens (eos, end of turn)."""
+        return self.backend.is_eog(int(token))
 
     def apply_chat_template(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         backend = self.backend
@@ -71,7 +93,7 @@ class Model:
         """This model's defaults with ``overrides`` applied and validated."""
         return self.defaults.merged(**overrides)
 
-    def stream(self, prompt: str, **params: Any) -> Iterator[Chunk]:
+    def stream(self, prompt: str, **params: Any) -> "ChunkStream":
         """Stream a completion of raw ``prompt`` text (no chat template)."""
         if not isinstance(prompt, str):
             raise InvalidParameterError(f"Invalid prompt: {prompt!r:.80}.", fix="Pass the prompt as a str.",
@@ -80,7 +102,7 @@ class Model:
         tokens = self.tokenize(prompt, add_special=True, parse_special=False)
         return self._stream_tokens(tokens, p)
 
-    def stream_chat(self, messages: Any, **params: Any) -> Iterator[Chunk]:
+    def stream_chat(self, messages: Any, **params: Any) -> "ChunkStream":
         """Stream the assistant's reply to ``messages``, formatted by the model's own chat template."""
         p = self.params(**params)
         return self._stream_tokens(self.chat_tokens(messages), p)
@@ -98,11 +120,40 @@ class Model:
     def chat(self, messages: Any, **params: Any) -> Completion:
         return collect(self.stream_chat(messages, **params))
 
-    def stream_tokens(self, tokens: Sequence[int], **params: Any) -> Iterator[Chunk]:
+    def stream_tokens(self, tokens: Sequence[int], **params: Any) -> "ChunkStream":
         """Stream from already-tokenized input (used by the server and benchmarks)."""
         return self._stream_tokens(list(tokens), self.params(**params))
 
-    def _stream_tokens(self, tokens: list[int], p: GenerationParams) -> Iterator[Chunk]:
+    def generate_batch(self, prompts: Sequence[str], *, progress: Any = None, **params: Any) -> list[Completion]:
+        """Complete every prompt; results in input order.  On a model loaded with ``parallel=N`` they run N at a
+        time, batched (offline work: tagging a thousand documents); ``progress(done, total)`` after each."""
+        return self._batch([lambda p=p: self.stream(p, **params) for p in prompts], progress)
+
+    def chat_batch(self, conversations: Sequence[Any], *, progress: Any = None, **params: Any) -> list[Completion]:
+        """:meth:`chat` for every conversation; results in input order (see :meth:`generate_batch`)."""
+        return self._batch([lambda c=c: self.stream_chat(c, **params) for c in conversations], progress)
+
+    def _batch(self, starts: list[Any], progress: Any) -> list[Completion]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = max(1, self.capabilities.max_sequences)
+        done = 0
+        lock = threading.Lock()
+
+        def run(start: Any) -> Completion:
+            nonlocal done
+            result = collect(start())
+            with lock:
+                done += 1
+                if progress is not None:
+                    progress(done, len(starts))
+            return result
+
+        # one consumer per sequence: every running stream is read as fast as it is generated
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgelm-batch") as pool:
+            return list(pool.map(run, starts))
+
+    def _stream_tokens(self, tokens: list[int], p: GenerationParams) -> "ChunkStream":
         backend = self.backend
         n_ctx = backend.n_ctx
         n_prompt = len(tokens)
@@ -118,12 +169,13 @@ class Model:
                 prompt_tokens=n_prompt,
                 n_ctx=n_ctx,
             )
-        # generator body in a separate function so the checks above raise at call time, not at first next()
-        return self._run(backend, tokens, p)
-
-    def _run(self, backend: Any, tokens: list[int], p: GenerationParams) -> Iterator[Chunk]:
-        room = backend.n_ctx - len(tokens)
+        room = n_ctx - n_prompt
         limit = room if p.max_tokens is None else min(p.max_tokens, room)
+        # submitted now (a batched model starts reading the prompt at once); checks above raise at call time
+        source = self._engine.submit(tokens, p, limit)
+        return ChunkStream(self._chunks(source, backend, n_prompt, limit, p), source)
+
+    def _chunks(self, source: Any, backend: Any, n_prompt: int, limit: int, p: GenerationParams) -> Iterator[Chunk]:
         stops = p.stop
         longest_stop = max((len(s) for s in stops), default=0)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -134,64 +186,173 @@ class Model:
         stopped_by_string = False
         start = time.perf_counter()
         first = None
-        with self._lock:
-            if self._closed:
-                raise ModelClosedError(f"Model {self.info.path} is closed.", fix="Load it again with edgelm.load().")
-            source = backend.generate(tokens, p)
-            try:
-                for token in source:
-                    if first is None:
-                        first = time.perf_counter()
-                    if is_eog(token):
-                        finish = "stop"
-                        break
-                    n_out += 1
-                    piece = decoder.decode(token_bytes(token))
-                    if piece:
-                        if stops:
-                            pending += piece
-                            cut = _find_stop(pending, stops, len(piece) + longest_stop)
-                            if cut >= 0:
-                                pending = pending[:cut]
-                                finish, stopped_by_string = "stop", True
-                                break
-                            keep = _partial_stop_suffix(pending, stops)
-                            emit = pending[: len(pending) - keep]
-                            pending = pending[len(pending) - keep :]
-                            if emit:
-                                yield Chunk(emit)
-                        else:
-                            yield Chunk(piece)
-                    if n_out >= limit:
-                        break
-            finally:
-                close = getattr(source, "close", None)
-                if close is not None:
-                    close()
-            if stopped_by_string:
-                tail = pending
-            elif finish == "length":  # cut by the limit: drop a character whose remaining bytes never came
-                tail = pending + decoder.decode(b"", final=False)
-            else:  # the model ended on invalid bytes: show them as U+FFFD
-                tail = pending + decoder.decode(b"", final=True)
-            if stops and not stopped_by_string:
-                cut = _find_stop(tail, stops, len(tail))
-                if cut >= 0:
-                    tail, finish = tail[:cut], "stop"
-            end = time.perf_counter()
-            first = first or end
-            timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start)
-        # the lock is released before the last chunk: a caller that stops there must not keep the model busy
-        yield Chunk(tail, finish_reason=finish, usage=Usage(len(tokens), n_out), timings=timings)
+        ids: list[int] = []  # generated since the last chunk
+        try:
+            for token in source:
+                if first is None:
+                    first = time.perf_counter()
+                if is_eog(token):
+                    finish = "stop"
+                    break
+                n_out += 1
+                ids.append(token)
+                piece = decoder.decode(token_bytes(token))
+                if piece:
+                    if stops:
+                        pending += piece
+                        cut = _find_stop(pending, stops, len(piece) + longest_stop)
+                        if cut >= 0:
+                            pending = pending[:cut]
+                            finish, stopped_by_string = "stop", True
+                            break
+                        keep = _partial_stop_suffix(pending, stops)
+                        emit = pending[: len(pending) - keep]
+                        pending = pending[len(pending) - keep :]
+                        if emit:
+                            yield Chunk(emit, tokens=tuple(ids))
+                            ids = []
+                    else:
+                        yield Chunk(piece, tokens=tuple(ids))
+                        ids = []
+                if n_out >= limit:
+                    break
+            else:  # the source ended before the limit: cancel() from another thread, or the model was closed
+                if self._closed:
+                    raise ModelClosedError(f"Model {self.info.path} was closed while this generation ran.",
+                                           fix="Load it again with edgelm.load().")
+                finish = "cancelled"
+        finally:
+            # the source lets go of the model before the last chunk: a caller that stops there keeps nothing busy
+            source.close()
+        if stopped_by_string:
+            tail = pending
+        elif finish in ("length", "cancelled"):  # cut short: drop a character whose remaining bytes never came
+            tail = pending + decoder.decode(b"", final=False)
+        else:  # the model ended on invalid bytes: show them as U+FFFD
+            tail = pending + decoder.decode(b"", final=True)
+        if stops and not stopped_by_string:
+            cut = _find_stop(tail, stops, len(tail))
+            if cut >= 0:
+                tail, finish = tail[:cut], "stop"
+        end = time.perf_counter()
+        first = first or end
+        timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start)
+        yield Chunk(tail, finish_reason=finish, usage=Usage(n_prompt, n_out, source.reused), timings=timings,
+                    tokens=tuple(ids))
+
+    # --- embeddings -------------------------------------------------------------------------------------------
+
+    POOLINGS = ("mean", "last", "cls")
+
+    def embed(self, texts: str | Sequence[str] | Sequence[Sequence[int]], *, pooling: str = "mean",
+              normalize: bool = True, truncate: bool = False) -> "np.ndarray":
+        """One vector per input (a float32 array of shape [inputs, n_embd]; a single str gives one row): the model's
+        last hidden states pooled by ``pooling`` — "mean" over the tokens, "last" token, or "cls" (the first) —
+        L2-normalized unless ``normalize=False``.  Inputs are strings or token lists; several are packed into one
+        decode.  An input longer than :attr:`embed_limit` raises ContextLengthExceededError naming its index, unless
+        ``truncate=True`` (then its first tokens are used).  llama.cpp backend (GGUF); it runs beside generations
+        on the same model without touching their caches."""
+        import numpy as np
+
+        limit = self.embed_limit
+        if pooling not in self.POOLINGS:
+            raise InvalidParameterError(f"Invalid pooling: {pooling!r}.",
+                                        fix=f"Use one of: {', '.join(self.POOLINGS)}.", parameter="pooling",
+                                        value=pooling)
+        token_lists = self.embedding_tokens(texts)
+        for i, tokens in enumerate(token_lists):
+            if len(tokens) > limit:
+                if not truncate:
+                    raise ContextLengthExceededError(
+                        f"Input {i} has {len(tokens)} tokens, more than the {limit} the model embeds.",
+                        fix="Shorten it, or pass truncate=True.", prompt_tokens=len(tokens), n_ctx=limit, index=i,
+                        parameter=f"input[{i}]")
+                token_lists[i] = tokens[:limit]
+        vectors = self.backend.embed(token_lists, pooling) if token_lists else np.empty((0, 0), np.float32)
+        if normalize and len(vectors):
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.where(norms > 0, norms, 1.0)
+        return vectors
+
+    @property
+    def embed_limit(self) -> int:
+        """The most tokens one input to :meth:`embed` may hold; raises UnsupportedModelError when this model's
+        backend cannot embed."""
+        if not self.capabilities.embeddings:
+            raise UnsupportedModelError(
+                f"The {self.info.backend} backend cannot embed text (its graph gives no hidden states).",
+                fix="Use a GGUF model (llama.cpp backend) for embeddings: edgelm convert MODEL --to gguf.",
+                backend=self.info.backend)
+        return self.backend.embed_limit()
+
+    def embedding_tokens(self, texts: Any) -> list[list[int]]:
+        """The token lists :meth:`embed` would embed (a str, a list of str, a token list or a list of them);
+        errors name the bad input's index."""
+        if isinstance(texts, str):
+            texts = [texts]
+        elif isinstance(texts, Sequence) and texts and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in texts):
+            texts = [list(texts)]
+        if not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)):
+            raise InvalidParameterError(f"Invalid input to embed: {texts!r:.80}.",
+                                        fix="Pass a str, a list of str, or token lists.", parameter="input",
+                                        value=texts)
+        out = []
+        for i, t in enumerate(texts):
+            if isinstance(t, str):
+                if not t:
+                    raise InvalidParameterError(f"Input {i} is empty.", fix="Remove it, or give it some text.",
+                                                parameter=f"input[{i}]", value=t)
+                out.append(self.tokenize(t, add_special=True, parse_special=False))
+            elif isinstance(t, Sequence) and t and all(isinstance(x, int) and not isinstance(x, bool) for x in t):
+                bad = next((x for x in t if not 0 <= x < self.backend.n_vocab), None)
+                if bad is not None:
+                    raise InvalidParameterError(f"Input {i} holds token id {bad}, outside the vocabulary "
+                                                f"(0..{self.backend.n_vocab - 1}).", fix="Pass ids this model's "
+                                                "tokenizer gives (Model.tokenize).", parameter=f"input[{i}]",
+                                                value=bad)
+                out.append(list(t))
+            else:
+                raise InvalidParameterError(f"Invalid input {i} to embed: {t!r:.80}.",
+                                            fix="Each input is a non-empty str or a non-empty list of token ids.",
+                                            parameter=f"input[{i}]", value=t)
+        return out
+
+    # --- scoring ----------------------------------------------------------------------------------------------
+
+    def score(self, tokens: Sequence[int]) -> "np.ndarray":
+        """Log-probability the model gives each of tokens[1:] after the tokens before it (float64 array).
+
+        Evaluated from an empty cache (the cached prompt is forgotten); used for perplexity.
+        """
+        return self._score(tokens, argmax=False)
+
+    def top_tokens(self, tokens: Sequence[int]) -> "np.ndarray":
+        """The most likely next token after each of tokens[:-1] (int64 array, aligned with :meth:`score`): what
+        greedy decoding would pick at every position.  Comparing two models' top tokens on the same text (top-1
+        agreement) measures how far a quantization moved the model, independently of the CPU's rounding."""
+        return self._score(tokens, argmax=True)
+
+    def _score(self, tokens: Sequence[int], *, argmax: bool) -> "np.ndarray":
+        tokens = [int(t) for t in tokens]
+        if not self.capabilities.scoring:
+            raise BackendError(f"The {self.info.backend} backend cannot score tokens.",
+                               fix="Use a GGUF model on the llama.cpp backend.")
+        backend = self.backend
+        with self._engine.exclusive() as seq:
+            return backend.score(seq, tokens, argmax=argmax)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: the scheduler's (active and waiting sequences, batch size, tokens/s) under "sequences", and the
+        backend's of the last generation, e.g. {"speculative": {"rounds", "drafted", "accepted", "mode"}}."""
+        return {**self.backend.stats(), "sequences": self._engine.snapshot()}
 
     # --- prompt cache ---------------------------------------------------------------------------------------
 
     def reset_cache(self) -> None:
         """Forget the cached prompt, so the next call evaluates its prompt from scratch (benchmarks use this)."""
-        with self._lock:
-            reset = getattr(self.backend, "reset_cache", None)
-            if reset is not None:
-                reset()
+        self.backend  # noqa: B018 (a closed model raises ModelClosedError here)
+        self._engine.reset()
 
     def save_state(self, path: str | os.PathLike[str]) -> int:
         """Save the KV cache of the last sequence (e.g. a long system prompt) to ``path``; return its tokens.
@@ -199,37 +360,47 @@ class Model:
         A later :meth:`load_state` (also in another process) restores it, so a prompt starting with those tokens
         skips their evaluation.  Written atomically (temporary file, then rename).
         """
-        with self._lock:
-            return self._state_backend("save_state").save_state(Path(path))
+        self._require_state("save_state")
+        backend = self.backend
+        with self._engine.exclusive() as seq:
+            return backend.save_state(seq, Path(path))
 
     def load_state(self, path: str | os.PathLike[str]) -> int:
         """Restore a cache written by :meth:`save_state`; a state of another model or build raises
         :class:`StateMismatchError`."""
         path = Path(path)
+        self._require_state("load_state")
         if not path.is_file():
             raise ModelNotFoundError(f"State file not found: {path}.", fix="Check the path.", path=str(path))
-        with self._lock:
-            return self._state_backend("load_state").load_state(path)
-
-    def _state_backend(self, method: str) -> Any:
         backend = self.backend
-        if not hasattr(backend, method):
+        with self._engine.exclusive() as seq:
+            return backend.load_state(seq, path)
+
+    def _require_state(self, method: str) -> None:
+        if not self.capabilities.state:
             raise BackendError(f"The {self.info.backend} backend cannot {method.replace('_', ' ')}.",
                                fix="Use a GGUF model on the llama.cpp backend for saved prompt caches.")
-        return backend
 
     # --- lifecycle ------------------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """{"status": "ok" | "degraded" | "lost" | "closed", ...}: "lost"/"degraded" when a model split across RPC
+        workers lost one (edgelm.rpc); load it again.  Never blocks on a running generation."""
+        if self._closed:
+            return {"status": "closed"}
+        return self._backend.health()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def close(self) -> None:
+        """Free the model.  Generations still running or waiting end with ModelClosedError (no hang)."""
         if self._closed:
             return
-        with self._lock:
-            self._closed = True
-            self._backend.close()
+        self._closed = True
+        self._engine.close()
+        self._backend.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -242,15 +413,46 @@ class Model:
         return f"<edgelm.Model {i.name or i.path} {i.architecture} {i.quantization} backend={i.backend} n_ctx={i.context_length}>"
 
 
+class ChunkStream:
+    """The chunks of one generation, as they come (iterate it).  ``cancel()`` may be called from any thread (a stop
+    button, a client that went away): the stream then ends at once with finish_reason "cancelled".  Closing it, or
+    dropping it, frees its place in the model."""
+
+    def __init__(self, chunks: Iterator[Chunk], source: Any) -> None:
+        self._chunks = chunks
+        self._source = source
+
+    def __iter__(self) -> "ChunkStream":
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self._chunks)
+
+    def cancel(self) -> None:
+        self._source.cancel()
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._source.close()
+
+    def __del__(self) -> None:
+        try:
+            self._source.cancel()
+        except Exception:
+            pass
+
+
 def collect(chunks: Iterator[Chunk]) -> Completion:
     """Join a stream into one :class:`Completion`."""
     parts: list[str] = []
+    ids: list[int] = []
     last = None
     for chunk in chunks:
         parts.append(chunk.text)
+        ids.extend(chunk.tokens)
         last = chunk
     assert last is not None and last.finish_reason is not None and last.usage is not None
-    return Completion("".join(parts), last.finish_reason, last.usage, last.timings)
+    return Completion("".join(parts), last.finish_reason, last.usage, last.timings, tuple(ids))
 
 
 def _find_stop(text: str, stops: Sequence[str], window: int) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable
 
 from .errors import InvalidParameterError
+from .settings import setting
 
 
 def _is_number(value: Any) -> bool:
@@ -19,26 +20,54 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Sampling and stopping settings.
+    """Sampling and stopping settings, each declared once with its surfaces (see :mod:`edgelm.settings`).
 
     ``temperature=0`` is greedy decoding.  ``top_k=0``, ``top_p=1`` and ``min_p=0`` switch those filters off.
     ``max_tokens=None`` generates until an end-of-generation token or the end of the context window.
     ``stop`` strings end generation and are never part of the output.
     """
 
-    max_tokens: int | None = None
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    grammar: str | None = None  # GBNF grammar text (constrained decoding, llama.cpp backend)
-    speculative: str | None = None  # None | "prompt-lookup" | "draft"
+    max_tokens: int | None = setting(
+        None, "Stop after this many generated tokens [default: no limit but the context window].", kind="int",
+        cli=("-n", "--max-tokens"), openai=("max_tokens", "max_completion_tokens"), ollama=("num_predict",), example=16)
+    temperature: float = setting(
+        0.8, "Sampling temperature; 0 = greedy decoding.", kind="float", cli=("-t", "--temperature"),
+        openai=("temperature",), ollama=("temperature",), example=0.0)
+    top_p: float = setting(
+        0.95, "Nucleus sampling: keep the most likely tokens whose probabilities add up to this, in (0, 1].",
+        kind="float", cli=("--top-p",), openai=("top_p",), ollama=("top_p",), example=0.5)
+    top_k: int = setting(
+        40, "Keep only the k most likely tokens; 0 disables.", kind="int", cli=("--top-k",), openai=("top_k",),
+        ollama=("top_k",), example=5)
+    min_p: float = setting(
+        0.05, "Drop tokens less likely than min_p times the most likely one, in [0, 1].", kind="float",
+        cli=("--min-p",), openai=("min_p",), ollama=("min_p",), example=0.1)
+    repeat_penalty: float = setting(
+        1.0, "Divide the logits of recently seen tokens by this (1.0 disables).", kind="float",
+        cli=("--repeat-penalty",), openai=("repeat_penalty",), ollama=("repeat_penalty",), example=1.1)
+    repeat_last_n: int = setting(
+        64, "How many recent tokens the penalties look at (-1 = the whole context, 0 = none).", kind="int",
+        cli=("--repeat-last-n",), openai=("repeat_last_n",), ollama=("repeat_last_n",), example=32)
+    presence_penalty: float = setting(
+        0.0, "Subtract this from the logits of tokens already present, in [-2, 2].", kind="float",
+        cli=("--presence-penalty",), openai=("presence_penalty",), ollama=("presence_penalty",), example=0.5)
+    frequency_penalty: float = setting(
+        0.0, "Subtract this times the count of each token already present, in [-2, 2].", kind="float",
+        cli=("--frequency-penalty",), openai=("frequency_penalty",), ollama=("frequency_penalty",), example=0.5)
+    seed: int | None = setting(
+        None, "Sampling seed, for repeatable output [default: random].", kind="int", cli=("--seed",),
+        openai=("seed",), ollama=("seed",), example=7)
+    stop: tuple[str, ...] = setting(
+        (), "Stop at this string (it is not part of the output); repeatable.", kind="strings", cli=("--stop",),
+        openai=("stop",), ollama=("stop",), example=("\n\n",), default_factory=tuple)
+    grammar: str | None = setting(
+        None, "GBNF grammar the output must follow (llama.cpp backend); on the command line @FILE reads it from a "
+        "file.", kind="grammar", cli=("--grammar",), openai=("grammar",), ollama=("grammar",),
+        example='root ::= "yes" | "no"')
+    speculative: str | None = setting(
+        None, "Speculative decoding for greedy generation: prompt-lookup or draft (with a draft model); the output "
+        "is identical to plain greedy (llama.cpp with parallel=1; elsewhere, and when sampling, it is not applied).", kind="choice", choices=("prompt-lookup", "draft"), cli=("--speculative",),
+        openai=("speculative",), ollama=("speculative",), example="prompt-lookup")
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -81,7 +110,8 @@ class GenerationParams:
         return self.temperature == 0
 
     def merged(self, **overrides: Any) -> "GenerationParams":
-        """A copy with ``overrides`` applied (``None`` values are ignored except for max_tokens/seed/stop)."""
+        """A copy with ``overrides`` applied and validated.  An unknown name raises InvalidParameterError; ``None``
+        is a value like any other (max_tokens=None: no limit; temperature=None is refused)."""
         names = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:

@@ -14,17 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DoesNotFitError, UnsupportedModelError
+from .formats.gguf import AttentionShape, file_type_bpw
 
 MB = 1024**2
 HEADROOM = 0.85  # a plan may use at most this share of the device's usable memory
 PER_TOKEN_OVERHEAD_S = 0.0015  # sampling, Python and thread sync per token, measured on llama.cpp here
 RUNTIME_BASE_BYTES = 60 * MB  # the Python process with llama.cpp loaded, before the model
 
-# GGUF quantizations a plan may propose, with llama.cpp's bits per weight (weights only, typical for 7B-class models)
-QUANT_BPW: dict[str, float] = {
-    "F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.67, "Q4_K_M": 4.89, "Q4_0": 4.55, "Q3_K_M": 3.91, "Q2_K": 3.35,
-}
-KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# GGUF quantizations a plan may propose (their bits per weight: edgelm.formats.gguf.FILE_TYPE_BPW)
+PLAN_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 
 
 @dataclass(frozen=True)
@@ -35,16 +33,11 @@ class ModelFacts:
     quantization: str
     parameters: int
     weight_bytes: int
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_vocab: int
+    shape: AttentionShape
     context_length: int
 
     def kv_bytes(self, n_ctx: int, kv: str = "f16") -> int:
-        return int(2 * self.n_layer * n_ctx * self.n_head_kv * self.head_dim * KV_BYTES[kv])
+        return self.shape.kv_bytes(n_ctx, kv)
 
 
 @dataclass
@@ -68,6 +61,7 @@ class Plan:
     convert_command: str | None = None
     notes: list[str] = field(default_factory=list)
     alternatives: list[dict[str, Any]] = field(default_factory=list)
+    parallel: int = 1  # sequences at the same time, each with n_ctx tokens of KV cache
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,14 +69,14 @@ class Plan:
     def load_kwargs(self) -> dict[str, Any]:
         """Arguments for :func:`edgelm.load` that follow this plan."""
         return {"backend": self.backend, "n_ctx": self.n_ctx, "threads": self.threads,
-                "n_gpu_layers": self.n_gpu_layers, "kv_cache": self.kv_cache}
+                "n_gpu_layers": self.n_gpu_layers, "kv_cache": self.kv_cache, "parallel": self.parallel}
 
 
 def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
     """Read what a plan needs from the model's header, without loading it."""
+    from .formats.gguf import read_header
     from .loader import resolve_model_path
     from .runtimes import detect_backend
-    from .runtimes.gguf import read_header
 
     path = resolve_model_path(model)
     if detect_backend(path) != "llamacpp":
@@ -95,24 +89,16 @@ def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
             path=str(path),
         )
     h = read_header(path)
-    n_embd = int(h.arch_value("embedding_length", 0))
-    n_head = int(h.arch_value("attention.head_count", 1) or 1)
-    kv = h.arch_value("attention.head_count_kv", n_head)
-    n_head_kv = int(max(kv) if hasattr(kv, "__len__") else kv)
-    head_dim = int(h.arch_value("attention.key_length", n_embd // n_head))
-    tokens = h.metadata.get("tokenizer.ggml.tokens")
     return ModelFacts(
         path=str(path), format="gguf", architecture=h.architecture, quantization=h.quantization,
-        parameters=h.parameters, weight_bytes=h.required_size - h.data_offset,
-        n_layer=int(h.arch_value("block_count", 0)), n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-        head_dim=head_dim, n_vocab=len(tokens) if tokens is not None else int(h.arch_value("vocab_size", 32000)),
+        parameters=h.parameters, weight_bytes=h.weight_bytes, shape=h.attention_shape(),
         context_length=h.context_length or 2048,
     )
 
 
 def _overhead(f: ModelFacts, n_ctx: int) -> int:
     # llama.cpp's compute buffer: logits of a 512-token batch plus attention scratch that grows with n_ctx
-    compute = 4 * f.n_vocab * 512 + 4 * n_ctx * f.n_embd * 4
+    compute = 4 * f.shape.n_vocab * 512 + 4 * n_ctx * f.shape.n_embd * 4
     return RUNTIME_BASE_BYTES + compute
 
 
@@ -126,9 +112,11 @@ def _speed(f: ModelFacts, weight_bytes: int, n_ctx: int, kv: str, bandwidth_gbs:
 
 
 def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: str = "auto", *, n_ctx: int | None = None,
-              host: Any = None, bandwidth_gbs: float | None = None) -> Plan:
+              parallel: int = 1, host: Any = None, bandwidth_gbs: float | None = None) -> Plan:
     """Plan how to run ``model`` (default: the embedded one) on ``device`` ("auto" = this machine, or a profile
     name from `edgelm devices`, e.g. "raspberry-pi-5-8gb").  Raises :class:`DoesNotFitError` when no option fits.
+    ``parallel``: sequences generated at the same time (a server's concurrent requests), each with its own KV cache
+    of n_ctx tokens.
 
     ``host`` (a detected :class:`edgelm.platforms.Host`) and ``bandwidth_gbs`` may be injected for device="auto".
     """
@@ -144,8 +132,8 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
 
     own = f.quantization.upper()
     options: list[tuple[str, int]] = [(own, f.weight_bytes)]
-    for q, bpw in QUANT_BPW.items():
-        size = int(f.parameters * bpw / 8)
+    for q in PLAN_QUANTS:
+        size = int(f.parameters * file_type_bpw(q) / 8)
         if q != own and size < f.weight_bytes:  # only smaller files are worth converting to
             options.append((q, size))
     options.sort(key=lambda o: -o[1])  # best quality (largest) first
@@ -156,7 +144,7 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
         for kv in ("f16", "q8_0"):
             ctx = wanted_ctx
             while ctx >= 512 or ctx == wanted_ctx:
-                mem = wbytes + f.kv_bytes(ctx, kv) + _overhead(f, ctx)
+                mem = wbytes + parallel * f.kv_bytes(ctx, kv) + _overhead(f, ctx)
                 tps, bound = _speed(f, wbytes, ctx, kv, dev.memory_bandwidth_gbs, gflops, gpu)
                 row = {"quant": quant, "kv_cache": kv, "n_ctx": ctx, "memory_bytes": mem, "fits": mem <= budget,
                        "tokens_per_second": round(tps, 1)}
@@ -173,11 +161,12 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
     if chosen is None:
         smallest = min(tried, key=lambda r: r["memory_bytes"])
         raise DoesNotFitError(
-            f"{Path(f.path).name} does not fit {dev.title}: it needs {_human(f.weight_bytes + f.kv_bytes(512) + _overhead(f, 512))}"
-            f" at its own {own} with n_ctx 512, and the device has {_human(dev.usable_bytes)} usable "
+            f"{Path(f.path).name} does not fit {dev.title}: it needs "
+            f"{_human(f.weight_bytes + parallel * f.kv_bytes(512) + _overhead(f, 512))} at its own {own} with n_ctx 512"
+            f"{f' for {parallel} sequences' if parallel > 1 else ''}, and the device has {_human(dev.usable_bytes)} usable "
             f"({_human(dev.ram_bytes)} RAM); the smallest option, {smallest['quant']} with a {smallest['kv_cache']} "
             f"KV cache at n_ctx {smallest['n_ctx']}, needs {_human(smallest['memory_bytes'])}.",
-            fix="Use a smaller model (fewer parameters), or a device with more memory.",
+            fix="Use a smaller model (fewer parameters), fewer parallel sequences, or a device with more memory.",
             device=dev.name, needed=smallest["memory_bytes"], available=dev.usable_bytes,
         )
     quant, wbytes, kv, ctx, mem, tps, bound = chosen
@@ -195,13 +184,31 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
     return Plan(
         model=f.path, device=dev.name, device_title=dev.title, backend="llamacpp", format="gguf", quant=quant,
         n_ctx=ctx, threads=threads, n_gpu_layers=-1 if gpu else 0, kv_cache=kv, memory_bytes=mem,
-        memory_breakdown={"weights": wbytes, "kv_cache": f.kv_bytes(ctx, kv), "overhead": _overhead(f, ctx)},
+        memory_breakdown={"weights": wbytes, "kv_cache": parallel * f.kv_bytes(ctx, kv), "overhead": _overhead(f, ctx)},
+        parallel=parallel,
         device_memory_bytes=dev.usable_bytes, tokens_per_second=round(tps, 1), bound_by=bound,
         needs_conversion=quant != own,
         convert_command=(f"edgelm convert SRC --to gguf --quant {quant.lower()} -o model-{quant.lower()}.gguf"
                          if quant != own else None),
         notes=notes, alternatives=tried,
     )
+
+
+def default_parallel(model: str | os.PathLike[str] | None, *, n_ctx: int | None = None, kv_cache: str | None = None,
+                     available: int | None = None, most: int = 4) -> int:
+    """How many sequences a server should batch for ``model``: up to ``most``, as long as their KV caches (n_ctx
+    tokens each) take at most a quarter of the available memory.  1 for models other than GGUF."""
+    from .platforms import detect
+
+    try:
+        f = model_facts(model)
+    except UnsupportedModelError:
+        return 1
+    ctx = n_ctx or min(f.context_length, 4096)
+    per = max(1, f.kv_bytes(ctx, kv_cache or "f16"))
+    if available is None:
+        available = int(detect().memory.get("available") or 0) or 2 * 1024**3
+    return max(1, min(most, available // 4 // per))
 
 
 def _human(n: int) -> str:

@@ -34,12 +34,9 @@ class PerplexityResult:
         return asdict(self)
 
 
-def perplexity(model: Any, text: str | None = None, *, window: int = DEFAULT_WINDOW,
-               windows: int | None = DEFAULT_WINDOWS) -> PerplexityResult:
-    """Perplexity of ``model`` (an :class:`edgelm.Model`) on ``text`` (default: the built-in text).
-
-    ``windows=None`` scores every full window of the text.
-    """
+def windows_of(model: Any, text: str | None = None, *, window: int = DEFAULT_WINDOW,
+               windows: int | None = DEFAULT_WINDOWS) -> list[list[int]]:
+    """The token windows perplexity scores: consecutive ``window``-token slices of ``text`` (``windows=None``: all)."""
     text = eval_text() if text is None else text
     if not isinstance(window, int) or window < 16:
         raise InvalidParameterError(f"Invalid window: {window!r}.", fix="window must be an integer >= 16.",
@@ -58,14 +55,21 @@ def perplexity(model: Any, text: str | None = None, *, window: int = DEFAULT_WIN
             fix="Use a longer text or a smaller window.", parameter="text", value=len(tokens),
         )
     n = n_full if windows is None else min(windows, n_full)
+    return [tokens[w * window : (w + 1) * window] for w in range(n)]
+
+
+def perplexity(model: Any, text: str | None = None, *, window: int = DEFAULT_WINDOW,
+               windows: int | None = DEFAULT_WINDOWS) -> PerplexityResult:
+    """Perplexity of ``model`` (an :class:`edgelm.Model`) on ``text`` (default: the built-in text).
+
+    ``windows=None`` scores every full window of the text.
+    """
+    chunks = windows_of(model, text, window=window, windows=windows)
     total, count = 0.0, 0
     half = window // 2
-    backend = model.backend
-    with model._lock:  # scoring clears the backend's cache: no generation may run meanwhile
-        for w in range(n):
-            chunk = tokens[w * window : (w + 1) * window]
-            logprobs = backend.token_logprobs(chunk)
-            scored = logprobs[half - 1 :]  # logprobs[k] is for chunk[k+1]: score the second half
-            total -= float(scored.sum())
-            count += len(scored)
-    return PerplexityResult(perplexity=math.exp(total / count), tokens_scored=count, windows=n, window=window)
+    for chunk in chunks:
+        scored = model.score(chunk)[half - 1 :]  # score()[k] is for chunk[k+1]: score the second half
+        total -= float(scored.sum())
+        count += len(scored)
+    return PerplexityResult(perplexity=math.exp(total / count), tokens_scored=count, windows=len(chunks),
+                            window=window)

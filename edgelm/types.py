@@ -20,6 +20,7 @@ class ModelInfo:
     size_bytes: int = 0
     device: str = "cpu"
     threads: int = 1
+    capabilities: dict[str, Any] = field(default_factory=dict)  # runtimes.Capabilities: max_sequences, grammar, ...
     extra: dict[str, Any] = field(default_factory=dict)  # backend details: n_gpu_layers, provider, kv cache, ...
 
     def to_dict(self) -> dict[str, Any]:
@@ -30,16 +31,18 @@ class ModelInfo:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache (not evaluated again)
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},  # as OpenAI reports it
         }
 
 
@@ -65,6 +68,8 @@ class Chunk:
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
     usage: Usage | None = None
     timings: Timings | None = None
+    tokens: tuple[int, ...] = ()  # ids generated since the previous chunk (text held back for a stop string or an
+    # unfinished UTF-8 character may come in a later chunk); the end-of-generation token is not included
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class Completion:
     finish_reason: str
     usage: Usage
     timings: Timings | None = None
+    tokens: tuple[int, ...] = ()  # every generated token id, in order
 
     def __str__(self) -> str:
         return self.text

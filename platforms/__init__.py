@@ -38,6 +38,15 @@ def default_threads(probes: Probes | None = None) -> int:
     return max(1, min(perf, p.usable_cpus()))
 
 
+def available_memory(probes: Probes | None = None) -> int | None:
+    """Bytes of memory this machine can give a new allocation now (MemAvailable on Linux), or None if unknown."""
+    from . import darwin, linux, windows
+
+    p = probes or Probes()
+    module = {"Darwin": darwin, "Windows": windows}.get(p.system, linux)
+    return module.memory(p).get("available")
+
+
 def preferred_providers(probes: Probes | None = None) -> list[str] | None:
     """onnxruntime execution providers worth trying here, best first (None: CPU)."""
     from . import linux
@@ -84,4 +93,4 @@ def runtime_defaults(backend: str, device: str = "auto", *, gpu_offload: bool | 
 
 
 __all__ = ["Host", "Probes", "Device", "RuntimeDefaults", "DEVICES", "detect", "profiles", "device_names", "resolve",
-           "this_machine", "runtime_defaults", "default_threads", "preferred_providers"]
+           "this_machine", "runtime_defaults", "default_threads", "preferred_providers", "available_memory"]

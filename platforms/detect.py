@@ -73,6 +73,8 @@ def detect(probes: Probes | None = None) -> Host:
         board = board or linux.android_soc(p)
     gpu = module.gpus(p)
     llama = _llama_backend(p.llama_caps())
+    if llama.get("installed"):
+        llama["rpc"] = p.rpc_caps() or {"available": False, "built_in": False, "module": None}
     onnx = p.onnx_providers()
     backends = {"llamacpp": llama,
                 "onnxruntime": {"installed": onnx is not None, **(onnx or {})}}

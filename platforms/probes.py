@@ -27,6 +27,18 @@ def _llama_caps() -> dict[str, Any] | None:
     }
 
 
+def _rpc_caps() -> dict[str, Any] | None:
+    """llama.cpp's RPC backend: built into llama-cpp-python, or a module `edgelm install-rpc` made for it."""
+    try:
+        from edgelm.native import rpc
+    except ImportError:
+        return None
+    try:
+        return rpc.availability().to_dict()
+    except Exception as exc:  # a broken install must not break doctor
+        return {"available": False, "built_in": False, "module": None, "loaded": False, "error": str(exc)}
+
+
 def _onnx_providers() -> dict[str, Any] | None:
     try:
         import onnxruntime
@@ -62,6 +74,7 @@ class Probes:
     sysctl: Callable[[str], str | None] = field(default=_sysctl)
     llama_caps: Callable[[], dict[str, Any] | None] = field(default=_llama_caps)
     onnx_providers: Callable[[], dict[str, Any] | None] = field(default=_onnx_providers)
+    rpc_caps: Callable[[], dict[str, Any] | None] = field(default=_rpc_caps)
 
     def read(self, path: str) -> str | None:
         """Text of ``path`` below root, or None when it is absent or unreadable."""

@@ -8,18 +8,27 @@ llama.cpp or onnxruntime.  Third-party backends register through the ``edgelm.ba
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from edgelm.errors import BackendNotInstalledError, UnknownBackendError
 
-from .base import Backend, BackendBase, LoadOptions
+from .base import Backend, BackendBase, Capabilities, LoadOptions, Seq
 
-# name -> (module:attribute, Python module it needs, extra that installs it)
-BUILTIN: dict[str, tuple[str, str, str]] = {
-    "llamacpp": ("edgelm.runtimes.llamacpp:LlamaCppBackend", "llama_cpp", "llamacpp"),
-    "onnxruntime": ("edgelm.runtimes.onnx:OnnxBackend", "onnxruntime", "onnx"),
+
+@dataclass(frozen=True)
+class Builtin:
+    target: str  # module:Class
+    module: str  # the Python module it needs
+    extra: str  # the edgelm extra that installs it
+    format: str  # edgelm.formats module that reads its files (inspect without importing the runtime)
+
+
+BUILTIN: dict[str, Builtin] = {
+    "llamacpp": Builtin("edgelm.runtimes.llamacpp:LlamaCppBackend", "llama_cpp", "llamacpp", "gguf"),
+    "onnxruntime": Builtin("edgelm.runtimes.onnx:OnnxBackend", "onnxruntime", "onnx", "onnx_folder"),
 }
 ALIASES = {
     "llama.cpp": "llamacpp", "llama_cpp": "llamacpp", "llama-cpp": "llamacpp", "gguf": "llamacpp",
@@ -39,10 +48,7 @@ def unregister_backend(name: str) -> None:
 
 def backend_names() -> list[str]:
     names = list(BUILTIN) + list(_registered)
-    try:
-        names += [ep.name for ep in metadata.entry_points(group="edgelm.backends")]
-    except Exception:  # broken metadata of some other distribution must not break edgelm
-        pass
+    names += [ep.name for ep in _entry_points()]
     return list(dict.fromkeys(names))
 
 
@@ -57,17 +63,17 @@ def get_backend(name: str) -> type:
     if key in _registered:
         return _registered[key]()
     if key in BUILTIN:
-        target, module, extra = BUILTIN[key]
+        b = BUILTIN[key]
         try:
-            importlib.import_module(module)
+            importlib.import_module(b.module)
         except ImportError as exc:
             raise BackendNotInstalledError(
-                f"The {key} backend needs the Python package {module!r}, which is not installed ({exc}).",
-                fix=f'Install it with: pip install "edgelm[{extra}]"',
+                f"The {key} backend needs the Python package {b.module!r}, which is not installed ({exc}).",
+                fix=f'Install it with: pip install "edgelm[{b.extra}]"',
                 backend=key,
-                extra=extra,
+                extra=b.extra,
             ) from exc
-        mod_name, attr = target.split(":")
+        mod_name, attr = b.target.split(":")
         return getattr(importlib.import_module(mod_name), attr)
     for ep in _entry_points():
         if ep.name == key:
@@ -80,25 +86,35 @@ def get_backend(name: str) -> type:
 def _entry_points():
     try:
         return list(metadata.entry_points(group="edgelm.backends"))
-    except Exception:
+    except Exception:  # broken metadata of some other distribution must not break edgelm
         return []
 
 
 def detect_backend(path: Path) -> str | None:
     """The name of the backend that reads ``path`` by its format, without importing heavy runtimes."""
-    from .gguf import is_gguf
+    from edgelm.formats import gguf, onnx_folder
 
     for name, factory in _registered.items():
-        if getattr(factory(), "accepts", lambda p: False)(path):
+        if factory().accepts(path):
             return name
-    if path.is_file() and is_gguf(path):
+    if path.is_file() and gguf.is_gguf(path):
         return "llamacpp"
-    if path.suffix == ".onnx" or (path.is_dir() and (any(path.glob("*.onnx")) or (path / "edgelm.json").exists())):
+    if onnx_folder.looks_like_onnx(path):
         return "onnxruntime"
     return None
 
 
+def inspect(path: Path, name: str) -> dict[str, Any]:
+    """Facts of the model at ``path`` read by backend ``name``'s format, without loading it; built-in formats
+    are read without importing their runtime."""
+    key = canonical_name(name)
+    if key in BUILTIN and key not in _registered:
+        module = importlib.import_module(f"edgelm.formats.{BUILTIN[key].format}")
+        return module.inspect(path)
+    return get_backend(key).inspect(path)
+
+
 __all__ = [
-    "Backend", "BackendBase", "LoadOptions", "BUILTIN", "register_backend", "unregister_backend", "get_backend",
-    "backend_names", "detect_backend", "canonical_name",
+    "Backend", "BackendBase", "Capabilities", "LoadOptions", "Seq", "BUILTIN", "register_backend",
+    "unregister_backend", "get_backend", "backend_names", "detect_backend", "canonical_name", "inspect",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
-from edgelm.runtimes.base import BackendBase, LoadOptions
+from edgelm.runtimes.base import BackendBase, Capabilities, LoadOptions, Seq
 
 EOS = 0
 
@@ -17,6 +17,7 @@ EOS = 0
 class FakeBackend(BackendBase):
     name: ClassVar[str] = "fake"
     script: ClassVar[list[int]] = []  # token ids generate() yields, in order
+    loaded: ClassVar[list["FakeBackend"]] = []  # every instance load() made, latest last
 
     def __init__(self, vocab: list[bytes], n_ctx: int = 64) -> None:
         self.vocab = vocab
@@ -28,6 +29,9 @@ class FakeBackend(BackendBase):
         self.closed = False
         self.calls: list[tuple[list[int], Any]] = []
         self.stopped_early = False
+        self.options: LoadOptions | None = None
+        self.capabilities = Capabilities(max_sequences=1, scoring=False)
+        self._make_sequences(1)
 
     @classmethod
     def accepts(cls, path: Path) -> bool:
@@ -36,7 +40,14 @@ class FakeBackend(BackendBase):
     @classmethod
     def load(cls, path: Path, options: LoadOptions) -> "FakeBackend":
         vocab = [b"</s>"] + [line.encode("utf-8") for line in path.read_text(encoding="utf-8").split("|")]
-        return cls(vocab, n_ctx=options.n_ctx or 64)
+        backend = cls(vocab, n_ctx=options.n_ctx or 64)
+        backend.options = options
+        cls.loaded.append(backend)
+        return backend
+
+    @classmethod
+    def inspect(cls, path: Path) -> dict[str, Any]:
+        return {"path": str(path), "format": "fake", "architecture": "fake", "quantization": "none", "parameters": 1}
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         # one token per character: ids are 1000 + code point (never collide with the scripted vocab)
@@ -50,8 +61,19 @@ class FakeBackend(BackendBase):
     def is_eog(self, token: int) -> bool:
         return token == EOS
 
-    def generate(self, tokens: Sequence[int], params: Any) -> Iterator[int]:
+    def rewind(self, seq: Seq, n: int) -> bool:
+        del seq.tokens[n:]
+        return True
+
+    def extend(self, seq: Seq, tokens: Sequence[int]) -> None:
+        seq.tokens.extend(tokens)
+
+    def generate(self, seq: Seq, tokens: Sequence[int], params: Any) -> Iterator[int]:
         self.calls.append((list(tokens), params))
+        self.prepare(seq, tokens)
+        return self._scripted()
+
+    def _scripted(self) -> Iterator[int]:
         self.generated = []
         try:
             for token in self.script:

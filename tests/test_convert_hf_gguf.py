@@ -17,6 +17,7 @@ from edgelm.converters import hf_gguf
 from edgelm.loader import inspect as inspect_model
 
 from .conftest import run_cli
+from .helpers import raw_greedy
 from .hf_fixtures import GGUF_ARCHS, smollm2_hf_checkpoint, tiny_gguf_checkpoint
 
 CAPITAL = [{"role": "system", "content": "You are a helpful assistant."},
@@ -49,6 +50,7 @@ def transformers_greedy(folder: Path, tokens: list[int], n: int) -> list[int]:
     return out[0, len(tokens):].tolist()
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 @pytest.mark.parametrize("model_type", sorted(GGUF_ARCHS))
 def test_tiny_checkpoint_converts_and_generates_like_transformers(model_type, tmp_path):
     src = tiny_gguf_checkpoint(model_type, tmp_path / f"tiny-{model_type}")
@@ -60,11 +62,12 @@ def test_tiny_checkpoint_converts_and_generates_like_transformers(model_type, tm
     with edgelm.load(out, n_ctx=128) as m:
         assert m.info.architecture == GGUF_ARCHS[model_type][3] and m.info.quantization == "F16"
         prompt = m.tokenize("The capital of France is")
-        tokens = list(itertools.islice(m.backend.generate(prompt, m.params(temperature=0)), 4))
+        tokens = raw_greedy(m, prompt, 4)
         assert tokens == transformers_greedy(src, prompt, 4)  # the same model, not just a loadable file
         assert m.generate("Hello", max_tokens=4, temperature=0).usage.completion_tokens > 0
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 def test_k_quant_with_report_from_a_tiny_checkpoint(tiny_llama, tmp_path):
     out = tmp_path / "tiny-q4_k_m.gguf"
     r = edgelm.convert(str(tiny_llama), quant="Q4_K_M", output=str(out))
@@ -75,6 +78,7 @@ def test_k_quant_with_report_from_a_tiny_checkpoint(tiny_llama, tmp_path):
     assert files_in(tmp_path) == ["tiny-q4_k_m.gguf"]
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 def test_cli_converts_and_prints_the_report(tiny_llama, tmp_path):
     out = tmp_path / "tiny.gguf"
     r = run_cli("convert", str(tiny_llama), "--quant", "q4_0", "-o", str(out), "--no-eval", "--json")
@@ -130,6 +134,7 @@ def test_unsupported_architecture_lists_the_supported(tiny_llama, tmp_path):
     assert r.returncode == 4 and "LlamaForCausalLM" in r.stderr
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 def test_pickle_weights_refused_unless_allowed(tmp_path):
     src = tiny_gguf_checkpoint("llama", tmp_path / "pickled", safetensors=False)
     out = tmp_path / "o.gguf"
@@ -140,6 +145,7 @@ def test_pickle_weights_refused_unless_allowed(tmp_path):
     assert out.is_file() and r.architecture == "llama"
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 def test_unrecognised_bpe_tokenizer_is_explained(tiny_llama, tmp_path):
     # transformers 5 loads a qwen2 tokenizer with Qwen2's own pre-tokenizer: SmolLM2's vocabulary split that way
     # has a hash the converter does not know
@@ -159,6 +165,7 @@ def test_unrecognised_bpe_tokenizer_is_explained(tiny_llama, tmp_path):
     assert files_in(tmp_path) == ["qwen2-bpe"]
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 def test_existing_output_refused_before_converting(tiny_llama, tmp_path):
     out = tmp_path / "exists.gguf"
     out.write_text("mine")
@@ -168,6 +175,7 @@ def test_existing_output_refused_before_converting(tiny_llama, tmp_path):
     assert inspect_model(out)["architecture"] == "llama"
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 @pytest.mark.parametrize("when", [0.2, 0.505])  # in the converter, in the quantizer
 def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, when):
     def interrupt(message, fraction):
@@ -179,6 +187,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, when):
     assert files_in(tmp_path) == []
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 def test_corrupt_weights_fail_cleanly(tiny_llama, tmp_path):
     src = tmp_path / "corrupt"
     src.mkdir()
@@ -208,8 +217,9 @@ def test_failed_install_leaves_nothing(tmp_path):
     assert files_in(tmp_path / "tools") == []
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 def test_a_file_this_llama_cpp_cannot_run_is_an_error(tiny_llama, tmp_path):
-    from edgelm.converters.gguf import check_runs
+    from edgelm.conversion import check_runs
 
     good = tmp_path / "tiny.gguf"
     edgelm.convert(str(tiny_llama), quant="q8_0", output=str(good), eval=False)
@@ -222,9 +232,10 @@ def test_a_file_this_llama_cpp_cannot_run_is_an_error(tiny_llama, tmp_path):
     assert inspect_model(future)["architecture"] == "llamx"
     with pytest.raises(edgelm.ConversionError, match="llamx") as err:
         check_runs(future)
-    assert "llama-cpp-python" in str(err.value)
+    assert "llama-cpp-python" in str(err.value) and "llamacpp backend" in str(err.value)
 
 
+@pytest.mark.slow  # runs llama.cpp's converter
 def test_auto_from_a_checkpoint_keeps_the_smallest_that_fits(tiny_llama, tmp_path):
     out = tmp_path / "auto.gguf"
     r = run_cli("convert", str(tiny_llama), "--quant", "auto", "--max-size", "9MB", "--max-ppl-increase", "400%",
@@ -237,12 +248,9 @@ def test_auto_from_a_checkpoint_keeps_the_smallest_that_fits(tiny_llama, tmp_pat
 def test_too_little_disk_space_is_refused_before_converting(tiny_llama, tmp_path, monkeypatch):
     import shutil
 
-    import edgelm.conversion
-
     real = shutil.disk_usage
-    monkeypatch.setattr(edgelm.conversion.shutil, "disk_usage",
-                        lambda path: real(path)._replace(free=1_000_000))
-    with pytest.raises(edgelm.InsufficientDiskSpaceError, match="MB free"):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))
+    with pytest.raises(edgelm.InsufficientDiskSpaceError, match="MiB is free"):
         edgelm.convert(str(tiny_llama), quant="q8_0", output=str(tmp_path / "o.gguf"))
     assert files_in(tmp_path) == []
 

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 import edgelm
-from edgelm.runtimes.gguf import read_header
+from edgelm.formats.gguf import read_header
 
 from .conftest import run_cli
 

@@ -92,7 +92,7 @@ def test_tied_checkpoint_looks_its_embedding_up_in_the_int4_head(tmp_path, monke
     import numpy as np
     import onnx
 
-    import edgelm.converters.onnx as exporter
+    import edgelm.converters.onnx as exporter  # embed_from_head is looked up there at call time
 
     src = tiny_checkpoint("llama", tmp_path / "tied", tied=True)
     out = convert_to_onnx(src, tmp_path / "shared", "int4", algo="gptq")
@@ -101,7 +101,7 @@ def test_tied_checkpoint_looks_its_embedding_up_in_the_int4_head(tmp_path, monke
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
     assert lookup.input[2] == head.input[2] and len(head.input) == 3  # the head's scales; no zero points
     assert "model.embed_tokens.weight" not in {t.name for t in graph.initializer}
-    monkeypatch.setattr(exporter, "_embed_from_head", lambda folder: False)
+    monkeypatch.setattr(exporter, "embed_from_head", lambda folder: False)
     separate = convert_to_onnx(src, tmp_path / "separate", "int4", algo="gptq")
     size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
     assert size(separate) - size(out) > 0.8 * 512 * 128 * 4  # the float table (vocab x hidden x 4 bytes) is gone
@@ -119,7 +119,7 @@ def test_tied_checkpoint_looks_its_embedding_up_in_the_int4_head(tmp_path, monke
     onnx.save_model(model, str(separate / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     with edgelm.load(out, threads=1) as a, edgelm.load(separate, threads=1) as b:
         ids = a.tokenize("The object of the reference is", add_special=False)
-        np.testing.assert_allclose(a.backend.token_logprobs(ids), b.backend.token_logprobs(ids), atol=1e-4)
+        np.testing.assert_allclose(a.score(ids), b.score(ids), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -131,30 +131,23 @@ def test_smollm2_gptq_int4_within_ten_percent_of_fp32(tmp_path):
     assert report.reference == "fp32 ONNX of the same source" and report.method == "gptq"
     assert report.ppl_increase <= 0.10, report.to_dict()  # round-to-nearest int4 is ~1.31x on these weights
     assert report.bits_per_weight < 6, report.to_dict()  # as small as round-to-nearest: no float embedding table
-    with edgelm.load(report.output, threads=2, n_ctx=512) as m:
-        c = m.chat([{"role": "system", "content": "You are a helpful assistant."},
-                    {"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=16)
-        assert "Paris" in c.text, c.text
+    # no golden answer here: int4 answers to the capital question flip between CPUs' kernels (see
+    # test_onnx_smollm2.py, which measures top-1 agreement with fp32 instead), while the perplexity ratio holds
 
 
 def test_auto_uses_gptq_for_int4_when_the_model_fits_in_memory(tmp_path, caplog):
-    from edgelm.converters.onnx import _options, _resolve_algo
+    from edgelm.converters.onnx_options import OnnxOptions, resolve_algo
 
     src = tiny_checkpoint("llama", tmp_path / "tiny")  # 0.43 M parameters: 1.7 MB in fp32
-    opts = _options("int4", {})
-    _resolve_algo(src, opts, memory=8 * 2**30)
-    assert opts["algo"] == "gptq"
-    opts = _options("int4", {})
-    _resolve_algo(src, opts, memory=4 * 2**20)  # a machine with 4 MB free
-    assert opts["algo"] == "default" and "--algo gptq" in caplog.text
-    opts = _options("int8", {})
-    _resolve_algo(src, opts, memory=8 * 2**30)
-    assert opts["algo"] == "default"
+    assert resolve_algo(src, "int4", OnnxOptions(), memory=8 * 2**30).algo == "gptq"
+    # a machine with 4 MB free
+    assert resolve_algo(src, "int4", OnnxOptions(), memory=4 * 2**20).algo == "default"
+    assert "--algo gptq" in caplog.text
+    assert resolve_algo(src, "int8", OnnxOptions(), memory=8 * 2**30).algo == "default"
     text = tmp_path / "t.txt"
     text.write_text("words of calibration text " * 200)
-    opts = _options("int8", {"calibration": str(text)})
     with pytest.raises(InvalidParameterError, match="int4"):
-        _resolve_algo(src, opts, memory=8 * 2**30)
+        resolve_algo(src, "int8", OnnxOptions(calibration=str(text)), memory=8 * 2**30)
 
 
 @pytest.mark.slow
@@ -168,7 +161,7 @@ def test_auto_falls_back_to_rounding_when_gptq_fails(tmp_path, monkeypatch, capl
     src = tiny_checkpoint("llama", tmp_path / "tiny")
     out = convert_to_onnx(src, tmp_path / "o", "int4")  # algo="auto" picks GPTQ for this small model
     assert "no GPTQ today" in caplog.text and "round-to-nearest" in caplog.text
-    from edgelm.converters.onnx import read_manifest
+    from edgelm.formats.onnx_folder import read_manifest
 
     assert read_manifest(out)["quantization_options"]["algo"] == "default"
     with pytest.raises(edgelm.ConversionError, match="no GPTQ today"):
@@ -180,7 +173,7 @@ def test_auto_falls_back_to_rounding_when_gptq_fails(tmp_path, monkeypatch, capl
 def test_gptq_is_not_used_for_weights_the_builder_would_not_import(tmp_path, caplog):
     """Phi-1/2 name their layers dense / fc1 / final_layernorm, which onnxruntime-genai's GPTQ import passes over:
     asked for by name, GPTQ is refused before any work; algo='auto' rounds to nearest instead."""
-    from edgelm.converters.onnx import read_manifest
+    from edgelm.formats.onnx_folder import read_manifest
 
     src = tiny_checkpoint("phi", tmp_path / "phi")
     with pytest.raises(edgelm.UnsupportedModelError, match="model.final_layernorm") as err:

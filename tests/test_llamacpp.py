@@ -24,8 +24,7 @@ def test_info_describes_the_loaded_model(smollm, default_gguf):
 def test_chat_answers_the_capital_question(smollm):
     c = smollm.chat(CAPITAL, temperature=0, max_tokens=24)
     assert "Paris" in c.text
-    assert c.finish_reason in ("stop", "length")
-    assert c.usage.prompt_tokens > 10 and c.usage.completion_tokens >= 3
+    assert c.finish_reason == "stop" and 3 <= c.usage.completion_tokens < 24  # a short answer that ends itself
 
 
 def test_greedy_is_deterministic_and_stream_equals_generate(smollm):
@@ -66,7 +65,7 @@ def test_tokenize_detokenize_round_trip_with_multibyte_text(smollm):
     ids = smollm.tokenize(text, add_special=False)
     assert smollm.detokenize(ids) == text
     # some tokens hold part of a character: this is what the streaming decoder must not split
-    assert any(_invalid_utf8(smollm.backend.token_bytes(t)) for t in ids)
+    assert any(_invalid_utf8(smollm.token_bytes([t])) for t in ids)
 
 
 def _invalid_utf8(b: bytes) -> bool:
@@ -84,13 +83,13 @@ def test_streamed_chunks_never_hold_half_a_character(smollm):
         assert all("\ufffd" not in c for c in chunks), chunks
         # the model did write multi-byte characters that its tokens split, so the check above means something
         ids = smollm.tokenize(text, add_special=False)
-        assert any(_invalid_utf8(smollm.backend.token_bytes(t)) for t in ids), text
+        assert any(_invalid_utf8(smollm.token_bytes([t])) for t in ids), text
 
 
 def test_prefix_reuse_gives_the_same_answer_as_a_fresh_cache(smollm):
     first = smollm.chat(CAPITAL, temperature=0, max_tokens=16).text
     again = smollm.chat(CAPITAL, temperature=0, max_tokens=16).text  # reuses the cached prefix
-    smollm.backend.reset_cache()
+    smollm.reset_cache()
     fresh = smollm.chat(CAPITAL, temperature=0, max_tokens=16).text
     assert first == again == fresh
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_stream_yields_text_and_final_chunk_has_usage():
     assert last.finish_reason == "stop"
     assert last.usage.prompt_tokens == 2 and last.usage.completion_tokens == 3
     assert last.usage.total_tokens == 5
-    assert last.timings is not None and last.timings.total_seconds >= 0
+    assert last.timings is not None and last.timings.total_seconds > 0
 
 
 def test_multibyte_characters_are_never_split_across_chunks():
@@ -187,8 +188,62 @@ def test_the_model_is_free_once_the_last_chunk_is_out():
     stream = m.stream("x")
     chunks = [next(stream), next(stream)]
     assert chunks[-1].finish_reason == "stop"  # the caller holds the suspended stream, and yet:
-    assert m._lock.acquire(timeout=1)
-    m._lock.release()
+    done = []
+    t = threading.Thread(target=lambda: done.append(m.generate("y").finish_reason))
+    t.start()
+    t.join(5)
+    assert done == ["stop"]
+
+
+def test_cancel_from_another_thread_ends_the_stream():
+    m, backend = make([1, 2, 3, 9, 1, 2, 3, 9, EOS])
+    stream = m.stream("x")
+    first = next(stream)
+    threading.Thread(target=stream.cancel).start()
+    rest = list(stream)
+    assert first.text and rest[-1].finish_reason == "cancelled"
+    assert backend.stopped_early
+    assert m.generate("again").finish_reason == "stop"  # the model is free
+
+
+def test_waiting_generations_run_in_arrival_order():
+    m, backend = make([1, EOS])
+    holder = m.stream("first")
+    next(holder)  # holds the model
+    order = []
+    threads = []
+    for name in "abcd":
+        t = threading.Thread(target=lambda name=name: order.append(m.generate(name).text and name))
+        t.start()
+        threads.append(t)
+        time.sleep(0.1)  # each is waiting before the next arrives
+    holder.close()
+    for t in threads:
+        t.join(5)
+    assert order == list("abcd")
+
+
+def test_close_while_streaming_ends_the_stream_with_an_error():
+    m, _ = make([1, 2, 3, 9, EOS])
+    stream = m.stream("x")
+    next(stream)
+    waiting = m.stream("y")
+    closer = threading.Thread(target=m.close)
+    closer.start()
+    with pytest.raises(edgelm.ModelClosedError):
+        list(stream)
+    closer.join(5)
+    assert not closer.is_alive()
+    with pytest.raises(edgelm.ModelClosedError):
+        list(waiting)
+
+
+def test_generate_batch_keeps_input_order_and_reports_progress():
+    m, backend = make([1, EOS])
+    seen = []
+    out = m.generate_batch(["a", "bb", "ccc"], progress=lambda done, total: seen.append((done, total)))
+    assert [c.usage.prompt_tokens for c in out] == [1, 2, 3]
+    assert seen[-1] == (3, 3) and len(seen) == 3
 
 
 def test_load_by_registered_backend_and_auto_detection(tmp_path):

@@ -10,13 +10,18 @@ import numpy as np
 import pytest
 
 import edgelm
-from edgelm.converters.onnx import check_output_folder, convert_to_onnx
+from edgelm.converters.onnx import convert_to_onnx
+from edgelm.formats.onnx_folder import check_folder
 from edgelm.errors import (ContextLengthExceededError, ExecutionProviderError, InvalidModelFileError,
                            InvalidParameterError, InvalidSourceError, ModelNotFoundError, OutputExistsError,
                            UnknownQuantizationError, UnsafeWeightsError, UnsupportedModelError, ConversionError)
 from edgelm.params import GenerationParams
-from edgelm.runtimes.onnx import OnnxBackend, _gpt2_byte_decoder, _Sampler, choose_provider
+from edgelm.runtimes.onnx import OnnxBackend
+from edgelm.runtimes.onnx_providers import choose_provider
+from edgelm.runtimes.sampling import NumpySampler
+from edgelm.runtimes.tokenizer_json import gpt2_byte_decoder
 
+from .helpers import raw_greedy
 from .onnx_helpers import tiny_checkpoint
 
 # --- fast: checks that need no conversion ---------------------------------------------------------------------
@@ -108,13 +113,13 @@ def test_provider_choice():
 
 
 def test_gpt2_byte_table_is_a_bijection():
-    table = _gpt2_byte_decoder()
+    table = gpt2_byte_decoder()
     assert sorted(table.values()) == list(range(256))
     assert table["Ġ"] == 0x20 and table["Ċ"] == 0x0A and table["A"] == 0x41
 
 
 def _sample(params, logits, history=(), n=1):
-    s = _Sampler(params, list(history), 4096)
+    s = NumpySampler(params, list(history), 4096)
     return [s(np.asarray(logits, dtype=np.float32)) for _ in range(n)]
 
 
@@ -141,10 +146,10 @@ def test_sampler_follows_llama_cpp_semantics():
 
 def test_folder_checks_before_loading(tmp_path):
     with pytest.raises(ModelNotFoundError, match="edgelm.json"):
-        check_output_folder(tmp_path)
+        check_folder(tmp_path)
     (tmp_path / "edgelm.json").write_text("{not json")
     with pytest.raises(InvalidModelFileError, match="not valid JSON"):
-        check_output_folder(tmp_path)
+        check_folder(tmp_path)
 
 
 # --- slow: real conversions with onnxruntime-genai's builder and decoding with onnxruntime ---------------------
@@ -211,8 +216,7 @@ def test_fp32_greedy_tokens_equal_transformers(onnx_models, arch):
     with edgelm.load(onnx_models[f"{arch}-fp32"], threads=2) as m:
         assert m.info.backend == "onnxruntime" and m.info.quantization == "fp32"
         ids = m.tokenize("The object of the", add_special=False)
-        it = m.backend.generate(ids, m.params(temperature=0))  # endless: take the first 12
-        mine = [tok for _, tok in zip(range(12), it)]
+        mine = raw_greedy(m, ids, 12)
     assert mine == _torch_greedy(onnx_models[f"{arch}-src"], ids, 12)
 
 
@@ -224,13 +228,12 @@ def test_sliding_window_model_runs_past_its_window_and_below_it(tmp_path):
     out = _convert(src, tmp_path / "gemma2-fp32", "fp32")
     with edgelm.load(out, threads=2, n_ctx=64) as m:
         ids = m.tokenize("The object of the", add_special=False)
-        it = m.backend.generate(ids, m.params(temperature=0))
-        mine = [tok for _, tok in zip(range(40), it)]  # prompt + 40 > the 16-token window + slack
+        mine = raw_greedy(m, ids, 40)  # prompt + 40 > the 16-token window + slack
         # the same prompt again: the positions to rewind to have left the window's cache, so it starts afresh
-        again = [tok for _, tok in zip(range(40), m.backend.generate(ids, m.params(temperature=0)))]
-        scored = m.backend.token_logprobs(ids + mine)  # 44 tokens in one go, then back to an empty cache
-        assert np.array_equal(scored, m.backend.token_logprobs(ids + mine))
-        assert [tok for _, tok in zip(range(40), m.backend.generate(ids, m.params(temperature=0)))] == mine
+        again = raw_greedy(m, ids, 40)
+        scored = m.score(ids + mine)  # 44 tokens in one go, then back to an empty cache
+        assert np.array_equal(scored, m.score(ids + mine))
+        assert raw_greedy(m, ids, 40) == mine
     assert mine == again == _torch_greedy(src, ids, 40)
     with edgelm.load(out, threads=1, n_ctx=10) as m:  # a context shorter than the window
         assert m.info.context_length == 10
@@ -247,7 +250,7 @@ def test_int4_model_generates_streams_and_chats(onnx_models, arch):
         assert info.device == "cpu" and info.extra["execution_provider"] == "CPUExecutionProvider"
         assert info.context_length == 256 and info.threads == 2
         c = m.generate("The object", temperature=0, max_tokens=16)
-        assert c.usage.completion_tokens == 16 or c.finish_reason == "stop"
+        assert (c.finish_reason == "length") == (c.usage.completion_tokens == 16), c
         streamed = "".join(ch.text for ch in m.stream("The object", temperature=0, max_tokens=16))
         assert streamed == c.text
         s1 = m.chat([{"role": "user", "content": "Hello"}], temperature=0.9, seed=5, max_tokens=12)
@@ -262,11 +265,11 @@ def test_tokenize_detokenize_and_special_tokens(onnx_models):
         ids = m.tokenize(text, add_special=False)
         assert m.detokenize(ids) == text
         # bytes of a multi-byte character spread over several tokens rejoin exactly
-        assert b"".join(m.backend.token_bytes(t) for t in ids) == text.encode()
+        assert m.token_bytes(ids) == text.encode()
         assert m.tokenize("<|im_end|>", parse_special=True) == [2]
         assert len(m.tokenize("<|im_end|>", parse_special=False)) > 1
-        assert m.backend.is_eog(2) and not m.backend.is_eog(ids[0])
-        assert m.backend.token_bytes(2) == b""  # control tokens have no text
+        assert m.is_eog(2) and not m.is_eog(ids[0])
+        assert m.token_bytes([2]) == b""  # control tokens have no text
         assert m.apply_chat_template([{"role": "user", "content": "Hi"}]).endswith("<|im_start|>assistant\n")
         assert (m.backend.bos_token, m.backend.eos_token) == ("<|im_start|>", "<|im_end|>")
 
@@ -274,17 +277,18 @@ def test_tokenize_detokenize_and_special_tokens(onnx_models):
 @pytest.mark.slow
 def test_prompt_reuse_gives_the_same_tokens(onnx_models):
     with edgelm.load(onnx_models["llama-fp32"], threads=2) as m:
-        b = m.backend
         prompt = m.tokenize("The object of the", add_special=False)
-        first = [t for _, t in zip(range(8), b.generate(prompt, m.params(temperature=0)))]
+        first = raw_greedy(m, prompt, 8)
         longer = prompt + first[:4]
-        assert b.prepare(longer) == len(prompt) + 3  # everything cached but the last token is reused
-        again = [t for _, t in zip(range(4), b.generate(longer, m.params(temperature=0)))]
-        assert again == first[4:8]
+        again = m.stream_tokens(longer, temperature=0, max_tokens=4)
+        chunks = list(again)
+        # everything cached but the last token is reused
+        assert chunks[-1].usage.cached_tokens == len(prompt) + 3
+        assert [t for c in chunks for t in c.tokens] == first[4:8]
         # sampled path after an interrupted greedy one
-        b.reset_cache()
-        fresh = [t for _, t in zip(range(6), b.generate(prompt, m.params(temperature=0, repeat_penalty=1.0001)))]
-        assert fresh[:6] == first[:6]
+        m.reset_cache()
+        fresh = raw_greedy(m, prompt, 6, repeat_penalty=1.0001)
+        assert fresh == first[:6]
 
 
 @pytest.mark.slow
@@ -296,8 +300,8 @@ def test_stop_strings_limits_and_context_errors(onnx_models):
             m.generate(long, max_tokens=4)
         assert err.value.n_ctx == 32
         c = m.generate("The", temperature=0)  # no max_tokens: runs to the end of the context
-        assert c.usage.prompt_tokens + c.usage.completion_tokens <= 32
-        assert c.finish_reason in ("length", "stop")
+        used = c.usage.prompt_tokens + c.usage.completion_tokens
+        assert used <= 32 and (c.finish_reason == "length") == (used == 32), c
         full = m.generate("The", temperature=0, max_tokens=12).text
         assert len(full) > 4
         stop = full[3:5]
@@ -316,7 +320,7 @@ def test_perplexity_matches_transformers(onnx_models):
 
     with edgelm.load(onnx_models["llama-fp32"], threads=2) as m:
         ids = m.tokenize(edgelm.quality.eval_text()[:3000], add_special=False)[:100]
-        ours = m.backend.token_logprobs(ids)
+        ours = m.score(ids)
     model = transformers.AutoModelForCausalLM.from_pretrained(onnx_models["llama-src"], dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].double()
@@ -422,7 +426,7 @@ def test_fp16_decodes_on_cpu_like_fp32(onnx_models):
         with edgelm.load(onnx_models[f"llama-{quant}"], threads=2) as m:
             assert m.info.quantization == quant and m.info.extra["execution_provider"] == "CPUExecutionProvider"
             ids = m.tokenize("The object of the", add_special=False)
-            tokens[quant] = [t for _, t in zip(range(6), m.backend.generate(ids, m.params(temperature=0)))]
+            tokens[quant] = raw_greedy(m, ids, 6)
     assert tokens["fp16"] == tokens["fp32"]
 
 
@@ -430,7 +434,7 @@ def test_sentencepiece_style_token_bytes():
     """Llama-2/Mistral/Gemma-style vocabularies: '▁' is a space and <0xNN> tokens are single raw bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from edgelm.runtimes.onnx import _TokenText
+    from edgelm.runtimes.tokenizer_json import TokenText
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
     for piece in ("▁", "a", "b", "▁a", "▁ab"):
@@ -441,7 +445,7 @@ def test_sentencepiece_style_token_bytes():
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens(["<s>", "</s>"])
     spec = json.loads(tok.to_str())
-    text = _TokenText(spec, tok)
+    text = TokenText(spec, tok)
     ids = tok.encode("ab 日", add_special_tokens=False).ids
     assert b"".join(text(i) for i in ids) == " ab 日".encode()
     assert [text(i) for i in ids][-3:] == [b"\xe6", b"\x97", b"\xa5"]  # one raw byte each, never split text

@@ -30,14 +30,15 @@ def test_prompt_lookup_output_is_identical_to_plain_greedy(smollm):
     plain = greedy(smollm, COPY_PROMPT)
     fast = greedy(smollm, COPY_PROMPT, speculative="prompt-lookup")
     assert fast.text == plain.text and fast.usage == plain.usage
-    stats = smollm.backend.speculation_stats
+    stats = smollm.stats()["speculative"]
     assert stats["mode"] == "prompt-lookup" and stats["accepted"] > 10  # drafts really were used
 
 
 def test_speculation_is_not_applied_when_sampling(smollm):
-    smollm.backend.speculation_stats = {}
+    greedy(smollm, COPY_PROMPT, speculative="prompt-lookup")
+    assert "speculative" in smollm.stats()
     c = smollm.generate(COPY_PROMPT, temperature=0.7, seed=1, max_tokens=10, speculative="prompt-lookup")
-    assert c.usage.completion_tokens > 0 and smollm.backend.speculation_stats == {}
+    assert c.usage.completion_tokens > 0 and "speculative" not in smollm.stats()
 
 
 def test_draft_model_gives_identical_output(default_gguf):
@@ -47,7 +48,7 @@ def test_draft_model_gives_identical_output(default_gguf):
         assert m.info.extra["speculative"] == "draft"
         out = greedy(m, COPY_PROMPT)
         assert out.text == plain.text
-        assert m.backend.speculation_stats["accepted"] > 0
+        assert m.stats()["speculative"]["accepted"] > 0
 
 
 def test_draft_mode_without_draft_model_is_refused(smollm):
@@ -61,9 +62,9 @@ def test_second_chat_turn_reuses_the_cached_history(smollm):
     smollm.reset_cache()
     first = smollm.chat(history, temperature=0, max_tokens=12)
     history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "When?"}]
-    tokens = smollm.chat_tokens(history)
-    reused = smollm.backend.prepare(tokens)
-    assert reused >= first.usage.prompt_tokens - 1  # only the new turn needs evaluating
+    second = smollm.chat(history, temperature=0, max_tokens=4)
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens - 1  # only the new turn needs evaluating
+    assert second.usage.prompt_tokens > second.usage.cached_tokens
 
 
 def test_saved_state_restores_in_a_fresh_model(default_gguf, tmp_path):
@@ -79,7 +80,8 @@ def test_saved_state_restores_in_a_fresh_model(default_gguf, tmp_path):
         assert m2.load_state(state) == saved
         restored = m2.chat(question, temperature=0, max_tokens=16)
         assert restored.text == again.text
-        assert m2.backend.prepare(m2.chat_tokens(question)) == first.usage.prompt_tokens - 1
+        # the restored cache held the question and the first answer: the whole prompt but its last token was reused
+        assert restored.usage.cached_tokens == first.usage.prompt_tokens - 1
 
 
 def test_state_of_another_model_or_kv_type_is_refused(default_gguf, tmp_path):

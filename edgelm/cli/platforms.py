@@ -38,8 +38,13 @@ def doctor_command(as_json: bool) -> None:
     found = find_converter()
     converter = {"installed": found is not None, "path": str(found[0]) if found else None,
                  "install": "edgelm install-converter", "default_folder": str(converter_home())}
+    from edgelm.converters.optimum_onnx import find_optimum, optimum_home
+
+    home = find_optimum()
+    optimum = {"installed": home is not None, "path": str(home or optimum_home()),
+               "install": "edgelm install-converter --optimum"}
     if as_json:
-        click.echo(json.dumps({**h.to_dict(), "gguf_converter": converter}, indent=2))
+        click.echo(json.dumps({**h.to_dict(), "gguf_converter": converter, "optimum_onnx": optimum}, indent=2))
         return
     cpu, mem = h.cpu, h.memory
     click.echo(f"system      {h.os} {h.arch}" + (f" - {h.board}" if h.board else ""))
@@ -56,6 +61,11 @@ def doctor_command(as_json: bool) -> None:
         click.echo(f"llama.cpp   llama-cpp-python {llama.get('version')}: GPU offload "
                    f"{'yes (' + ', '.join(offload) + ')' if llama.get('gpu_offload') else 'no'}, "
                    f"BLAS {'yes' if llama.get('blas') else 'no'}")
+        rpc = llama.get("rpc") or {}
+        click.echo("rpc         " + ("llama.cpp RPC backend built into llama-cpp-python" if rpc.get("built_in") else
+                                     f"llama.cpp RPC backend module {rpc['module']}" if rpc.get("available") else
+                                     "llama.cpp RPC backend not built (edgelm install-rpc; needed only to split a "
+                                     "model across machines: edgelm worker, --workers)"))
     else:
         click.echo("llama.cpp   not installed")
     onnx = h.backends["onnxruntime"]
@@ -65,6 +75,8 @@ def doctor_command(as_json: bool) -> None:
         click.echo(f"npu         {'; '.join(h.npu)}")
     click.echo(f"HF -> GGUF  {'llama.cpp converter at ' + converter['path'] if found else 'converter not installed'}"
                f"{'' if found else ' (edgelm install-converter; needed only to convert Hugging Face models to GGUF)'}")
+    click.echo(f"HF -> ONNX  {'optimum-onnx at ' + str(home) if home else 'optimum-onnx not installed'}"
+               f"{'' if home else ' (edgelm install-converter --optimum; needed only for architectures the ONNX builder lacks)'}")
     if h.missing:
         click.secho("\nmissing:", bold=True)
         for item in h.missing:
@@ -101,9 +113,19 @@ def devices_command(as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True,
               help="A profile from `edgelm devices` (e.g. raspberry-pi-5-8gb), or auto for this machine.")
 @click.option("--n-ctx", type=int, default=None, help="Context window wanted [default: the model's, up to 4096].")
+@click.option("--parallel", "-np", type=int, default=1, show_default=True,
+              help="Sequences generated at the same time (a server's concurrent requests), each with its own KV cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--workers", default=None, metavar="N|HOST:PORT,...",
+              help="Plan a cluster: this device and N more boards (or these running workers) holding the layers "
+                   "(llama.cpp RPC; see `edgelm worker`).")
+@click.option("--worker-device", default=None, help="The workers' board, a profile [default: the same as --device].")
+@click.option("--link", type=click.Choice(["ethernet", "wifi", "loopback"]), default="ethernet", show_default=True,
+              help="The network between the boards (sets the per-token round-trip estimate).")
+@click.option("--hop-ms", type=float, default=None, help="Round trip per worker per token, in ms [default: the link's].")
 @handle_errors
-def recommend_command(model: str | None, device: str, n_ctx: int | None, as_json: bool) -> None:
+def recommend_command(model: str | None, device: str, n_ctx: int | None, parallel: int, as_json: bool,
+                      workers: str | None, worker_device: str | None, link: str, hop_ms: float | None) -> None:
     """Plan how to run MODEL on a device: backend, quantization, n_ctx, threads, memory and expected speed.
 
     Memory is weights + KV cache at that n_ctx + runtime overhead, and must fit the device with head-room;
@@ -114,10 +136,16 @@ def recommend_command(model: str | None, device: str, n_ctx: int | None, as_json
     Examples:
       edgelm recommend model.gguf --device raspberry-pi-4-4gb
       edgelm recommend --device raspberry-pi-zero-2-w --json
+      edgelm recommend model.gguf --device raspberry-pi-5-8gb --parallel 4
+      edgelm recommend big.gguf --device raspberry-pi-5-4gb --workers 3          # four boards, 1 GbE
+      edgelm recommend big.gguf --workers 192.168.1.21:50052,192.168.1.22:50052  # running workers
     """
+    if workers is not None:
+        _recommend_cluster(model, device, n_ctx, as_json, workers, worker_device, link, hop_ms)
+        return
     from edgelm.plan import recommend
 
-    plan = recommend(model, device, n_ctx=n_ctx)
+    plan = recommend(model, device, n_ctx=n_ctx, parallel=parallel)
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=2))
         return
@@ -126,13 +154,31 @@ def recommend_command(model: str | None, device: str, n_ctx: int | None, as_json
     click.echo(f"backend     {plan.backend} ({plan.format}), {plan.threads} threads"
                + (", all layers on the GPU" if plan.n_gpu_layers else ""))
     click.echo(f"quant       {plan.quant}" + (f"   -> {plan.convert_command}" if plan.convert_command else ""))
-    click.echo(f"n_ctx       {plan.n_ctx} (KV cache {plan.kv_cache})")
+    click.echo(f"n_ctx       {plan.n_ctx} (KV cache {plan.kv_cache})"
+               + (f", {plan.parallel} sequences at a time" if plan.parallel > 1 else ""))
     click.echo(f"memory      {plan.memory_bytes / 2**20:.0f} MB of {plan.device_memory_bytes / 2**20:.0f} MB usable "
                f"(weights {b['weights'] / 2**20:.0f}, KV {b['kv_cache'] / 2**20:.0f}, "
                f"runtime {b['overhead'] / 2**20:.0f})")
     click.echo(f"speed       ~{plan.tokens_per_second:.0f} tokens/s decode (bound by {plan.bound_by})")
     for note in plan.notes:
         click.echo(f"note        {note}")
+
+
+def _recommend_cluster(model: str | None, device: str, n_ctx: int | None, as_json: bool, workers: str,
+                       worker_device: str | None, link: str, hop_ms: float | None) -> None:
+    import sys
+
+    from edgelm.rpc.cluster import print_plan, recommend_cluster
+
+    count: int | list[str] = int(workers) if workers.strip().isdigit() else [workers]
+    plan = recommend_cluster(model, device, workers=count, worker_device=worker_device, n_ctx=n_ctx, link=link,
+                             hop_ms=hop_ms)
+    if as_json:
+        click.echo(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print_plan(plan, click.echo)
+    if not plan.fits:
+        sys.exit(8)  # as DoesNotFitError: the model does not fit these devices
 
 
 COMMANDS = [doctor_command, devices_command, recommend_command]

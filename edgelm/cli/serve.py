@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from typing import Any
+
 from . import handle_errors
+from .options import generation_options, load_options, pop_generation, pop_load
 
 
 @click.command("serve")
@@ -17,35 +20,47 @@ from . import handle_errors
               help="Unload a model after this many idle seconds (it reloads on the next request).")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser requests from this origin.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without --api-key.")
-@click.option("--threads", type=int, default=None, help="CPU threads per model.")
-@click.option("--n-ctx", type=int, default=None, help="Context window per model.")
+@click.option("--no-ui", is_flag=True, help="Do not serve the chat page at / (the API only).")
+@load_options()
+@generation_options
 @handle_errors
 def serve_command(models: tuple[str, ...], host: str, port: int, api_key: str | None, keep_alive: float,
-                  cors_origins: tuple[str, ...], insecure: bool, threads: int | None, n_ctx: int | None) -> None:
+                  cors_origins: tuple[str, ...], insecure: bool, no_ui: bool, **kwargs: Any) -> None:
     """Serve models over OpenAI- and Ollama-compatible HTTP APIs (streamed tokens).
 
     MODELS are .gguf files or ONNX folders, served by file name or as NAME=PATH; without any, the embedded
-    SmolLM2-135M-Instruct is served as "smollm2-135m-instruct".  Models load on first use.
+    SmolLM2-135M-Instruct is served as "smollm2-135m-instruct".  Models load on first use, with the load options
+    given here (an option that does not apply to a model's backend is ignored for it, with a warning).
+    Generation options given here are the served models' defaults; each request may override them.
+
+    \b
+    Open http://127.0.0.1:8080/ in a browser to chat (works offline; --no-ui turns the page off).
 
     \b
     Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; POST /api/chat, /api/generate,
-    /api/show; GET /api/tags, /api/ps, /api/version; GET /health, /metrics.
+    /api/show; GET /api/tags, /api/ps, /api/version; GET /health, /metrics; GET / (the chat page).
 
     \b
     Examples:
       edgelm serve
       edgelm serve qwen=models/qwen.gguf smollm=models/smollm.gguf --port 9000
+      edgelm serve --n-ctx 8192 --kv-cache q8_0 --threads 4 --temperature 0.2
       curl localhost:8080/v1/chat/completions -d '{"model": "smollm2-135m-instruct",
            "messages": [{"role": "user", "content": "Hi"}], "stream": true}'
     """
     from edgelm.server import check_bind, model_names, serve
 
     check_bind(host, api_key, insecure)  # refuse before loading anything
-    load = {k: v for k, v in {"threads": threads, "n_ctx": n_ctx}.items() if v is not None}
+    defaults = pop_generation(kwargs)
+    load = pop_load(kwargs)
+    if defaults:
+        load["defaults"] = defaults
     names = model_names(list(models) or None)
-    click.secho(f"edgelm serving {', '.join(names)} on http://{host}:{port} (OpenAI: /v1, Ollama: /api)", err=True)
+    page = "" if no_ui else f", chat page: http://{host}:{port}/"
+    click.secho(f"edgelm serving {', '.join(names)} on http://{host}:{port} (OpenAI: /v1, Ollama: /api{page})",
+                err=True)
     serve(names, host=host, port=port, api_key=api_key, insecure=insecure, keep_alive=keep_alive,
-          cors_origins=list(cors_origins) or None, load_kwargs=load)
+          cors_origins=list(cors_origins) or None, load_kwargs=load, ui=not no_ui)
 
 
 COMMANDS = [serve_command]

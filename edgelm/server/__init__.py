@@ -52,6 +52,11 @@ def model_names(paths: list[str] | None) -> dict[str, Path | None]:
         name, sep, path = item.partition("=")
         if not sep:
             path, name = item, Path(item).name.removesuffix(".gguf")
+        # --- models by name (edgelm.hub): ORG/REPO[:QUANT] pulled (or taken from the cache), served as typed ---
+        from edgelm.hub import served_reference
+
+        path, name = served_reference(path, name if sep else None) or (path, name)
+        # --- end of models by name ---
         p = Path(path).expanduser().resolve()
         if not p.exists():
             from edgelm.errors import ModelNotFoundError
@@ -66,8 +71,10 @@ def model_names(paths: list[str] | None) -> dict[str, Path | None]:
 
 def create_app(models: dict[str, Any] | list[str] | None = None, *, api_key: str | None = None,
                keep_alive: float = 300.0, cors_origins: list[str] | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, load_kwargs: dict[str, Any] | None = None):
-    """An ASGI app serving ``models`` ({name: path}, a list of paths, or None for the embedded default)."""
+               max_body_bytes: int = MAX_BODY_BYTES, load_kwargs: dict[str, Any] | None = None, ui: bool = True):
+    """An ASGI app serving ``models`` ({name: path}, a list of paths, or None for the embedded default).
+
+    ``ui``: serve the chat page at ``/`` (edgelm.server.ui); False answers ``/`` with plain text."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
@@ -107,8 +114,12 @@ def create_app(models: dict[str, Any] | list[str] | None = None, *, api_key: str
         return endpoint
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "models": state.registry.names(),
-                             "loaded": [e.name for e in state.registry.entries.values() if e.model is not None]})
+        # a model split across RPC workers that lost one says so (edgelm.rpc): the server is then "degraded"
+        checks = {e.name: e.model.health() for e in state.registry.entries.values() if e.model is not None}
+        degraded = {name: h for name, h in checks.items() if h.get("status") in ("degraded", "lost")}
+        return JSONResponse({"status": "degraded" if degraded else "ok", "models": state.registry.names(),
+                             "loaded": [e.name for e in state.registry.entries.values() if e.model is not None],
+                             **({"degraded": degraded} if degraded else {})})
 
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(state.metrics.render(state.registry), media_type="text/plain; version=0.0.4")
@@ -116,16 +127,21 @@ def create_app(models: dict[str, Any] | list[str] | None = None, *, api_key: str
     async def root(request: Request) -> Response:
         return PlainTextResponse("edgelm is running")
 
+    from .ui import ui_routes  # the chat page: "/" and "/ui/{name}", no API key needed
+
     routes = [
-        Route("/", root, methods=["GET", "HEAD"]),
+        *(ui_routes() if ui else [Route("/", root, methods=["GET", "HEAD"])]),
         Route("/health", health),
         Route("/metrics", metrics),
         Route("/v1/chat/completions", route(openai_api.chat_completions, "openai", "chat_completions"),
               methods=["POST"]),
         Route("/v1/completions", route(openai_api.completions, "openai", "completions"), methods=["POST"]),
+        Route("/v1/embeddings", route(openai_api.embeddings, "openai", "embeddings"), methods=["POST"]),
         Route("/v1/models", route(openai_api.list_models, "openai", "models", body=False)),
         Route("/api/chat", route(ollama_api.chat, "ollama", "api_chat"), methods=["POST"]),
         Route("/api/generate", route(ollama_api.generate, "ollama", "api_generate"), methods=["POST"]),
+        Route("/api/embed", route(ollama_api.embed, "ollama", "api_embed"), methods=["POST"]),
+        Route("/api/embeddings", route(ollama_api.embeddings, "ollama", "api_embeddings"), methods=["POST"]),
         Route("/api/tags", route(ollama_api.tags, "ollama", "api_tags", body=False)),
         Route("/api/show", route(ollama_api.show, "ollama", "api_show"), methods=["POST"]),
         Route("/api/ps", route(ollama_api.ps, "ollama", "api_ps", body=False)),

@@ -11,6 +11,7 @@ HTTP_STATUS: list[tuple[type[BaseException], int]] = [
     (errors.ContextLengthExceededError, 400),
     (errors.InvalidParameterError, 400),
     (errors.UnsupportedModelError, 400),
+    (errors.WorkerUnreachableError, 503),  # an RPC worker is down: the service is unavailable until it is back
     (errors.ModelNotFoundError, 500),  # a configured model whose file vanished: the server's fault
     (errors.BackendNotInstalledError, 500),
     (errors.EdgelmError, 500),

@@ -45,9 +45,28 @@ class Metrics:
                                       ("edgelm_tokens_per_second", self.tps_last, "gauge")):
                 out.append(f"# TYPE {name} {kind}")
                 out += [f'{name}{{model="{m}"}} {v}' for m, v in sorted(table.items())]
-        out.append("# TYPE edgelm_queue_depth gauge")
-        out.append("# TYPE edgelm_model_loaded gauge")
+        gauges = {
+            "edgelm_queue_depth": "requests in flight (waiting or generating)",
+            "edgelm_model_loaded": "1 while the model is loaded",
+            "edgelm_active_sequences": "sequences generating now",
+            "edgelm_waiting_requests": "requests waiting for a free sequence",
+            "edgelm_sequence_slots": "sequences the model generates at the same time (parallel)",
+            "edgelm_batch_tokens": "tokens in the last decoded batch",
+            "edgelm_generation_tokens_per_second": "tokens generated per second, all sequences, last 10 s",
+        }
+        rows: dict[str, list[str]] = {name: [] for name in gauges}
         for e in registry.entries.values():
-            out.append(f'edgelm_queue_depth{{model="{e.name}"}} {e.slot.waiting + (1 if e.slot.busy else 0)}')
-            out.append(f'edgelm_model_loaded{{model="{e.name}"}} {int(e.model is not None)}')
+            label = f'{{model="{e.name}"}}'
+            rows["edgelm_queue_depth"].append(f"{label} {e.users}")
+            model = e.model
+            rows["edgelm_model_loaded"].append(f"{label} {int(model is not None)}")
+            if model is None or model.closed:
+                continue
+            seqs = model.stats().get("sequences", {})
+            for name, key in (("edgelm_active_sequences", "active"), ("edgelm_waiting_requests", "waiting"),
+                              ("edgelm_sequence_slots", "slots"), ("edgelm_batch_tokens", "last_batch"),
+                              ("edgelm_generation_tokens_per_second", "tokens_per_second")):
+                rows[name].append(f"{label} {seqs.get(key, 0)}")
+        for name, help_text in gauges.items():
+            out += [f"# HELP {name} {help_text}.", f"# TYPE {name} gauge"] + [name + row for row in rows[name]]
         return "\n".join(out) + "\n"

@@ -1,8 +1,10 @@
-"""Ollama-compatible routes: /api/chat, /api/generate (NDJSON), /api/tags, /api/show, /api/ps, /api/version."""
+"""Ollama-compatible routes: /api/chat, /api/generate (NDJSON), /api/embed, /api/embeddings, /api/tags, /api/show,
+/api/ps, /api/version."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -13,14 +15,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 import edgelm
 from edgelm.chat import validate_messages
 from edgelm.params import GenerationParams
+from edgelm.settings import field_table, generation
 
 from . import core
 from .errors import RequestError, ollama_error
 
-OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
-           "num_predict": "max_tokens", "stop": "stop", "repeat_penalty": "repeat_penalty",
-           "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
-           "frequency_penalty": "frequency_penalty"}
+# Ollama "options" key -> GenerationParams name, from edgelm.settings
+OPTIONS = field_table(generation(), "ollama")
 
 
 def _now() -> str:
@@ -45,9 +46,47 @@ def params_from(body: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a duration ("5m", "1h30m", "90s"); negative: keep loaded
+    forever (inf); 0: unload once the request is done.  None when the request does not say."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text.lstrip("+-")
+        try:
+            seconds = sign * float(text)
+        except ValueError:
+            parts = _DURATION.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise RequestError(400, f"keep_alive {value!r} is not a duration: use seconds or e.g. \"5m\", "
+                                        "\"1h\", \"-1\" (forever).", param="keep_alive") from None
+            seconds = sign * sum(float(n) * _UNIT[u] for n, u in parts)
+    else:
+        raise RequestError(400, f"keep_alive {value!r} is not a duration: use seconds or e.g. \"5m\".",
+                           param="keep_alive")
+    return float("inf") if seconds < 0 else seconds
+
+
+def _entry(app: Any, body: dict[str, Any]) -> Any:
+    """The model a request names, with the request's keep_alive applied to it."""
+    entry = app.registry.entry(body.get("model"))
+    keep = keep_alive_seconds(body.get("keep_alive"))
+    if keep is not None:
+        entry.keep_alive = keep
+    return entry
+
+
 async def chat(request: Request, body: dict[str, Any]) -> Response:
     app = request.app.state.edgelm
-    entry = app.registry.entry(body.get("model"))
+    entry = _entry(app, body)
     messages = validate_messages(body.get("messages"))
     params = params_from(body)
     started = time.perf_counter()
@@ -57,7 +96,7 @@ async def chat(request: Request, body: dict[str, Any]) -> Response:
 
 async def generate(request: Request, body: dict[str, Any]) -> Response:
     app = request.app.state.edgelm
-    entry = app.registry.entry(body.get("model"))
+    entry = _entry(app, body)
     prompt = body.get("prompt", "")
     if not isinstance(prompt, str):
         raise RequestError(400, "prompt must be a string.", param="prompt")
@@ -112,6 +151,36 @@ async def _respond(app: Any, entry: Any, gen: core.Generation, body: dict[str, A
     return StreamingResponse(ndjson(), media_type="application/x-ndjson")
 
 
+async def embed(request: Request, body: dict[str, Any]) -> Response:
+    """input: a string or a list of them; truncate (default true) cuts inputs to what the model embeds; vectors
+    are L2-normalized and mean-pooled, as Ollama's."""
+    app = request.app.state.edgelm
+    entry = _entry(app, body)
+    if "input" not in body:
+        raise RequestError(400, "input is required: a string or a list of strings.", param="input")
+    truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise RequestError(400, f"truncate must be true or false, not {truncate!r}.", param="truncate")
+    started = time.perf_counter()
+    done = await core.call(app.registry, entry, lambda m: core.embed_inputs(
+        m, body["input"], param="input", truncate=truncate, normalize=True))
+    return JSONResponse({"model": entry.name, "embeddings": done.vectors.tolist(),
+                         "total_duration": int((time.perf_counter() - started) * 1e9),
+                         "load_duration": int(entry.load_seconds * 1e9), "prompt_eval_count": done.prompt_tokens})
+
+
+async def embeddings(request: Request, body: dict[str, Any]) -> Response:
+    """The older route: one prompt, one vector, not normalized (as Ollama's /api/embeddings)."""
+    app = request.app.state.edgelm
+    entry = _entry(app, body)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError(400, "prompt must be a non-empty string.", param="prompt")
+    done = await core.call(app.registry, entry, lambda m: core.embed_inputs(
+        m, prompt, param="prompt", truncate=True, normalize=False))
+    return JSONResponse({"embedding": done.vectors[0].tolist()})
+
+
 def _details(facts: dict[str, Any]) -> dict[str, Any]:
     params = facts.get("parameters") or 0
     return {"format": facts.get("format"), "family": facts.get("architecture"), "families": [facts.get("architecture")],
@@ -141,12 +210,13 @@ async def show(request: Request, body: dict[str, Any]) -> Response:
     facts = _facts(entry)
     template = ""
     if facts.get("format") == "gguf":
-        from edgelm.runtimes.gguf import read_header
+        from edgelm.formats.gguf import read_header
 
         template = read_header(facts["path"]).chat_template or ""
     info = {f"general.{k}": v for k, v in facts.items() if isinstance(v, (str, int, float, bool))}
     return JSONResponse({"modelfile": f"FROM {facts['path']}", "parameters": "", "template": template,
-                         "details": _details(facts), "model_info": info, "capabilities": ["completion"]})
+                         "details": _details(facts), "model_info": info,
+                         "capabilities": ["completion", "embedding"] if facts.get("format") == "gguf" else ["completion"]})
 
 
 async def ps(request: Request) -> Response:
@@ -157,7 +227,8 @@ async def ps(request: Request) -> Response:
             facts = _facts(e)
             out.append({"name": e.name, "model": e.name, "size": facts.get("size_bytes", 0), "digest": "",
                         "details": _details(facts), "size_vram": 0,
-                        "expires_at": datetime.fromtimestamp(e.expires_at, timezone.utc).isoformat()})
+                        "expires_at": (datetime.fromtimestamp(e.expires_at, timezone.utc).isoformat()
+                                       if e.expires_at != float("inf") else "2318-08-26T00:00:00Z")})
     return JSONResponse({"models": out})
 
 

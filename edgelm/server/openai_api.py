@@ -1,7 +1,9 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models (a thin adapter over core)."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models (a thin adapter over
+core)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -12,15 +14,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from edgelm.chat import validate_messages
 from edgelm.params import GenerationParams
+from edgelm.settings import field_table, generation
 
 from . import core
 from .errors import RequestError, openai_error
 
-# OpenAI request field -> GenerationParams name (top_k, min_p, repeat_penalty are llama.cpp-style extensions)
-FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
-          "top_p": "top_p", "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
-          "frequency_penalty": "frequency_penalty", "top_k": "top_k", "min_p": "min_p",
-          "repeat_penalty": "repeat_penalty"}
+# OpenAI request field -> GenerationParams name, from edgelm.settings (top_k, min_p, repeat_penalty, grammar, ... are
+# llama.cpp-server-style extensions)
+FIELDS = field_table(generation(), "openai")
 
 
 def params_from(body: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +116,34 @@ async def _respond(app: Any, name: str, gen: core.Generation, body: dict[str, An
 
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def embeddings(request: Request, body: dict[str, Any]) -> Response:
+    """input: a string, a list of strings, a token list or a list of them; encoding_format float (default) or
+    base64 (little-endian float32, what the official client asks for); vectors are L2-normalized, mean-pooled
+    (extension: "pooling": "mean" | "last" | "cls")."""
+    app = request.app.state.edgelm
+    entry = app.registry.entry(body.get("model", app.default_name()))
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise RequestError(400, f"Unsupported encoding_format {fmt!r}: use \"float\" or \"base64\".",
+                           param="encoding_format")
+    if "input" not in body:
+        raise RequestError(400, "input is required: a string, a list of strings, or token lists.", param="input")
+    pooling = body.get("pooling") or "mean"
+    dims = body.get("dimensions")
+    done = await core.call(app.registry, entry, lambda m: core.embed_inputs(
+        m, body["input"], param="input", truncate=False, normalize=True, pooling=pooling))
+    if dims is not None and dims != done.vectors.shape[1]:
+        raise RequestError(400, f"dimensions={dims!r}: this model's embeddings have {done.vectors.shape[1]}.",
+                           param="dimensions")
+    data = []
+    for i, v in enumerate(done.vectors):
+        vector: Any = (base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if fmt == "base64"
+                       else [float(x) for x in v])
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    return JSONResponse({"object": "list", "data": data, "model": entry.name,
+                         "usage": {"prompt_tokens": done.prompt_tokens, "total_tokens": done.prompt_tokens}})
 
 
 async def list_models(request: Request) -> Response:

@@ -1,8 +1,11 @@
-"""The served models: loaded on first use, unloaded after `keep_alive` idle seconds, one FIFO queue each."""
+"""The served models: loaded on first use, unloaded after `keep_alive` idle seconds with no request in flight.
+
+Each model queues its own requests in arrival order (or batches them, loaded with parallel=N); the registry only
+counts the requests in flight, so the keep-alive reaper never unloads a model someone is waiting for.
+"""
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,66 +18,18 @@ from edgelm.errors import UnknownModelNameError
 DEFAULT_NAME = "smollm2-135m-instruct"
 
 
-class FairSlot:
-    """One generation at a time per model, granted in arrival order; a waiter that gives up leaves the line."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._busy = False
-        self._line: collections.deque[threading.Event] = collections.deque()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._line)
-
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    def acquire(self, cancelled: threading.Event | None = None) -> bool:
-        with self._lock:
-            if not self._busy and not self._line:
-                self._busy = True
-                return True
-            turn = threading.Event()
-            self._line.append(turn)
-        while not turn.wait(0.05):
-            if cancelled is not None and cancelled.is_set():
-                with self._lock:
-                    if turn.is_set():  # granted just now: hand it on
-                        break
-                    self._line.remove(turn)
-                    return False
-        if cancelled is not None and cancelled.is_set():
-            self.release()
-            return False
-        return True
-
-    def try_acquire(self) -> bool:
-        with self._lock:
-            if self._busy or self._line:
-                return False
-            self._busy = True
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            if self._line:
-                self._line.popleft().set()  # ownership passes straight to the next in line
-            else:
-                self._busy = False
-
-
 @dataclass
 class Entry:
     name: str
     path: Path | None  # None = the embedded default model
-    slot: FairSlot = field(default_factory=FairSlot)
+    users: int = 0  # requests in flight (waiting or generating)
+    lock: threading.Lock = field(default_factory=threading.Lock)
     model: Any = None
     last_used: float = 0.0
     expires_at: float = 0.0
     load_lock: threading.Lock = field(default_factory=threading.Lock)
     load_seconds: float = 0.0
+    keep_alive: float | None = None  # seconds, set by a request (Ollama's keep_alive); None: the registry's
 
 
 class Registry:
@@ -99,33 +54,64 @@ class Registry:
                 fix=f"Use one of: {', '.join(self.entries)} (GET /v1/models or /api/tags lists them).", model=name)
         return self.entries[name]
 
+    def begin(self, e: Entry) -> None:
+        """A request for ``e`` is in flight (the reaper leaves its model alone until :meth:`end`)."""
+        with e.lock:
+            e.users += 1
+
+    def end(self, e: Entry) -> None:
+        with e.lock:
+            e.users -= 1
+        self.touch(e)
+
     def load(self, e: Entry) -> Any:
-        """The entry's model, loading it on first use.  Call while holding the entry's slot."""
+        """The entry's model, loading it on first use.  Call between :meth:`begin` and :meth:`end`."""
         with e.load_lock:
+            if e.model is not None and not e.model.closed and e.model.health().get("status") in ("lost", "degraded"):
+                e.model.close()  # an RPC worker went away (edgelm.rpc): load again, which checks the workers first
             if e.model is None or e.model.closed:
                 t = time.perf_counter()
-                e.model = edgelm.load(e.path, **self.load_kwargs)
+                e.model = edgelm.load(e.path, **self.options_for(e))
                 e.load_seconds = time.perf_counter() - t
-            e.last_used = time.monotonic()
-            e.expires_at = time.time() + self.keep_alive
+            self.touch(e)
             return e.model
+
+    def options_for(self, e: Entry) -> dict[str, Any]:
+        """The load options that apply to this entry's backend (one set of options serves GGUF and ONNX models)."""
+        from edgelm import runtimes
+        from edgelm.loader import options_for, resolve_model_path
+
+        path = resolve_model_path(e.path)
+        backend = self.load_kwargs.get("backend")
+        name = runtimes.canonical_name(backend) if backend not in (None, "auto") else runtimes.detect_backend(path)
+        options = options_for(name, self.load_kwargs) if name else dict(self.load_kwargs)
+        if name == "llamacpp" and "parallel" not in options and not options.get("workers"):
+            # a server batches: as many sequences as memory allows
+            from edgelm.plan import default_parallel
+
+            options["parallel"] = default_parallel(path, n_ctx=options.get("n_ctx"), kv_cache=options.get("kv_cache"))
+        return options
+
+    def keep_alive_of(self, e: Entry) -> float:
+        return self.keep_alive if e.keep_alive is None else e.keep_alive
 
     def touch(self, e: Entry) -> None:
         e.last_used = time.monotonic()
-        e.expires_at = time.time() + self.keep_alive
+        e.expires_at = time.time() + self.keep_alive_of(e)
 
     def _reap(self) -> None:
-        while not self._stop.wait(min(1.0, max(0.05, self.keep_alive / 4))):
+        while not self._stop.wait(min(1.0, max(0.05, self.keep_alive / 4))):  # a request's keep_alive: within 1 s
             now = time.monotonic()
             for e in self.entries.values():
-                if e.model is not None and now - e.last_used > self.keep_alive and e.slot.try_acquire():
-                    try:
-                        with e.load_lock:
-                            if e.model is not None:
-                                e.model.close()
-                                e.model = None
-                    finally:
-                        e.slot.release()
+                if e.model is None or now - e.last_used <= self.keep_alive_of(e):
+                    continue
+                with e.lock:
+                    if e.users:
+                        continue
+                    with e.load_lock:
+                        if e.model is not None:
+                            e.model.close()
+                            e.model = None
 
     def close(self) -> None:
         self._stop.set()

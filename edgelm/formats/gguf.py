@@ -5,7 +5,9 @@ magic, version, every metadata value, every tensor's type and shape, and that th
 tensor data the header describes (a truncated download is the common case).  Only the header is read;
 tensor data is never touched, so this costs milliseconds even for multi-GB files.
 
-Also the one place that knows GGUF's type tables (tensor types, llama.cpp file types) for the rest of edgelm.
+Also the one place that knows GGUF's facts for the rest of edgelm: the type tables (tensor types, llama.cpp file
+types, KV-cache element types), the bits per weight of each file type, and the attention shape a model's KV cache
+follows (:class:`AttentionShape`, whose :meth:`~AttentionShape.kv_bytes` is the one KV-size formula).
 """
 
 from __future__ import annotations
@@ -44,6 +46,55 @@ FILE_TYPES: dict[int, str] = {
     26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
     37: "TQ2_0", 38: "MXFP4_MOE",
 }
+
+# KV cache element types llama.cpp accepts (type_k / type_v), by name -> ggml type id
+KV_TYPE_IDS: dict[str, int] = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
+                               "iq4_nl": 20}
+KV_CACHE_TYPES = tuple(KV_TYPE_IDS)
+# KV types that need flash attention in llama.cpp (a quantized V cache)
+KV_NEEDS_FLASH_ATTN = frozenset(KV_CACHE_TYPES) - {"f32", "f16", "bf16"}
+
+# Typical bits per weight of each llama.cpp file type over a whole model (weights only; k-quant mixes keep some
+# tensors at higher precision).  Used to estimate a conversion's size (disk-space checks, deployment plans) before
+# it is written; the real figure of a written file is GGUFHeader.bits_per_weight.
+FILE_TYPE_BPW: dict[str, float] = {
+    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.67, "Q5_K_S": 5.52, "Q5_1": 6.0,
+    "Q5_0": 5.5, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_1": 5.0, "Q4_0": 4.55, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
+    "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 3.35, "Q2_K_S": 3.2,
+}
+
+
+def type_bytes(name: str) -> float:
+    """Bytes per element of a ggml type given by name (f16 -> 2.0, q8_0 -> 34/32)."""
+    for type_name, block, size in GGML_TYPES.values():
+        if type_name.lower() == name.lower():
+            return size / block
+    raise KeyError(name)
+
+
+def file_type_bpw(quant: str, default: float = 16.0) -> float:
+    """Typical bits per weight of a file type by name, case-insensitive (unknown names: ``default``)."""
+    return FILE_TYPE_BPW.get(quant.upper(), default)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What a model's KV cache and compute buffers are sized by (from GGUF metadata, a Hugging Face config, or an
+    ONNX manifest)."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_k: int
+    head_v: int
+    n_vocab: int
+
+    def kv_bytes(self, n_ctx: int, kv_type: str = "f16") -> int:
+        """Bytes of K and V cache for ``n_ctx`` cells of ``kv_type`` elements (the one KV-size formula)."""
+        elements = self.n_layer * int(n_ctx) * self.n_head_kv * (self.head_k + self.head_v)
+        return int(elements * type_bytes(kv_type))
+
 
 # GGUF metadata value types: id -> struct format (None for string / array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -137,10 +188,30 @@ class GGUFHeader:
     def arch_value(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
+    def attention_shape(self) -> AttentionShape:
+        n_embd = int(self.arch_value("embedding_length", 0))
+        n_head = int(_largest(self.arch_value("attention.head_count", 1)) or 1)
+        n_head_kv = int(_largest(self.arch_value("attention.head_count_kv", n_head)) or n_head)
+        head_k = int(self.arch_value("attention.key_length", n_embd // n_head))
+        head_v = int(self.arch_value("attention.value_length", head_k))
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        n_vocab = len(tokens) if tokens is not None else int(self.arch_value("vocab_size", 32000))
+        return AttentionShape(n_layer=int(self.arch_value("block_count", 0)), n_embd=n_embd, n_head=n_head,
+                              n_head_kv=n_head_kv, head_k=head_k, head_v=head_v, n_vocab=n_vocab)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.required_size - self.data_offset
+
     @property
     def bits_per_weight(self) -> float:
         n = self.parameters
         return 8.0 * (self.required_size - self.data_offset) / n if n else 0.0
+
+
+def _largest(value: Any) -> Any:
+    """Per-layer arrays (head_count_kv of models with mixed layers) count at their largest."""
+    return max(value) if hasattr(value, "__len__") and len(value) else value
 
 
 class _Reader:
@@ -291,3 +362,22 @@ def _parse(buf: mmap.mmap, path: Path, file_size: int) -> GGUFHeader:
             required_size=required,
         )
     return header
+
+
+def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A GGUF file's facts from its header alone (nothing is loaded)."""
+    h = read_header(path)
+    return {
+        "path": str(path),
+        "format": "gguf",
+        "name": h.name,
+        "architecture": h.architecture,
+        "quantization": h.quantization,
+        "parameters": h.parameters,
+        "context_length": h.context_length,
+        "size_bytes": h.file_size,
+        "bits_per_weight": round(h.bits_per_weight, 3),
+        "gguf_version": h.version,
+        "tensors": len(h.tensors),
+        "chat_template": h.chat_template is not None,
+    }

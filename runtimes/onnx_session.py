@@ -1,0 +1,320 @@
+"""edgelm's own decode loop over one onnxruntime InferenceSession, for plain decoder graphs (optimum-onnx's exports).
+
+onnxruntime-genai runs only the graphs its builder writes (GroupQueryAttention, genai_config.json).  optimum-onnx
+writes a plain graph instead: ``input_ids``, ``attention_mask``, ``position_ids`` (most architectures) and one
+``past_key_values.{i}.key/value`` input per layer in; ``logits`` and ``present.{i}.key/value`` out, where each
+present is ``Concat(past, new)`` along the sequence axis.  :class:`OnnxSessionBackend` runs such a graph with I/O
+binding and no copy of the cache through numpy:
+
+* Every cache tensor has two flat buffers allocated once at load for ``n_ctx`` positions (``np.empty``: the pages
+  are only touched, and so only cost memory, as the sequence grows).  A step binds ``past`` to the first
+  ``len(seq)`` positions of the front buffer and ``present`` to the first ``len(seq) + n`` positions of the back
+  buffer, by pointer; onnxruntime's Concat writes the new cache straight into the back buffer, and the two swap.
+  A prefix of a flat buffer viewed as ``[1, heads, length, head_size]`` is contiguous, so no step allocates or
+  copies outside the graph.  The graph's Concat still copies the cache once per step; the attention reads it anyway,
+  so this costs at most about what the attention does.  Sharing one buffer between past and present (truly in
+  place) needs attention ops that write the new positions into a preallocated cache (onnxruntime's
+  GroupQueryAttention, as onnxruntime-genai's builder writes them); optimum's graphs do not have those.
+* input_ids / attention_mask / position_ids / logits are views of buffers allocated once too.
+* Rewinding to a shorter prefix (a chat whose history changed) moves the kept positions once (one copy of the
+  prefix), after which the layout is again ``[1, heads, n, head_size]``.
+
+Chosen by :class:`edgelm.runtimes.onnx.OnnxBackend` when the folder's manifest says optimum wrote it
+(``formats.onnx_folder.exporter_kind``), so ``backend="onnxruntime"`` (and ``auto``) runs both kinds of folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+
+from edgelm.errors import (BackendError, BackendNotInstalledError, InvalidModelFileError, InvalidParameterError,
+                           ModelNotFoundError, UnsupportedModelError)
+from edgelm.formats import onnx_folder, onnx_plain
+from edgelm.params import GenerationParams
+
+from .base import BackendBase, Capabilities, LoadOptions, Seq, resolve_n_ctx
+from .onnx_providers import PROVIDER_DEVICE, available_providers, choose_provider, ort_version
+from .sampling import NumpySampler
+from .tokenizer_json import JsonTokenizer
+
+log = logging.getLogger("edgelm.onnx")
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+          "tensor(int32)": np.int32}
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise BackendNotInstalledError(
+            f"The onnxruntime backend needs the Python package 'onnxruntime', which is not installed ({exc}).",
+            fix='Install it with: pip install "edgelm[onnx]"', backend="onnxruntime", extra="onnx") from exc
+    return ort
+
+
+class _KV:
+    """One cache tensor (a layer's key or value): two flat buffers for ``capacity`` positions, front and back."""
+
+    __slots__ = ("past", "present", "static", "axis", "dtype", "front", "back", "per_position", "elem")
+
+    def __init__(self, past: str, present: str, shape: Sequence[int], axis: int, dtype: Any, capacity: int) -> None:
+        self.past, self.present, self.axis, self.dtype = past, present, axis, np.dtype(dtype)
+        self.static = [1 if i == 0 else int(d) for i, d in enumerate(shape)]  # batch 1; the sequence axis set per step
+        self.per_position = math.prod(d for i, d in enumerate(self.static) if i != axis)
+        self.front = np.empty(self.per_position * capacity, dtype=self.dtype)
+        self.back = np.empty(self.per_position * capacity, dtype=self.dtype)
+
+    def shape(self, n: int) -> list[int]:
+        s = list(self.static)
+        s[self.axis] = n
+        return s
+
+    def view(self, buf: np.ndarray, n: int) -> np.ndarray:
+        return buf[: self.per_position * n].reshape(self.shape(n))
+
+    def swap(self) -> None:
+        self.front, self.back = self.back, self.front
+
+    def keep(self, n: int, length: int) -> None:
+        """Keep the first ``n`` of ``length`` positions (one copy into the back buffer, then swap)."""
+        src = self.view(self.front, length)
+        index = [slice(None)] * src.ndim
+        index[self.axis] = slice(0, n)
+        np.copyto(self.view(self.back, n), src[tuple(index)])
+        self.swap()
+
+
+class OnnxSessionBackend(BackendBase):
+    name: ClassVar[str] = "onnxruntime"
+
+    def __init__(self) -> None:  # use load()
+        self.session = None
+        self.capabilities = Capabilities(max_sequences=1)
+        self._make_sequences(1)
+        self._last: np.ndarray | None = None  # logits of the last evaluated token
+
+    # --- loading ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def accepts(cls, path: Path) -> bool:
+        folder = onnx_folder.folder_of(Path(path))
+        if not onnx_folder.is_onnx_folder(folder):
+            return False
+        try:
+            return onnx_folder.exporter_kind(onnx_folder.read_manifest(folder)) == "optimum"
+        except Exception:
+            return False
+
+    @classmethod
+    def inspect(cls, path: Path) -> dict[str, Any]:
+        return onnx_folder.inspect(Path(path))
+
+    @classmethod
+    def load(cls, path: Path, options: LoadOptions) -> "OnnxSessionBackend":
+        folder = onnx_folder.folder_of(Path(path))
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"{path} is not an ONNX model folder.",
+                                     fix="Pass the folder written by `edgelm convert SRC --to onnx -o DIR`.",
+                                     path=str(path))
+        manifest = onnx_folder.check_folder(folder)
+        if options.kv_cache not in (None, "f32", "f16"):
+            raise InvalidParameterError(
+                f"kv_cache={options.kv_cache!r} is not available on the onnxruntime backend (its KV cache has the "
+                "model's own element type).", fix="Drop kv_cache=..., or use a GGUF model on llama.cpp.",
+                parameter="kv_cache", value=options.kv_cache)
+        ort = _ort()
+        self = cls()
+        self.path, self.manifest, self.options = folder, manifest, options
+        trained = int(manifest.get("context_length") or 2048)
+        self.n_ctx = resolve_n_ctx(options.n_ctx, trained, limit=trained)
+        self.available = available_providers()
+        self.provider, self.fallback_reason = choose_provider(options.device, options.providers, self.available,
+                                                              manifest.get("execution_provider", "cpu"))
+        if self.fallback_reason:
+            log.warning("onnxruntime: running on CPU because %s.", self.fallback_reason)
+        model_file = folder / manifest.get("model_file", "model.onnx")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(options.threads)
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        providers = [self.provider] + (["CPUExecutionProvider"] if self.provider != "CPUExecutionProvider" else [])
+        try:
+            self.session = ort.InferenceSession(str(model_file), so, providers=providers)
+        except Exception as exc:
+            msg = str(exc)
+            if "protobuf" in msg.lower() or "parse" in msg.lower() or "external data" in msg.lower():
+                raise InvalidModelFileError(f"onnxruntime could not read {model_file}: {msg}",
+                                            fix="The files are corrupt or incomplete: convert the model again.",
+                                            path=str(model_file)) from exc
+            raise UnsupportedModelError(f"onnxruntime {ort_version()} cannot run {model_file} on {self.provider}: "
+                                        f"{msg.strip()[:400]}", fix="Upgrade onnxruntime, or convert the model again "
+                                        "with this edgelm.", path=str(model_file)) from exc
+        self._setup_io(model_file)
+        self.tok = JsonTokenizer(folder, eos_token_ids=manifest.get("eos_token_ids") or [],
+                                 bos_token_id=manifest.get("bos_token_id"), vocab_size=manifest.get("vocab_size"),
+                                 template_file=manifest.get("chat_template"))
+        self.bos_token, self.eos_token = self.tok.bos_token, self.tok.eos_token
+        self.chat_template = self.tok.chat_template
+        self.n_vocab = self.tok.n_vocab
+        return self
+
+    def _setup_io(self, model_file: Path) -> None:
+        """Buffers for every input and output, from the session's own I/O (the manifest's record is checked)."""
+        ins = {i.name: i for i in self.session.get_inputs()}
+        outs = {o.name: o for o in self.session.get_outputs()}
+        io = onnx_plain.session_io(model_file)  # raises for a graph without past key/values
+        unknown = [n for n in io["inputs"] if n not in ("input_ids", "attention_mask", "position_ids")]
+        if unknown:
+            raise UnsupportedModelError(f"{model_file} has inputs edgelm does not know how to feed: {unknown}.",
+                                        fix="Convert the model to GGUF instead.", path=str(model_file))
+        self.has_mask, self.has_positions = "attention_mask" in ins, "position_ids" in ins
+        self.id_type = _NUMPY.get(ins["input_ids"].type, np.int64)
+        cap = self.n_ctx
+        self.kv = [_KV(k["past"], k["present"], k["shape"], k["sequence_axis"], _NUMPY[ins[k["past"]].type], cap)
+                   for k in io["kv"]]
+        self.vocab = int(outs["logits"].shape[-1]) if isinstance(outs["logits"].shape[-1], int) else \
+            int(self.manifest.get("vocab_size") or 0)
+        self.logits_type = _NUMPY.get(outs["logits"].type, np.float32)
+        self.n_batch = max(1, int(self.options.n_batch))
+        self._ids = np.zeros(self.n_batch, dtype=self.id_type)
+        self._mask = np.ones(cap, dtype=_NUMPY.get(ins["attention_mask"].type, np.int64) if self.has_mask else np.int64)
+        self._pos = np.arange(cap, dtype=_NUMPY.get(ins["position_ids"].type, np.int64) if self.has_positions
+                              else np.int64)
+        self._logits = np.empty(self.n_batch * self.vocab, dtype=self.logits_type)  # pages touched only when used
+        self.binding = self.session.io_binding()
+        self.kv_bytes = sum(2 * kv.front.nbytes for kv in self.kv)
+
+    # --- tokens ---------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return self.tok.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.tok.text(token)
+
+    def is_eog(self, token: int) -> bool:
+        return token in self.tok.eog
+
+    # --- the sequence ---------------------------------------------------------------------------------------------
+
+    def _run(self, seq: Seq, tokens: Sequence[int]) -> np.ndarray:
+        """Evaluate ``tokens`` (at most n_batch) after what ``seq`` holds; their logits [len(tokens), vocab]."""
+        if self.session is None:
+            raise BackendError("The onnxruntime model is closed.", fix="Load it again with edgelm.load().")
+        n, s = len(seq.tokens), len(tokens)
+        if n + s > self.n_ctx:
+            raise BackendError(f"Cannot evaluate {s} more tokens: the sequence holds {n} of n_ctx={self.n_ctx}.",
+                               fix="Use a shorter prompt or a larger n_ctx.")
+        b = self.binding
+        ids = self._ids[:s]
+        ids[:] = tokens
+        b.bind_input("input_ids", "cpu", 0, ids.dtype, [1, s], ids.ctypes.data)
+        if self.has_mask:
+            b.bind_input("attention_mask", "cpu", 0, self._mask.dtype, [1, n + s], self._mask.ctypes.data)
+        if self.has_positions:
+            b.bind_input("position_ids", "cpu", 0, self._pos.dtype, [1, s], self._pos[n:].ctypes.data)
+        for kv in self.kv:
+            b.bind_input(kv.past, "cpu", 0, kv.dtype, kv.shape(n), kv.front.ctypes.data)
+            b.bind_output(kv.present, "cpu", 0, kv.dtype, kv.shape(n + s), kv.back.ctypes.data)
+        b.bind_output("logits", "cpu", 0, self._logits.dtype, [1, s, self.vocab], self._logits.ctypes.data)
+        try:
+            self.session.run_with_iobinding(b)
+        except Exception as exc:
+            self._reset(seq)
+            raise BackendError(f"onnxruntime failed to evaluate {s} tokens ({n} in the sequence, n_ctx={self.n_ctx}): "
+                               f"{exc}", fix="Load the model again; if it repeats, convert it again.") from exc
+        for kv in self.kv:
+            kv.swap()
+        seq.tokens.extend(tokens)
+        return self._logits[: s * self.vocab].reshape(s, self.vocab)
+
+    def _reset(self, seq: Seq) -> None:
+        seq.tokens.clear()
+        self._last = None
+
+    def extend(self, seq: Seq, tokens: Sequence[int]) -> None:
+        for i in range(0, len(tokens), self.n_batch):
+            logits = self._run(seq, tokens[i : i + self.n_batch])
+        if len(tokens):
+            self._last = logits[-1]
+
+    def rewind(self, seq: Seq, n: int) -> bool:
+        length = len(seq.tokens)
+        if n >= length:
+            return True
+        if n > 0:
+            for kv in self.kv:
+                kv.keep(n, length)
+        del seq.tokens[n:]
+        self._last = None  # the kept prefix's last logits are gone: the caller evaluates at least one token
+        return True
+
+    def sampler(self, params: GenerationParams, history: Sequence[int]) -> NumpySampler:
+        if params.grammar:
+            raise InvalidParameterError(
+                "Grammars (constrained decoding) are not available on the onnxruntime backend.",
+                fix="Use a GGUF model on the llama.cpp backend for grammar=..., or drop the grammar.",
+                parameter="grammar", value=params.grammar[:40])
+        return NumpySampler(params, history, self.n_ctx)
+
+    def sample(self, seq: Seq, sampler: NumpySampler) -> int:
+        if self._last is None:
+            raise BackendError("No logits to sample from: nothing was evaluated.", fix="Evaluate a prompt first.")
+        token = sampler(self._last)
+        sampler.accept(token)
+        return token
+
+    def logits_all(self, seq: Seq, tokens: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+        for i in range(0, len(tokens), self.n_batch):
+            logits = self._run(seq, tokens[i : i + self.n_batch])
+            self._last = logits[-1]
+            yield i, logits
+
+    # --- facts ------------------------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+
+        def version(dist: str) -> str | None:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                return None
+
+        return {
+            "format": "onnx",
+            "architecture": m.get("model_type") or m.get("architecture"),
+            "quantization": m.get("quantization"),
+            "parameters": int(m.get("parameters") or 0),
+            "trained_context_length": m.get("context_length"),
+            "name": m.get("name"),
+            "device": PROVIDER_DEVICE.get(self.provider, self.options.device),
+            "extra": {
+                "execution_provider": self.provider,
+                "available_providers": self.available,
+                "provider_fallback": self.fallback_reason,
+                "built_for": m.get("execution_provider"),
+                "quantization_options": m.get("quantization_options"),
+                "kv_cache_bytes": self.kv_bytes,
+                "hf_architecture": m.get("architecture"),
+                "exporter": m.get("exporter"),
+                "runtime": "edgelm decode loop over an onnxruntime InferenceSession (I/O binding)",
+                "onnxruntime": version("onnxruntime"),
+            },
+        }
+
+    def close(self) -> None:
+        self.session = None
+        self.binding = None
+        self.kv = []
+        self._last = None
+        for seq in self.sequences:
+            seq.tokens.clear()

@@ -1,0 +1,130 @@
+"""Speculative decoding: draft a few tokens cheaply, verify them in one batch, keep what greedy decoding agrees with.
+
+Drafts come from the prompt itself (n-gram lookup, :class:`PromptLookup`) or from a smaller model with the same
+tokenizer (:class:`DraftModel`).  Every yielded token is the argmax after the tokens before it, exactly as in plain
+greedy decoding; drafts only decide how many positions one evaluation checks.  Works on any backend that
+implements :class:`Verifier` (the llama.cpp backend does).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol, Sequence
+
+from .base import Seq
+
+MODES = ("prompt-lookup", "draft")
+
+
+class Verifier(Protocol):
+    n_ctx: int
+
+    def evaluate(self, seq: Seq, tokens: Sequence[int], *, all_logits: bool) -> None:
+        """Evaluate ``tokens`` after ``seq``; logits for every one of them when ``all_logits``."""
+
+    def argmax(self, row: int) -> int:
+        """The most likely next token at ``row`` of the last evaluation (-1: its last row)."""
+
+    def rewind(self, seq: Seq, n: int) -> bool: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+
+class PromptLookup:
+    """Drafts by n-gram lookup: the tokens that followed the latest earlier occurrence of the current suffix."""
+
+    SIZES = (4, 3, 2)
+
+    def __init__(self, tokens: Sequence[int]) -> None:
+        self.history: list[int] = []
+        self.index: dict[tuple[int, ...], int] = {}
+        for t in tokens:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        h = self.history
+        h.append(token)
+        end = len(h) - 1  # the n-gram ending just before `token` is now followed by something
+        for n in self.SIZES:
+            if end >= n:
+                self.index[tuple(h[end - n : end])] = end - n
+
+    def propose(self, k: int) -> list[int]:
+        h = self.history
+        for n in self.SIZES:
+            if len(h) >= n:
+                start = self.index.get(tuple(h[-n:]))
+                if start is not None:
+                    return h[start + n : start + n + k]
+        return []
+
+
+class DraftModel:
+    """Drafts with a smaller model of the same tokenizer, greedily (its KV cache follows the history)."""
+
+    def __init__(self, draft: Any, tokens: Sequence[int]) -> None:
+        self.draft = draft
+        self.seq = draft.sequences[0]
+        self.history = list(tokens)
+
+    def append(self, token: int) -> None:
+        self.history.append(token)
+
+    def propose(self, k: int) -> list[int]:
+        d, h = self.draft, self.history
+        k = min(k, d.n_ctx - len(h) - 1)
+        if k <= 0:
+            return []
+        d.prepare(self.seq, h)
+        out: list[int] = []
+        for _ in range(k):
+            t = d.argmax(-1)
+            if d.is_eog(t):
+                break
+            out.append(t)
+            if len(out) < k:
+                d.evaluate(self.seq, (t,), all_logits=False)
+        return out
+
+
+def speculative_loop(v: Verifier, seq: Seq, drafter: Any, max_draft: int, stats: dict[str, Any]) -> Iterator[int]:
+    """Greedy decoding of ``seq`` (already holding the prompt) that evaluates [token, *draft] in one batch."""
+    k = max_draft
+    stats.update(rounds=0, drafted=0, accepted=0)
+    token = v.argmax(-1)
+    while True:
+        yield token
+        drafter.append(token)
+        pos = len(seq.tokens)
+        if pos >= v.n_ctx:
+            return
+        room = v.n_ctx - pos - 1
+        draft = drafter.propose(min(k, room)) if room > 0 else []
+        v.evaluate(seq, [token, *draft], all_logits=bool(draft))
+        if not draft:
+            token = v.argmax(-1)
+            continue
+        accepted = []
+        nxt = v.argmax(0)
+        for i, d in enumerate(draft):
+            if nxt != d:
+                break
+            accepted.append(d)
+            nxt = v.argmax(i + 1)
+        if len(accepted) < len(draft):  # forget the rejected drafts
+            v.rewind(seq, pos + 1 + len(accepted))
+        stats["rounds"] += 1
+        stats["drafted"] += len(draft)
+        stats["accepted"] += len(accepted)
+        # grow the draft while drafts are right, shrink it to what was right when they are not
+        k = min(max_draft, k * 2) if len(accepted) == len(draft) else max(2, len(accepted) + 1)
+        for d in accepted:
+            yield d
+            drafter.append(d)
+        token = nxt
+
+
+def plain_greedy(params: Any) -> bool:
+    """Speculation applies to plain greedy decoding only (temperature 0, no grammar, no penalties), where its
+    output is identical; anything else runs the plain path."""
+    return params.greedy and not params.grammar and params.repeat_penalty == 1.0 \
+        and not params.presence_penalty and not params.frequency_penalty
