@@ -5,7 +5,7 @@ onnxruntime-genai's model builder imports a GPTQ checkpoint with one bit width f
 those as ordinary 4-bit placeholders in the checkpoint (so the builder imports it unchanged) and their 8-bit codes
 in :data:`INT8_FILE` beside it.  :func:`apply_int8` then replaces the placeholders in the exported graph: same node,
 same inputs and outputs, ``bits=8`` and the 8-bit weight and scales (symmetric: no zero points, onnxruntime's
-default zero point for 8 bits is 128).  An input embedding looked up in the head (``converters.onnx._embed_from_head``,
+default zero point for 8 bits is 128).  An input embedding looked up in the head (``converters.onnx_graph.embed_from_head``,
 GatherBlockQuantized) is switched to the 8-bit rows too, so call this after that.  MatMulNBits runs 8-bit weights with the same kernels family; a down
 projection of SmolLM2 costs ~1.0-1.5x its 4-bit time.
 """
@@ -16,7 +16,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-INT8_FILE = "edgelm-int8.safetensors"  # in the GPTQ checkpoint folder: "<module>.codes" (uint8 [N, K]), ".scales"
+# in the GPTQ checkpoint folder, safetensors named otherwise (the builder reads every *.safetensors there):
+# "<module>.codes" (uint8 [N, K], offset 128), "<module>.scales" (float32 [N, K / block])
+INT8_FILE = "edgelm-int8.st"
 
 _LAYER = re.compile(r"^(?:model\.(?:language_model\.)?)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -117,7 +119,7 @@ def apply_int8(folder: Path, weights: dict[str, tuple[Any, Any]]) -> list[str]:
             if a.name == "bits":
                 a.i = 8
         for reshape in [other for other in graph.node if other is not node and weight.name in other.input]:
-            # the input embedding looked up in this head (converters.onnx._embed_from_head): read 8-bit rows now
+            # the input embedding looked up in this head (converters.onnx_graph.embed_from_head): read 8-bit rows now
             shape = inits[reshape.input[1]]
             shape.CopyFrom(numpy_helper.from_array(np.array([n, k], dtype=np.int64), shape.name))
             gather = _embedding_lookup(graph, reshape)
