@@ -7,8 +7,8 @@ weight (a scale per block of ``block_size`` inputs, integer zero points): the sa
 the same speed as round-to-nearest.
 
 Layers are quantized in order, each on the outputs of the already-quantized layers before it.  The calibration text
-is a mix of kinds of English found offline (``converters/calibration.py``: docstrings, manuals, project read-me files,
-licences; never the evaluation texts), or any text given.  The quantized model is written as a GPTQ-format Hugging Face checkpoint (``qweight``,
+is the Python standard library's own docstrings (offline, English technical prose, and not the evaluation text),
+or any text given.  The quantized model is written as a GPTQ-format Hugging Face checkpoint (``qweight``,
 ``qzeros``, ``scales``, ``g_idx``), which onnxruntime-genai's model builder turns into MatMulNBits.
 """
 

@@ -218,3 +218,16 @@ def test_gptq_is_not_used_for_weights_the_builder_would_not_import(tmp_path, cap
     assert "does not import GPTQ weights named like 'model.final_layernorm" in caplog.text
     with edgelm.load(out, threads=1) as m:
         assert m.generate("The object", temperature=0, max_tokens=8).usage.completion_tokens > 0
+
+
+def test_int8_node_names_follow_the_builder():
+    from edgelm.converters.onnx_mixed import group, node_name
+
+    assert node_name("model.layers.3.mlp.down_proj") == "/model/layers.3/mlp/down_proj/MatMulNBits"
+    assert node_name("model.layers.0.self_attn.k_proj") == "/model/layers.0/attn/qkv_proj/MatMulNBits"
+    assert node_name("model.layers.7.self_attn.o_proj") == "/model/layers.7/attn/o_proj/MatMulNBits"
+    assert node_name("lm_head") == "/lm_head/MatMulNBits"
+    assert group("model.layers.2.self_attn.v_proj") == [f"model.layers.2.self_attn.{p}_proj" for p in "qkv"]
+    assert group("model.layers.2.mlp.up_proj") == ["model.layers.2.mlp.up_proj"]
+    with pytest.raises(ValueError, match="embed_tokens"):
+        node_name("model.embed_tokens")
