@@ -70,7 +70,6 @@ def embed_int8(folder: Path, block_size: int = 32) -> bool:
     4-bit rounding error, which GPTQ fitted to the head's job (scoring), not the embedding's.  An 8-bit table is
     near-lossless (SmolLM2: 28 MB instead of 113 MB fp32) and costs no decode time (one row per token).  False,
     leaving the model as it is, when the graph has no Gather on a float ``model.embed_tokens.weight``."""
-    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
