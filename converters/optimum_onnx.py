@@ -430,20 +430,35 @@ def _dist_version(home: Path | None, dist: str) -> str | None:
 
 
 def smoke_test(folder: Path) -> None:
-    """Load the folder with edgelm's session runtime and decode two tokens (a graph onnxruntime cannot run fails the
-    conversion, not its first use)."""
-    from edgelm.runtimes.base import LoadOptions
-    from edgelm.runtimes.onnx_session import OnnxSessionBackend
+    """Evaluate three tokens and decode one more with onnxruntime (one thread, an empty cache first, then the
+    cache the graph returned): a graph onnxruntime cannot run fails the conversion, not its first use."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgelm.formats import onnx_plain
 
     try:
-        backend = OnnxSessionBackend.load(folder, LoadOptions(threads=1, n_ctx=16))
-        try:
-            seq = backend.sequences[0]
-            vocab = int(backend.manifest.get("vocab_size") or 4)
-            backend.extend(seq, [1 % vocab, 2 % vocab, 3 % vocab])
-            backend.extend(seq, [4 % vocab])
-        finally:
-            backend.close()
+        io = onnx_plain.session_io(folder / "model.onnx")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        vocab = int(io.get("vocab_size") or 4)
+        past = {}
+        for kv in io["kv"]:
+            shape = [1 if i == 0 else d for i, d in enumerate(kv["shape"])]
+            shape[kv["sequence_axis"]] = 0
+            past[kv["past"]] = np.zeros(shape, dtype=io["dtype"])
+        length = 0
+        for ids in ([1 % vocab, 2 % vocab, 3 % vocab], [4 % vocab]):
+            feed = {"input_ids": np.array([ids], dtype=np.int64), **past}
+            if "attention_mask" in io["inputs"]:
+                feed["attention_mask"] = np.ones((1, length + len(ids)), dtype=np.int64)
+            if "position_ids" in io["inputs"]:
+                feed["position_ids"] = np.arange(length, length + len(ids), dtype=np.int64)[None]
+            names = ["logits", *(kv["present"] for kv in io["kv"])]
+            out = session.run(names, feed)
+            past = {kv["past"]: value for kv, value in zip(io["kv"], out[1:])}
+            length += len(ids)
     except Exception as exc:
         raise ConversionError(f"The model optimum-onnx exported does not run on this machine's onnxruntime (CPU): "
                               f"{str(exc).strip()[:400]}", fix="Try another quantization, or convert to GGUF "

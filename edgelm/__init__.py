@@ -34,6 +34,14 @@ def convert(src, **kwargs):
     return _convert(src, **kwargs)
 
 
+def compress(src, output, **kwargs):
+    """Remove decoder blocks / MLP neurons from a Hugging Face checkpoint, heal, measure; see
+    edgelm.compression.api.compress."""
+    from .compression import compress as _compress
+
+    return _compress(src, output, **kwargs)
+
+
 def pull(reference, revision=None, **kwargs):
     """Download ORG/REPO[:QUANT] from the Hugging Face Hub into its cache; see edgelm.hub.pull."""
     from .hub import pull as _pull
@@ -71,6 +79,6 @@ except Exception:  # running from a source tree that is not installed
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
-    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "pull", "worker", "recommend_cluster",
-    "__version__",
+    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "compress", "pull", "worker",
+    "recommend_cluster", "__version__",
 ]

@@ -1,7 +1,8 @@
 """Chat templates: the model's own Jinja template, rendered the way Hugging Face transformers renders it.
 
 Both backends share this: the llama.cpp backend reads the template from the GGUF metadata, the onnxruntime
-backend from tokenizer_config.json.
+backend from chat_template.jinja or tokenizer_config.json; a template the user names at load
+(edgelm.chat_templates) replaces it.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
-from .errors import InvalidParameterError, UnsupportedModelError
+from .errors import InvalidParameterError, NoChatTemplateError, UnsupportedModelError
 
-# Used only when a model ships no template at all (base models); ChatML is what most small models expect.
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# There is no fallback template: a model without one is never chatted with through a format it does not have
+# (edgelm.model raises NoChatTemplateError; the user may name one, see edgelm.chat_templates).
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -97,7 +95,7 @@ def _compile(template: str):
 
 
 def render(
-    template: str | None,
+    template: str,
     messages: Any,
     *,
     bos_token: str = "",
@@ -106,7 +104,11 @@ def render(
     **extra: Any,
 ) -> str:
     msgs = validate_messages(messages)
-    compiled = _compile(template or FALLBACK_TEMPLATE)
+    if not template:
+        raise NoChatTemplateError("No chat template to render the conversation with.",
+                                  fix="Pass chat_template= (a Jinja string or a known name: chatml, llama3, gemma, "
+                                  "mistral, phi3), or use generate() for plain completion.")
+    compiled = _compile(template)
     return compiled.render(
         messages=msgs, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt, **extra
     )

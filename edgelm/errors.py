@@ -47,6 +47,13 @@ class UnsupportedModelError(EdgelmError, ValueError):
     code = "unsupported_model"
 
 
+class NoChatTemplateError(UnsupportedModelError):
+    """Chat was asked of a model whose files carry no chat template; edgelm never guesses one (the fix names
+    ``chat_template=`` and ``generate``)."""
+
+    code = "no_chat_template"
+
+
 class DefaultModelMissingError(ModelNotFoundError):
     code = "default_model_missing"
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Union
 
 from .errors import (BackendNotInstalledError, DoesNotFitError, DownloadCorruptError, HubError, InvalidModelFileError,
                      InvalidParameterError, QuantNotFoundError)
+from .units import human_bytes
 
 log = logging.getLogger("edgelm.hub")
 
@@ -203,7 +204,7 @@ def candidates(files: dict[str, int]) -> list[Candidate]:
 
 
 def _labels(cands: list[Candidate]) -> str:
-    return ", ".join(f"{c.label or '(top folder)'} ({_human(c.size_bytes)})" for c in cands)
+    return ", ".join(f"{c.label or '(top folder)'} ({human_bytes(c.size_bytes)})" for c in cands)
 
 
 def _match(ref: Reference, cands: list[Candidate]) -> list[Candidate]:
@@ -264,10 +265,10 @@ def choose(ref: Reference, cands: list[Candidate], *, facts: Callable[[Candidate
                            fix=f"Name one by its file (or folder) name: {ref.repo_id}:{found[0].entry}",
                            repo=ref.repo_id)
         c = found[0]
-        return Choice(c, f"{c.label or 'the ONNX folder'} ({_human(c.size_bytes)}), as asked.")
+        return Choice(c, f"{c.label or 'the ONNX folder'} ({human_bytes(c.size_bytes)}), as asked.")
     if len(cands) == 1:
         c = cands[0]
-        return Choice(c, f"{c.label or 'the ONNX folder'} ({_human(c.size_bytes)}), the only one {where} has.")
+        return Choice(c, f"{c.label or 'the ONNX folder'} ({human_bytes(c.size_bytes)}), the only one {where} has.")
     if cands[0].format == "onnx":
         raise HubError(f"{where} has several ONNX folders: {_labels(cands)}.",
                        fix=f"Name one: {ref.repo_id}:{cands[0].label}", repo=ref.repo_id,
@@ -285,15 +286,15 @@ def choose(ref: Reference, cands: list[Candidate], *, facts: Callable[[Candidate
     for c in usable:  # largest (best quality) first
         plan, available = _fits(c, base, device, host)
         if plan is not None:
-            return Choice(c, f"{c.label} ({_human(c.size_bytes)}): the largest quantization in {where} that fits "
-                             f"{plan.device_title}, needing {_human(plan.memory_bytes)} of "
-                             f"{_human(plan.device_memory_bytes)} usable at n_ctx {plan.n_ctx}.")
+            return Choice(c, f"{c.label} ({human_bytes(c.size_bytes)}): the largest quantization in {where} "
+                             f"that fits {plan.device_title}, needing {human_bytes(plan.memory_bytes)} of "
+                             f"{human_bytes(plan.device_memory_bytes)} usable at n_ctx {plan.n_ctx}.")
     smallest = usable[-1]
-    room = f" ({_human(available)} usable)" if available is not None else ""
+    room = f" ({human_bytes(available)} usable)" if available is not None else ""
     raise DoesNotFitError(
         f"No quantization in {where} fits {device if device != 'auto' else 'this machine'}{room}: even the "
-        f"smallest, {smallest.label} ({_human(smallest.size_bytes)}), needs more once its KV cache and the runtime "
-        "are counted (with the head-room `edgelm recommend` keeps).",
+        f"smallest, {smallest.label} ({human_bytes(smallest.size_bytes)}), needs more once its KV cache and the "
+        "runtime are counted (with the head-room `edgelm recommend` keeps).",
         fix=f"Pull one anyway by name ({ref.repo_id}:{smallest.label}), or use a smaller model.", repo=ref.repo_id,
         available=available)
 
@@ -321,7 +322,7 @@ def _facts_from_prefix(read_prefix: Callable[[int], bytes], size: int, name: str
                 if len(data) >= size:
                     raise
             if n >= min(size, MAX_HEADER_BYTES):
-                raise HubError(f"Could not read the GGUF header of {name} from its first {_human(n)}.",
+                raise HubError(f"Could not read the GGUF header of {name} from its first {human_bytes(n)}.",
                                fix="Name the quantization to pull (ORG/REPO:QUANT).")
             n *= 4
 
@@ -601,13 +602,13 @@ def _download(url: str, partial: Path, size: int | None, headers: dict[str, str]
             fh.truncate(resume)
             fh.seek(resume)
             if resume:
-                _note(progress, f"resuming {filename} at {_human(resume)} of {_human(size or 0)}")
+                _note(progress, f"resuming {filename} at {human_bytes(resume)} of {human_bytes(size or 0)}")
             file_download.http_get(url, fh, resume_size=resume, headers=headers, expected_size=size,
                                    displayed_filename=filename, tqdm_class=_bar_class(progress, filename))
     except (httpx2.HTTPError, HfHubHTTPError, OSError) as exc:
         have = partial.stat().st_size if partial.exists() else 0
         raise HubError(
-            f"Downloading {filename} from {repo_id} stopped at {_human(have)} of {_human(size or 0)} ({exc}).",
+            f"Downloading {filename} from {repo_id} stopped at {human_bytes(have)} of {human_bytes(size or 0)} ({exc}).",
             fix="The part already downloaded is kept: run the same command again to resume.", repo=repo_id,
             file=filename, downloaded=have) from exc
     return (size or partial.stat().st_size) - resume
@@ -849,11 +850,3 @@ def remove_cached(ref: Reference) -> list[Path]:
     return removed
 
 
-def _human(n: int) -> str:
-    if n >= 1024**3:
-        return f"{n / 1024**3:.2f} GB"
-    if n >= 1024**2:
-        return f"{n / 1024**2:.1f} MB"
-    if n >= 1024:
-        return f"{n / 1024:.0f} KB"
-    return f"{n} B"

@@ -140,6 +140,10 @@ def load(model: str | os.PathLike[str] | None = None, *,
     check_load_options(options, name if name in runtimes.BUILTIN else None)
     values = {s.name: options.get(s.name, s.default) for s in load_settings() if s.name != "backend"}
     _check_types(values)
+    if values["chat_template"] is not None:  # a bad name or Jinja text fails before anything loads
+        from .chat_templates import resolve
+
+        resolve(values["chat_template"])
     resolved = runtime_defaults(name, values["device"])
     values.update(threads=values["threads"] or resolved.threads, device=resolved.device,
                   n_gpu_layers=resolved.n_gpu_layers if values["n_gpu_layers"] is None else values["n_gpu_layers"])
@@ -162,6 +166,10 @@ def load(model: str | os.PathLike[str] | None = None, *,
     else:
         instance = cls.load(path, load_options)
     try:
+        if load_options.chat_template is not None:  # the user's chat format, checked against this vocabulary
+            from .chat_templates import apply
+
+            instance.chat_template = apply(load_options.chat_template, instance)
         facts = instance.describe()
         from .formats import disk_size
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from . import chat as chat_templates
 from .errors import (BackendError, ContextLengthExceededError, InvalidParameterError, ModelClosedError,
-                     ModelNotFoundError, UnsupportedModelError)
+                     ModelNotFoundError, NoChatTemplateError, UnsupportedModelError)
 from .params import GenerationParams
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
@@ -77,10 +77,32 @@ class Model:
         """True for the model's end-of-generation tokens (eos, end of turn)."""
         return self.backend.is_eog(int(token))
 
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template :meth:`chat` uses: the one named at load (``chat_template=``), else the model's
+        own; None when there is neither (chat then raises NoChatTemplateError; :meth:`generate` still works)."""
+        return self.backend.chat_template or None
+
+    def require_chat_template(self) -> str:
+        """:attr:`chat_template`, or NoChatTemplateError (whose fix names ``chat_template=`` and ``generate``)."""
+        template = self.chat_template
+        if template is not None:
+            return template
+        where = {"gguf": "no tokenizer.chat_template in the GGUF", "onnx": "no chat_template.jinja, and none in "
+                 "tokenizer_config.json"}.get(self.info.format, "none in its files")
+        raise NoChatTemplateError(
+            f"{self.info.name or Path(self.info.path).name} has no chat template ({where}; often a base model, not "
+            "instruction-tuned), and edgelm does not guess one: a wrong format makes the model read its markers as "
+            "plain text.",
+            fix="If you know the format it was trained with, load it with chat_template= (a Jinja string or a known "
+            "name: chatml, llama3, gemma, mistral, phi3; on the command line --chat-template NAME or "
+            "@file.jinja); for plain text completion use generate() (`edgelm run MODEL \"text\"` does that for such "
+            "a model).", path=self.info.path)
+
     def apply_chat_template(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         backend = self.backend
         return chat_templates.render(
-            backend.chat_template,
+            self.require_chat_template(),
             messages,
             bos_token=backend.bos_token,
             eos_token=backend.eos_token,
@@ -131,6 +153,7 @@ class Model:
 
     def chat_batch(self, conversations: Sequence[Any], *, progress: Any = None, **params: Any) -> list[Completion]:
         """:meth:`chat` for every conversation; results in input order (see :meth:`generate_batch`)."""
+        self.require_chat_template()  # before any conversation starts
         return self._batch([lambda c=c: self.stream_chat(c, **params) for c in conversations], progress)
 
     def _batch(self, starts: list[Any], progress: Any) -> list[Completion]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 # the kinds of value a setting takes; each surface knows how to read each kind
-KINDS = ("int", "float", "bool", "str", "choice", "strings", "grammar", "path", "paths")
+KINDS = ("int", "float", "bool", "str", "choice", "strings", "grammar", "path", "paths", "template")
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,10 @@ def _load() -> tuple[Setting, ...]:
                 "concurrent calls from several threads, server requests and generate_batch share the model; each "
                 "gets the full n_ctx (KV memory grows with it). `edgelm serve` chooses it from memory when not "
                 "given.", cli=("--parallel", "-np"), example=4, backends=llama),
+        Setting("chat_template", "template", None, "The chat format to talk to the model in, replacing the one in "
+                "its file: a known name (chatml, llama3, gemma, mistral, phi3) or Jinja text (@file.jinja on the "
+                "command line). Its special tokens must be in the model's vocabulary. [default: the model's own; a "
+                "model without one is not chatted with]", cli=("--chat-template",), example="chatml"),
         Setting("n_batch", "int", 512, "Tokens evaluated per batch while reading a prompt.", cli=("--n-batch",),
                 example=256),
         # on the command line this is the generation setting of the same name (--speculative)

@@ -61,6 +61,11 @@ class Device:
     notes: str | None = None
     measured: bool = False  # True when bandwidth/compute were measured on this machine
 
+    @property
+    def simd(self) -> str:
+        """The widest SIMD level of its CPU (a key of DECODE_GFLOPS_PER_CORE)."""
+        return simd_level(self.cpu_features)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -119,14 +124,41 @@ def this_machine(host: Any = None, bandwidth_gbs: float | None = None) -> Device
     )
 
 
+# Decode compute of llama.cpp's CPU kernels, in effective GFLOPS per thread (2 FLOPs per weight of a quantized
+# mat-vec: unpack the blocks, integer dot products against the int8-quantized activations), by the widest SIMD the
+# CPU has.  A token costs max(bytes read / bandwidth, 2 x parameters / (this x threads)): on CPUs without 256-bit
+# integer SIMD the compute side binds first, even for small models that fit the caches.
+# Calibration (SmolLM2-135M Q4_1, 134.5 M parameters, 2 threads, greedy decode; edgelm.plan's model):
+#   avx (AMD EPYC with AVX/FMA/F16C, no AVX2): ~100 tok/s measured (9.9 ms/token) -> 16 (the plan says ~101);
+#   avx2 (AMD EPYC with AVX2, no AVX-512): twice AVX's integer width, below AVX-512's bound -> 40 (memory-bound in
+#     the plan for small models).  Measured here on 2026-11-25 only under a load average of 6-8 from other jobs:
+#     14-23 tok/s at 2 threads, 20-29 at 1, one-thread bandwidth 4-5 GB/s: too disturbed to calibrate with
+#     (benchmarks/bench_plan.py prints estimate vs measured on an idle machine);
+#   avx512 (AMD EPYC with AVX-512): Q4_0 at 233 tok/s means at least 48 (memory-bound there in the plan);
+#   amx: AMX tiles serve matrix-matrix products (prompts), not decode's mat-vec: as AVX-512.
+#   ARM: neon / dotprod as the Raspberry Pi 4 (Cortex-A72) and Pi 5 (Cortex-A76) profiles; i8mm as the phone's.
+DECODE_GFLOPS_PER_CORE: dict[str, float] = {
+    "amx": 50.0, "avx512": 50.0, "avx2": 40.0, "avx": 16.0,
+    "i8mm": 22.0, "dotprod": 19.0, "neon": 7.0, "scalar": 2.0,
+}
+SIMD_TITLES = {
+    "amx": "AMX/AVX-512", "avx512": "AVX-512", "avx2": "AVX2", "avx": "AVX without AVX2 (128-bit integer SIMD)",
+    "i8mm": "NEON with i8mm", "dotprod": "NEON with dot product", "neon": "NEON without dot product",
+    "scalar": "no SIMD detected",
+}
+
+
+def simd_level(features: list[str] | tuple[str, ...]) -> str:
+    """The widest SIMD level in a CPU's features (edgelm.platforms' names: avx512, avx2, avx, neon, dotprod, ...)."""
+    have = set(features or ())
+    for level in ("amx", "avx512", "avx2", "avx", "i8mm", "dotprod", "neon"):
+        if level in have:
+            return level
+    return "scalar"
+
+
 def _gflops_guess(features: list[str]) -> float:
-    if "amx" in features or "avx512" in features:
-        return 80.0
-    if "avx2" in features:
-        return 50.0
-    if "i8mm" in features or "dotprod" in features:
-        return 25.0
-    return 8.0
+    return DECODE_GFLOPS_PER_CORE[simd_level(features)]
 
 
 def measure_bandwidth(megabytes: int = 128, repeats: int = 5) -> float:

@@ -72,6 +72,7 @@ class LoadOptions:
     extra_buffers: bool | None = None  # llama.cpp's repacked weight buffers (None: on unless AMX is present)
     workers: Sequence[str] = ()  # llama.cpp RPC workers "host:port" to split the layers across (edgelm.rpc)
     tensor_split: Any = None  # shares of layers for [this machine, worker 1, ...]; None: by reported memory
+    chat_template: str | None = None  # a known name or Jinja text; edgelm.load applies it (edgelm.chat_templates)
     extra: dict[str, Any] = field(default_factory=dict)  # options of third-party backends
 
 

@@ -18,19 +18,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from edgelm.errors import (BackendError, BackendNotInstalledError, InvalidModelFileError, InvalidParameterError,
-                           ModelNotFoundError, UnsupportedModelError)
+from edgelm.errors import BackendError, BackendNotInstalledError, InvalidModelFileError, UnsupportedModelError
 from edgelm.formats import onnx_folder
 from edgelm.params import GenerationParams
 
-from .base import BackendBase, Capabilities, LoadOptions, Seq, resolve_n_ctx
-from .onnx_providers import PROVIDER_DEVICE, PROVIDERS, available_providers, choose_provider, ort_version
+from .base import BackendBase, Capabilities, LoadOptions, Seq
+from .onnx_base import OnnxFolderBackend, package_version
+from .onnx_providers import PROVIDERS, ort_version
 from .sampling import NumpySampler
-from .tokenizer_json import JsonTokenizer
 
 log = logging.getLogger("edgelm.onnx")
 
@@ -50,8 +49,7 @@ def _greedy_only(params: GenerationParams) -> bool:
         and not params.frequency_penalty
 
 
-class OnnxBackend(BackendBase):
-    name: ClassVar[str] = "onnxruntime"
+class OnnxBackend(OnnxFolderBackend):
 
     def __init__(self) -> None:  # use load()
         self._gen = None
@@ -67,47 +65,16 @@ class OnnxBackend(BackendBase):
         return onnx_folder.is_onnx_folder(Path(path))
 
     @classmethod
-    def inspect(cls, path: Path) -> dict[str, Any]:
-        return onnx_folder.inspect(Path(path))
-
-    @classmethod
     def load(cls, path: Path, options: LoadOptions) -> "BackendBase":
-        folder = onnx_folder.folder_of(Path(path))
-        if not folder.is_dir():
-            raise ModelNotFoundError(f"{path} is not an ONNX model folder.",
-                                     fix="Pass the folder written by `edgelm convert SRC --to onnx -o DIR`.",
-                                     path=str(path))
-        manifest = onnx_folder.check_folder(folder)
+        folder, manifest = cls.open_folder(path)
         if onnx_folder.exporter_kind(manifest) == "optimum":  # a plain decoder graph: edgelm's own session loop
             from .onnx_session import OnnxSessionBackend
 
             return OnnxSessionBackend.load(folder, options)
-        og = _genai()
-        if options.kv_cache not in (None, "f32", "f16"):
-            raise InvalidParameterError(
-                f"kv_cache={options.kv_cache!r} is not available on the onnxruntime backend (its KV cache has the "
-                "model's own element type).", fix="Drop kv_cache=..., or use a GGUF model on llama.cpp.",
-                parameter="kv_cache", value=options.kv_cache)
         self = cls()
-        self.path = folder
-        self.manifest = manifest
-        self.options = options
-        trained = int(manifest.get("context_length") or 2048)
-        self.n_ctx = resolve_n_ctx(options.n_ctx, trained, limit=trained)
-        available = available_providers()
-        provider, self.fallback_reason = choose_provider(options.device, options.providers, available,
-                                                         manifest.get("execution_provider", "cpu"))
-        if self.fallback_reason:
-            log.warning("onnxruntime: running on CPU because %s.", self.fallback_reason)
-        self.provider = provider
-        self.available = available
-        self._load_model(og, folder, provider, options)
-        self.tok = JsonTokenizer(folder, eos_token_ids=manifest.get("eos_token_ids") or [],
-                                 bos_token_id=manifest.get("bos_token_id"), vocab_size=manifest.get("vocab_size"),
-                                 template_file=manifest.get("chat_template"))
-        self.bos_token, self.eos_token = self.tok.bos_token, self.tok.eos_token
-        self.chat_template = self.tok.chat_template
-        self.n_vocab = self.tok.n_vocab
+        self._setup(folder, manifest, options)
+        self._load_model(_genai(), folder, self.provider, options)
+        self._load_tokenizer()
         return self
 
     def _load_model(self, og: Any, folder: Path, provider: str, options: LoadOptions) -> None:
@@ -142,17 +109,6 @@ class OnnxBackend(BackendBase):
             raise BackendError(f"onnxruntime-genai could not load {folder} on {provider}: {msg}",
                                fix="Convert the model again with this edgelm version, or try device='cpu'.",
                                path=str(folder), provider=provider) from exc
-
-    # --- tokens ---------------------------------------------------------------------------------------------------
-
-    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        return self.tok.encode(text, add_special=add_special, parse_special=parse_special)
-
-    def token_bytes(self, token: int) -> bytes:
-        return self.tok.text(token)
-
-    def is_eog(self, token: int) -> bool:
-        return token in self.tok.eog
 
     # --- the sequence ---------------------------------------------------------------------------------------------
 
@@ -201,14 +157,6 @@ class OnnxBackend(BackendBase):
             raise BackendError(f"onnxruntime-genai failed to evaluate {len(tokens)} tokens ({n} in the sequence, "
                                f"n_ctx={self.n_ctx}): {exc}", fix="Use a shorter prompt or a larger n_ctx.") from exc
         seq.tokens.extend(tokens)
-
-    def sampler(self, params: GenerationParams, history: Sequence[int]) -> NumpySampler:
-        if params.grammar:
-            raise InvalidParameterError(
-                "Grammars (constrained decoding) are not available on the onnxruntime backend.",
-                fix="Use a GGUF model on the llama.cpp backend for grammar=..., or drop the grammar.",
-                parameter="grammar", value=params.grammar[:40])
-        return NumpySampler(params, history, self.n_ctx)
 
     def sample(self, seq: Seq, sampler: NumpySampler) -> int:
         logits = self._gen.get_logits()
@@ -280,37 +228,8 @@ class OnnxBackend(BackendBase):
         elem = "f16" if self.manifest.get("quantization") == "fp16" and self.provider != "CPUExecutionProvider" else "f32"
         return onnx_folder.attention_shape(self.manifest).kv_bytes(self.kv_length, elem)
 
-    def describe(self) -> dict[str, Any]:
-        from importlib import metadata
-
-        m = self.manifest
-
-        def version(dist: str) -> str | None:
-            try:
-                return metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                return None
-
-        return {
-            "format": "onnx",
-            "architecture": m.get("model_type") or m.get("architecture"),
-            "quantization": m.get("quantization"),
-            "parameters": int(m.get("parameters") or 0),
-            "trained_context_length": m.get("context_length"),
-            "name": m.get("name"),
-            "device": PROVIDER_DEVICE.get(self.provider, self.options.device),
-            "extra": {
-                "execution_provider": self.provider,
-                "available_providers": self.available,
-                "provider_fallback": self.fallback_reason,
-                "built_for": m.get("execution_provider"),
-                "quantization_options": m.get("quantization_options"),
-                "kv_cache_bytes": self.kv_cache_bytes(),
-                "hf_architecture": m.get("architecture"),
-                "onnxruntime": version("onnxruntime"),
-                "onnxruntime_genai": version("onnxruntime-genai"),
-            },
-        }
+    def runtime_facts(self) -> dict[str, Any]:
+        return {"kv_cache_bytes": self.kv_cache_bytes(), "onnxruntime_genai": package_version("onnxruntime-genai")}
 
     def close(self) -> None:
         self._gen = None

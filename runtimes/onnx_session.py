@@ -27,21 +27,18 @@ from __future__ import annotations
 
 import logging
 import math
-from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from edgelm.errors import (BackendError, BackendNotInstalledError, InvalidModelFileError, InvalidParameterError,
-                           ModelNotFoundError, UnsupportedModelError)
+from edgelm.errors import BackendError, BackendNotInstalledError, InvalidModelFileError, UnsupportedModelError
 from edgelm.formats import onnx_folder, onnx_plain
-from edgelm.params import GenerationParams
 
-from .base import BackendBase, Capabilities, LoadOptions, Seq, resolve_n_ctx
-from .onnx_providers import PROVIDER_DEVICE, available_providers, choose_provider, ort_version
+from .base import Capabilities, LoadOptions, Seq
+from .onnx_base import OnnxFolderBackend
+from .onnx_providers import ort_version
 from .sampling import NumpySampler
-from .tokenizer_json import JsonTokenizer
 
 log = logging.getLogger("edgelm.onnx")
 
@@ -91,8 +88,7 @@ class _KV:
         self.swap()
 
 
-class OnnxSessionBackend(BackendBase):
-    name: ClassVar[str] = "onnxruntime"
+class OnnxSessionBackend(OnnxFolderBackend):
 
     def __init__(self) -> None:  # use load()
         self.session = None
@@ -113,32 +109,11 @@ class OnnxSessionBackend(BackendBase):
             return False
 
     @classmethod
-    def inspect(cls, path: Path) -> dict[str, Any]:
-        return onnx_folder.inspect(Path(path))
-
-    @classmethod
     def load(cls, path: Path, options: LoadOptions) -> "OnnxSessionBackend":
-        folder = onnx_folder.folder_of(Path(path))
-        if not folder.is_dir():
-            raise ModelNotFoundError(f"{path} is not an ONNX model folder.",
-                                     fix="Pass the folder written by `edgelm convert SRC --to onnx -o DIR`.",
-                                     path=str(path))
-        manifest = onnx_folder.check_folder(folder)
-        if options.kv_cache not in (None, "f32", "f16"):
-            raise InvalidParameterError(
-                f"kv_cache={options.kv_cache!r} is not available on the onnxruntime backend (its KV cache has the "
-                "model's own element type).", fix="Drop kv_cache=..., or use a GGUF model on llama.cpp.",
-                parameter="kv_cache", value=options.kv_cache)
+        folder, manifest = cls.open_folder(path)
         ort = _ort()
         self = cls()
-        self.path, self.manifest, self.options = folder, manifest, options
-        trained = int(manifest.get("context_length") or 2048)
-        self.n_ctx = resolve_n_ctx(options.n_ctx, trained, limit=trained)
-        self.available = available_providers()
-        self.provider, self.fallback_reason = choose_provider(options.device, options.providers, self.available,
-                                                              manifest.get("execution_provider", "cpu"))
-        if self.fallback_reason:
-            log.warning("onnxruntime: running on CPU because %s.", self.fallback_reason)
+        self._setup(folder, manifest, options)
         model_file = folder / manifest.get("model_file", "model.onnx")
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(options.threads)
@@ -158,12 +133,7 @@ class OnnxSessionBackend(BackendBase):
                                         f"{msg.strip()[:400]}", fix="Upgrade onnxruntime, or convert the model again "
                                         "with this edgelm.", path=str(model_file)) from exc
         self._setup_io(model_file)
-        self.tok = JsonTokenizer(folder, eos_token_ids=manifest.get("eos_token_ids") or [],
-                                 bos_token_id=manifest.get("bos_token_id"), vocab_size=manifest.get("vocab_size"),
-                                 template_file=manifest.get("chat_template"))
-        self.bos_token, self.eos_token = self.tok.bos_token, self.tok.eos_token
-        self.chat_template = self.tok.chat_template
-        self.n_vocab = self.tok.n_vocab
+        self._load_tokenizer()
         return self
 
     def _setup_io(self, model_file: Path) -> None:
@@ -191,17 +161,6 @@ class OnnxSessionBackend(BackendBase):
         self._logits = np.empty(self.n_batch * self.vocab, dtype=self.logits_type)  # pages touched only when used
         self.binding = self.session.io_binding()
         self.kv_bytes = sum(2 * kv.front.nbytes for kv in self.kv)
-
-    # --- tokens ---------------------------------------------------------------------------------------------------
-
-    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        return self.tok.encode(text, add_special=add_special, parse_special=parse_special)
-
-    def token_bytes(self, token: int) -> bytes:
-        return self.tok.text(token)
-
-    def is_eog(self, token: int) -> bool:
-        return token in self.tok.eog
 
     # --- the sequence ---------------------------------------------------------------------------------------------
 
@@ -257,14 +216,6 @@ class OnnxSessionBackend(BackendBase):
         self._last = None  # the kept prefix's last logits are gone: the caller evaluates at least one token
         return True
 
-    def sampler(self, params: GenerationParams, history: Sequence[int]) -> NumpySampler:
-        if params.grammar:
-            raise InvalidParameterError(
-                "Grammars (constrained decoding) are not available on the onnxruntime backend.",
-                fix="Use a GGUF model on the llama.cpp backend for grammar=..., or drop the grammar.",
-                parameter="grammar", value=params.grammar[:40])
-        return NumpySampler(params, history, self.n_ctx)
-
     def sample(self, seq: Seq, sampler: NumpySampler) -> int:
         if self._last is None:
             raise BackendError("No logits to sample from: nothing was evaluated.", fix="Evaluate a prompt first.")
@@ -280,36 +231,9 @@ class OnnxSessionBackend(BackendBase):
 
     # --- facts ------------------------------------------------------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
-        m = self.manifest
-
-        def version(dist: str) -> str | None:
-            try:
-                return metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                return None
-
-        return {
-            "format": "onnx",
-            "architecture": m.get("model_type") or m.get("architecture"),
-            "quantization": m.get("quantization"),
-            "parameters": int(m.get("parameters") or 0),
-            "trained_context_length": m.get("context_length"),
-            "name": m.get("name"),
-            "device": PROVIDER_DEVICE.get(self.provider, self.options.device),
-            "extra": {
-                "execution_provider": self.provider,
-                "available_providers": self.available,
-                "provider_fallback": self.fallback_reason,
-                "built_for": m.get("execution_provider"),
-                "quantization_options": m.get("quantization_options"),
-                "kv_cache_bytes": self.kv_bytes,
-                "hf_architecture": m.get("architecture"),
-                "exporter": m.get("exporter"),
-                "runtime": "edgelm decode loop over an onnxruntime InferenceSession (I/O binding)",
-                "onnxruntime": version("onnxruntime"),
-            },
-        }
+    def runtime_facts(self) -> dict[str, Any]:
+        return {"kv_cache_bytes": self.kv_bytes, "exporter": self.manifest.get("exporter"),
+                "runtime": "edgelm decode loop over an onnxruntime InferenceSession (I/O binding)"}
 
     def close(self) -> None:
         self.session = None

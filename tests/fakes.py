@@ -9,22 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
+from edgelm.chat_templates import TEMPLATES
 from edgelm.runtimes.base import BackendBase, Capabilities, LoadOptions, Seq
 
 EOS = 0
+# control tokens of the fake vocabulary: one token each when tokenized with parse_special (as in a real model),
+# ids 500, 501, ...; text is one token per character, ids 1000 + code point
+SPECIALS = ("<|im_start|>", "<|im_end|>")
 
 
 class FakeBackend(BackendBase):
     name: ClassVar[str] = "fake"
     script: ClassVar[list[int]] = []  # token ids generate() yields, in order
     loaded: ClassVar[list["FakeBackend"]] = []  # every instance load() made, latest last
+    template: ClassVar[str | None] = TEMPLATES["chatml"]  # the chat template the fake model "ships" (None: none)
 
     def __init__(self, vocab: list[bytes], n_ctx: int = 64) -> None:
         self.vocab = vocab
         self.n_ctx = n_ctx
         self.bos_token = "<s>"
         self.eos_token = "</s>"
-        self.chat_template = None
+        self.chat_template = self.template
         self.generated: list[int] = []
         self.closed = False
         self.calls: list[tuple[list[int], Any]] = []
@@ -51,11 +56,27 @@ class FakeBackend(BackendBase):
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         # one token per character: ids are 1000 + code point (never collide with the scripted vocab)
-        return [1000 + ord(c) for c in text]
+        out: list[int] = []
+        i = 0
+        while i < len(text):
+            special = next((k for k, sp in enumerate(SPECIALS) if parse_special and text.startswith(sp, i)), None)
+            if special is not None:
+                out.append(500 + special)
+                i += len(SPECIALS[special])
+            else:
+                out.append(1000 + ord(text[i]))
+                i += 1
+        return out
+
+    def text_of(self, tokens: Sequence[int]) -> str:
+        """The text ``tokens`` stand for, control tokens included (what a test checks a prompt against)."""
+        return "".join(SPECIALS[t - 500] if 500 <= t < 1000 else chr(t - 1000) for t in tokens)
 
     def token_bytes(self, token: int) -> bytes:
         if token >= 1000:
             return chr(token - 1000).encode("utf-8")
+        if token >= 500:  # control tokens have no text of their own
+            return b""
         return b"" if token == EOS else self.vocab[token]
 
     def is_eog(self, token: int) -> bool:

@@ -103,11 +103,26 @@ def test_smollm2_to_q8_0_keeps_quality_and_answers(tmp_path):
 
 # --- bad input -------------------------------------------------------------------------------------------------
 
-def test_folder_without_tokenizer(tiny_llama, tmp_path):
-    src = tmp_path / "no-tok"
-    src.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        os.link(tiny_llama / name, src / name)
+def bare_llama(folder: Path, *, tokenizer: bool) -> Path:
+    """A llama checkpoint's files without its work: config, a small safetensors file, an optional stand-in
+    tokenizer (the checks under test come before any weight or token is read)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 16, "hidden_size": 8,
+        "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "max_position_embeddings": 64}))
+    save_file({"model.embed_tokens.weight": np.zeros((16, 8), np.float32)}, str(folder / "model.safetensors"))
+    if tokenizer:
+        (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []}}))
+        (folder / "tokenizer_config.json").write_text("{}")
+    return folder
+
+
+def test_folder_without_tokenizer(tmp_path):
+    src = bare_llama(tmp_path / "no-tok", tokenizer=False)
     with pytest.raises(edgelm.InvalidSourceError, match="no tokenizer"):
         edgelm.convert(str(src), quant="q8_0", output=str(tmp_path / "o.gguf"))
     assert files_in(tmp_path) == ["no-tok"]
@@ -119,13 +134,9 @@ def test_folder_without_architecture(tmp_path):
         edgelm.convert(str(tmp_path), to="gguf", quant="q8_0", output=str(tmp_path / "o.gguf"))
 
 
-def test_unsupported_architecture_lists_the_supported(tiny_llama, tmp_path):
-    src = tmp_path / "odd"
-    src.mkdir()
-    for name in os.listdir(tiny_llama):
-        os.link(tiny_llama / name, src / name)
-    cfg = json.loads((tiny_llama / "config.json").read_text())
-    (src / "config.json").unlink()
+def test_unsupported_architecture_lists_the_supported(tmp_path):
+    src = bare_llama(tmp_path / "odd", tokenizer=True)
+    cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "architectures": ["WobbleForCausalLM"]}))
     with pytest.raises(edgelm.UnsupportedModelError) as err:
         edgelm.convert(str(src), quant="q8_0", output=str(tmp_path / "o.gguf"))
@@ -201,11 +212,12 @@ def test_corrupt_weights_fail_cleanly(tiny_llama, tmp_path):
     assert files_in(tmp_path) == ["corrupt"]
 
 
-def test_missing_converter_names_the_install_command(tiny_llama, tmp_path, monkeypatch):
+def test_missing_converter_names_the_install_command(tmp_path, monkeypatch):
+    src = bare_llama(tmp_path / "src", tokenizer=True)
     monkeypatch.setenv("EDGELM_GGUF_CONVERTER", str(tmp_path / "nowhere"))
     with pytest.raises(edgelm.BackendNotInstalledError, match="edgelm install-converter"):
-        edgelm.convert(str(tiny_llama), quant="q8_0", output=str(tmp_path / "o.gguf"))
-    assert files_in(tmp_path) == []
+        edgelm.convert(str(src), quant="q8_0", output=str(tmp_path / "o.gguf"))
+    assert files_in(tmp_path) == ["src"]
 
 
 def test_failed_install_leaves_nothing(tmp_path):
@@ -245,14 +257,15 @@ def test_auto_from_a_checkpoint_keeps_the_smallest_that_fits(tiny_llama, tmp_pat
     assert out.is_file() and out.stat().st_size <= 9_000_000 and files_in(tmp_path) == ["auto.gguf"]
 
 
-def test_too_little_disk_space_is_refused_before_converting(tiny_llama, tmp_path, monkeypatch):
+def test_too_little_disk_space_is_refused_before_converting(tmp_path, monkeypatch):
     import shutil
 
+    src = bare_llama(tmp_path / "src", tokenizer=True)
     real = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1_000))
     with pytest.raises(edgelm.InsufficientDiskSpaceError, match="MiB is free"):
-        edgelm.convert(str(tiny_llama), quant="q8_0", output=str(tmp_path / "o.gguf"))
-    assert files_in(tmp_path) == []
+        edgelm.convert(str(src), quant="q8_0", output=str(tmp_path / "o.gguf"))
+    assert files_in(tmp_path) == ["src"]
 
 
 def test_doctor_says_whether_the_converter_is_installed(tmp_path):

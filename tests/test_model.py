@@ -147,8 +147,8 @@ def test_empty_prompt_is_an_error():
 def test_chat_uses_the_template_and_validates_messages():
     m, backend = make([1, EOS])
     assert m.chat([{"role": "user", "content": "Hi"}]).text == "Hello"
-    prompt = "".join(chr(t - 1000) for t in backend.calls[-1][0])
-    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"  # ChatML fallback: no template
+    prompt = backend.text_of(backend.calls[-1][0])
+    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"  # the fake's template: ChatML
     with pytest.raises(edgelm.InvalidParameterError, match=r"messages\[0\]\.role"):
         m.chat([{"role": "wizard", "content": "Hi"}])
     with pytest.raises(edgelm.InvalidParameterError, match="messages"):

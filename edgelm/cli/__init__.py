@@ -26,6 +26,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.DownloadCorruptError, 4),  # a download that does not match its sha256 (deleted)
     (errors.HubError, 3),
     (errors.InvalidModelFileError, 4),
+    (errors.NoChatTemplateError, 4),  # chat asked of a model without a chat template (--chat-template, or run)
     (errors.UnsupportedModelError, 4),
     (errors.BackendNotInstalledError, 5),
     (errors.ExecutionProviderError, 5),  # an onnxruntime execution provider's package is not installed
@@ -88,9 +89,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import batch, convert, generate, measure, platforms, rpc, serve, store
+    from . import batch, compress, convert, generate, measure, platforms, rpc, serve, store
 
-    for module in (generate, batch, convert, measure, platforms, serve, rpc, store):
+    for module in (generate, batch, convert, compress, measure, platforms, serve, rpc, store):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -53,14 +53,16 @@ def run_command(args: tuple[str, ...], raw: bool, system: str | None, stats: boo
     """Stream a model's answer to PROMPT.
 
     MODEL is a .gguf file or an ONNX folder; without it the embedded SmolLM2-135M-Instruct answers.  PROMPT is
-    sent as a chat message through the model's own chat template (use --raw for plain completion); "-" reads
-    it from stdin.
+    sent as a chat message through the model's own chat template (use --raw for plain completion); a model
+    without a template completes PROMPT as plain text and says so (--chat-template NAME|@file.jinja names a
+    format for it); "-" reads it from stdin.
 
     \b
     Examples:
       edgelm run "What is the capital of France?"
       edgelm run model.gguf "Write a haiku about the sea" -t 0.7 -n 64
       edgelm run --raw "Once upon a time" --stop "." --seed 1
+      edgelm run gemma-3-270m-it.gguf "Hi" --chat-template gemma
       edgelm run "Is water wet?" --grammar 'root ::= "yes" | "no"' -t 0
       edgelm run --raw "def fib(n):" --repeat-penalty 1.1 --repeat-last-n 128 --kv-cache q8_0
       echo "Summarise: ..." | edgelm run model.gguf -
@@ -72,6 +74,10 @@ def run_command(args: tuple[str, ...], raw: bool, system: str | None, stats: boo
         prompt = sys.stdin.read()
     params = pop_generation(kwargs)
     with load_model(model, kwargs) as m:
+        if not raw and m.chat_template is None and not system:  # never a guessed chat format (edgelm.chat_templates)
+            click.secho(f"{m.info.name or m.info.path} has no chat template: running a plain completion of the prompt "
+                        "(--chat-template NAME to chat with it; --raw skips this notice).", dim=True, err=True)
+            raw = True
         if raw:
             chunks = m.stream(prompt, **params)
         else:
@@ -102,10 +108,12 @@ def chat_command(model: str | None, system: str | None, stats: bool, **kwargs: A
     Examples:
       edgelm chat
       edgelm chat model.gguf --system "You are terse." -t 0.2
+      edgelm chat base-model.gguf --chat-template chatml     # a model whose file has no template
     """
     params = pop_generation(kwargs)
     interactive = sys.stdin.isatty()
     with load_model(model, kwargs) as m:
+        m.require_chat_template()  # a model without one: the typed error (its fix names --chat-template)
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         base = list(history)
         if interactive:

@@ -21,6 +21,7 @@ class GrammarText(click.ParamType):
     """GBNF text, or @FILE to read it from a file (as curl does for data)."""
 
     name = "GBNF|@FILE"
+    what = "grammar"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> str:
         if isinstance(value, str) and value.startswith("@"):
@@ -28,8 +29,15 @@ class GrammarText(click.ParamType):
             try:
                 return path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                self.fail(f"cannot read the grammar file {path}: {exc}", param, ctx)
+                self.fail(f"cannot read the {self.what} file {path}: {exc}", param, ctx)
         return value
+
+
+class TemplateText(GrammarText):
+    """A chat template's known name or Jinja text, or @FILE to read it from a file (edgelm.chat_templates)."""
+
+    name = "NAME|@FILE"
+    what = "chat template"
 
 
 def _option(s: Setting) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -46,6 +54,8 @@ def _option(s: Setting) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         kwargs["default"] = ()
     elif s.kind == "grammar":
         kwargs["type"] = GrammarText()
+    elif s.kind == "template":
+        kwargs["type"] = TemplateText()
     elif s.kind in ("path", "paths"):
         kwargs["type"] = click.Path(dir_okay=True)
         kwargs["multiple"] = s.kind == "paths"

@@ -128,12 +128,20 @@ def recommend_command(model: str | None, device: str, n_ctx: int | None, paralle
                       workers: str | None, worker_device: str | None, link: str, hop_ms: float | None) -> None:
     """Plan how to run MODEL on a device: backend, quantization, n_ctx, threads, memory and expected speed.
 
+    MODEL is a .gguf file, an ONNX folder, or a Hugging Face checkpoint (a folder with config.json and
+    *.safetensors, or a Hub id found in the Hugging Face cache; HF_HUB_OFFLINE=1 works).  For a checkpoint, every
+    quantization it could be converted to is listed (size, memory, fits, tokens/s) and the recommended one is
+    marked, with the `edgelm convert` command that makes it.  Only headers are read, never the weights.
+
     Memory is weights + KV cache at that n_ctx + runtime overhead, and must fit the device with head-room;
-    speed is estimated from the device's memory bandwidth and the bytes read per token.  When nothing fits,
-    says by how much.
+    speed is estimated from the device's memory bandwidth and the bytes read per token, or from its compute where
+    that binds first (CPUs without AVX2).  When nothing fits, says by how much.
 
     \b
     Examples:
+      edgelm recommend ./SmolLM2-135M-Instruct --device raspberry-pi-zero-2-w   # which quant to convert to
+      edgelm recommend HuggingFaceTB/SmolLM2-135M-Instruct --device x86-laptop-16gb --json
+      edgelm recommend model-onnx/ --device raspberry-pi-5-8gb
       edgelm recommend model.gguf --device raspberry-pi-4-4gb
       edgelm recommend --device raspberry-pi-zero-2-w --json
       edgelm recommend model.gguf --device raspberry-pi-5-8gb --parallel 4
@@ -150,10 +158,13 @@ def recommend_command(model: str | None, device: str, n_ctx: int | None, paralle
         click.echo(json.dumps(plan.to_dict(), indent=2))
         return
     b = plan.memory_breakdown
+    if plan.source_format == "hf":
+        _print_quantizations(plan)
     click.echo(f"device      {plan.device_title}")
     click.echo(f"backend     {plan.backend} ({plan.format}), {plan.threads} threads"
                + (", all layers on the GPU" if plan.n_gpu_layers else ""))
-    click.echo(f"quant       {plan.quant}" + (f"   -> {plan.convert_command}" if plan.convert_command else ""))
+    click.echo(f"quant       {plan.quant}" + (f"   -> {plan.convert_command}" if plan.convert_command
+                                             and plan.source_format != "hf" else ""))
     click.echo(f"n_ctx       {plan.n_ctx} (KV cache {plan.kv_cache})"
                + (f", {plan.parallel} sequences at a time" if plan.parallel > 1 else ""))
     click.echo(f"memory      {plan.memory_bytes / 2**20:.0f} MB of {plan.device_memory_bytes / 2**20:.0f} MB usable "
@@ -162,6 +173,21 @@ def recommend_command(model: str | None, device: str, n_ctx: int | None, paralle
     click.echo(f"speed       ~{plan.tokens_per_second:.0f} tokens/s decode (bound by {plan.bound_by})")
     for note in plan.notes:
         click.echo(f"note        {note}")
+    if plan.source_format == "hf":
+        click.echo(f"\nconvert     {plan.convert_command}")
+
+
+def _print_quantizations(plan: Any) -> None:
+    """The table of a checkpoint plan: one line per quantization, the recommended one marked."""
+    click.echo(f"model       {plan.model} (Hugging Face checkpoint)")
+    click.echo(f"\n  {'format':<6} {'quant':<7} {'size':>9} {'memory':>9} {'n_ctx':>6} {'KV':<5} {'fits':<4} "
+               f"{'tokens/s':>8}")
+    for r in plan.quantizations:
+        mark = "*" if r["recommended"] else " "
+        click.echo(f"{mark} {r['format']:<6} {r['quant']:<7} {r['size_bytes'] / 2**20:>6.0f} MB "
+                   f"{r['memory_bytes'] / 2**20:>6.0f} MB {r['n_ctx']:>6} {r['kv_cache']:<5} "
+                   f"{'yes' if r['fits'] else 'no':<4} {r['tokens_per_second']:>8.0f}")
+    click.echo("  (* recommended; memory = weights + KV cache at that n_ctx + runtime)\n")
 
 
 def _recommend_cluster(model: str | None, device: str, n_ctx: int | None, as_json: bool, workers: str,

@@ -7,13 +7,9 @@ import time
 
 import click
 
+from edgelm.units import human_bytes
+
 from . import handle_errors
-
-
-def _human(n: int) -> str:
-    from edgelm.hub import _human as human
-
-    return human(n)
 
 
 def _ago(ts: float | None) -> str:
@@ -59,8 +55,8 @@ def pull_command(model: str, revision: str | None, device: str, quiet: bool) -> 
         return
     if pulled.from_cache:
         click.echo(f"{pulled.name}: {pulled.reason}", err=True)
-    got = f"downloaded {_human(pulled.downloaded_bytes)}" if pulled.downloaded_bytes else "already in the cache"
-    click.echo(f"{pulled.name} ({_human(pulled.candidate.size_bytes)}, {got}, revision {pulled.revision[:12]})",
+    got = f"downloaded {human_bytes(pulled.downloaded_bytes)}" if pulled.downloaded_bytes else "already in the cache"
+    click.echo(f"{pulled.name} ({human_bytes(pulled.candidate.size_bytes)}, {got}, revision {pulled.revision[:12]})",
                err=True)
     click.echo(str(pulled.path))
 
@@ -90,7 +86,7 @@ def list_command(as_json: bool) -> None:
         click.echo("No models yet: `edgelm pull ORG/REPO:QUANT` downloads one, `edgelm convert` writes one.", err=True)
         return
     table = [("NAME", "QUANT", "SIZE", "LAST USED", "SOURCE")]
-    table += [(r.name, r.quant or "-", _human(r.size_bytes), _ago(r.last_used),
+    table += [(r.name, r.quant or "-", human_bytes(r.size_bytes), _ago(r.last_used),
                "hub" if r.source == "hub" else "converted") for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:

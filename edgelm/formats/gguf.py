@@ -77,6 +77,32 @@ def file_type_bpw(quant: str, default: float = 16.0) -> float:
     return FILE_TYPE_BPW.get(quant.upper(), default)
 
 
+# k-quants pack rows in super-blocks of 256: llama.cpp's quantizer stores a tensor whose rows are not a multiple of
+# 256 as this type instead (llama-quant.cpp); and it keeps the output matrix (the token embedding, when tied) at
+# OUTPUT_TYPE, or Q8_0 when its rows do not fit a k-quant.  Both matter for small models (SmolLM2-135M: hidden 576,
+# a 28 M-parameter embedding of 134.5 M), where typical bits per weight underestimate sizes by up to 40 %.
+KQUANT_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+OUTPUT_TYPE = "Q6_K"
+
+
+def estimate_file_bytes(quant: str, parameters: int, *, row_size: int | None = None,
+                        output_parameters: int = 0) -> int:
+    """Bytes of weights a conversion to file type ``quant`` will write, before it is written: typical bits per
+    weight, with the k-quant fallback for rows of ``row_size`` (the hidden size) not a multiple of 256, and the
+    ``output_parameters`` of the output matrix (vocabulary x hidden size) at OUTPUT_TYPE where that is larger."""
+    q = quant.upper()
+    bpw = file_type_bpw(q)
+    odd = bool(row_size) and row_size % 256 != 0
+    family = q[:4] if q[:4] in KQUANT_FALLBACK and (len(q) == 4 or q[4] == "_") else None
+    if odd and family:
+        bpw = max(bpw, 8 * type_bytes(KQUANT_FALLBACK[family]))
+    out_bpw = 8 * type_bytes("Q8_0" if odd else OUTPUT_TYPE)
+    if bpw >= out_bpw:
+        return int(parameters * bpw / 8)
+    out = min(output_parameters, parameters)
+    return int(((parameters - out) * bpw + out * out_bpw) / 8)
+
+
 @dataclass(frozen=True)
 class AttentionShape:
     """What a model's KV cache and compute buffers are sized by (from GGUF metadata, a Hugging Face config, or an

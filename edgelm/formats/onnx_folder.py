@@ -66,6 +66,14 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def manifest_head(config: dict[str, Any], *, name: str, quant: str,
+                  quantization_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The keys every edgelm ONNX manifest starts with, whichever exporter wrote the graph."""
+    return {"format": "edgelm-onnx", "version": MANIFEST_VERSION, "name": name,
+            "architecture": config["architectures"][0], "model_type": config.get("model_type"),
+            "quantization": quant, "quantization_options": quantization_options}
+
+
 def make_manifest(folder: Path, config: dict[str, Any], *, name: str, quant: str, parameters: int,
                   quantization_options: dict[str, Any] | None, execution_provider: str, graph_target: str,
                   generation_config: dict[str, Any] | None = None,
@@ -81,13 +89,7 @@ def make_manifest(folder: Path, config: dict[str, Any], *, name: str, quant: str
     text_cfg = config.get("text_config") or config
     data_files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.startswith("model.onnx."))
     return {
-        "format": "edgelm-onnx",
-        "version": MANIFEST_VERSION,
-        "name": name,
-        "architecture": config["architectures"][0],
-        "model_type": config.get("model_type"),
-        "quantization": quant,
-        "quantization_options": quantization_options,
+        **manifest_head(config, name=name, quant=quant, quantization_options=quantization_options),
         "execution_provider": execution_provider,
         "graph_target": graph_target,
         "parameters": parameters,

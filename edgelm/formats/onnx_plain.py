@@ -14,7 +14,7 @@ from typing import Any
 
 from edgelm.errors import InvalidModelFileError, UnsupportedModelError
 
-from .onnx_folder import MANIFEST_VERSION, token_ids
+from .onnx_folder import manifest_head, token_ids
 
 
 def make_session_manifest(folder: Path, config: dict[str, Any], *, name: str, quant: str, parameters: int,
@@ -30,13 +30,7 @@ def make_session_manifest(folder: Path, config: dict[str, Any], *, name: str, qu
     kv = io["kv"]
     heads = int(text_cfg.get("num_attention_heads") or text_cfg.get("n_head") or text_cfg.get("num_heads") or 0)
     return {
-        "format": "edgelm-onnx",
-        "version": MANIFEST_VERSION,
-        "name": name,
-        "architecture": config["architectures"][0],
-        "model_type": config.get("model_type"),
-        "quantization": quant,
-        "quantization_options": quantization_options,
+        **manifest_head(config, name=name, quant=quant, quantization_options=quantization_options),
         "execution_provider": "cpu",
         "graph_target": "cpu",
         "parameters": parameters,

@@ -30,7 +30,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import llama_cpp
 from llama_cpp import _ctypes_extensions as _ext
@@ -253,45 +253,44 @@ def _socket_fds() -> list[int]:
     return out
 
 
-def connected_sockets(peers: Iterable[tuple[str, int]]) -> list[tuple[int, tuple[str, int]]]:
-    """(fd, peer) of this process's TCP sockets connected to any of ``peers`` ((ip, port) pairs)."""
-    wanted = {(ip, int(port)) for ip, port in peers}
-    found = []
+def _tcp_sockets() -> Iterator[tuple[int, socket.socket]]:
+    """(fd, a duplicate socket object) for each of this process's TCP sockets; the duplicate is closed after use."""
     for fd in _socket_fds():
         try:
             s = socket.socket(fileno=os.dup(fd))
         except OSError:
             continue
         try:
-            if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            peer = s.getpeername()[:2]
-            if (peer[0], peer[1]) in wanted:
-                found.append((fd, (peer[0], int(peer[1]))))
-        except OSError:
-            pass
+            if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6):
+                yield fd, s
         finally:
             s.close()  # closes the duplicate only
+
+
+def connected_sockets(peers: Iterable[tuple[str, int]]) -> list[tuple[int, tuple[str, int]]]:
+    """(fd, peer) of this process's TCP sockets connected to any of ``peers`` ((ip, port) pairs)."""
+    wanted = {(ip, int(port)) for ip, port in peers}
+    found = []
+    for fd, s in _tcp_sockets():
+        try:
+            peer = s.getpeername()[:2]
+        except OSError:
+            continue
+        if (peer[0], peer[1]) in wanted:
+            found.append((fd, (peer[0], int(peer[1]))))
     return found
 
 
 def server_connections(port: int) -> list[tuple[int, tuple[str, int]]]:
     """(fd, peer) of this process's accepted TCP connections on local ``port`` (a worker's clients)."""
     found = []
-    for fd in _socket_fds():
+    for fd, s in _tcp_sockets():
         try:
-            s = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
-        try:
-            if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6) \
-                    and s.getsockname()[1] == port:
+            if s.getsockname()[1] == port:
                 peer = s.getpeername()[:2]  # raises for the listening socket
                 found.append((fd, (peer[0], int(peer[1]))))
         except OSError:
             pass
-        finally:
-            s.close()
     return found
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgelm.errors import InvalidParameterError
+from edgelm.units import human_bytes
 
 from . import protocol, split
 
@@ -157,8 +158,8 @@ def recommend_cluster(model: Any = None, device: str = "auto", *,
         notes.append("KV cache quantized to q8_0 to fit.")
     if not s.fits:
         short = [p for p in s.parts if not p.fits]
-        notes.append("Does not fit: " + "; ".join(f"{p.device} needs {split._human(p.bytes)}, has "
-                                                  f"{split._human(p.budget or 0)}" for p in short)
+        notes.append("Does not fit: " + "; ".join(f"{p.device} needs {human_bytes(p.bytes)}, has "
+                                                  f"{human_bytes(p.budget or 0)}" for p in short)
                      + ". Add workers, use boards with more memory, or a smaller quantization.")
     notes.append(f"Network: {hops} round trip(s) per token at {round_trip * 1000:.1f} ms ({link}: {l.note}) and "
                  f"{payload / 1024:.0f} KB of activations and logits per token.")

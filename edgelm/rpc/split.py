@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from edgelm.errors import DoesNotFitError, InvalidParameterError
 from edgelm.formats.gguf import GGUFHeader
+from edgelm.units import human_bytes
 
 MB = 1024**2
 HEADROOM = 0.9  # a worker's share may use at most this part of the memory it reports
@@ -237,16 +238,16 @@ def plan_split(costs: ModelCosts, workers: Sequence[tuple[str, int]], *, local_m
     _fill(parts, counts, costs, LOCAL_RUNTIME_BYTES)
     for p in parts[1:]:
         if p.units == 0:
-            notes.append(f"worker {p.device} gets no layers (it reports {_human(p.memory_bytes or 0)} free).")
+            notes.append(f"worker {p.device} gets no layers (it reports {human_bytes(p.memory_bytes or 0)} free).")
     split = Split(parts=parts, n_gpu_layers=units - counts[0], tensor_split=[float(c) for c in counts[1:]],
                   policy=policy, notes=notes)
     if check and not split.fits:
         bad = [p for p in parts if not p.fits]
         raise DoesNotFitError(
             "The model does not fit " + "; ".join(
-                f"{p.device}: needs {_human(p.bytes)} for {p.layers} layers{' + output' if p.output else ''}"
-                f"{' + embeddings' if p.input else ''}, has {_human(p.budget or 0)} usable of "
-                f"{_human(p.memory_bytes or 0)} reported" for p in bad) + ".",
+                f"{p.device}: needs {human_bytes(p.bytes)} for {p.layers} layers{' + output' if p.output else ''}"
+                f"{' + embeddings' if p.input else ''}, has {human_bytes(p.budget or 0)} usable of "
+                f"{human_bytes(p.memory_bytes or 0)} reported" for p in bad) + ".",
             fix="Add workers or give them more memory (edgelm worker --mem), use a smaller quantization or n_ctx, or "
             "set tensor_split to move layers to the devices with room.",
             needed=sum(p.bytes for p in parts), available=sum(p.budget or 0 for p in parts),
@@ -254,5 +255,3 @@ def plan_split(costs: ModelCosts, workers: Sequence[tuple[str, int]], *, local_m
     return split
 
 
-def _human(n: int) -> str:
-    return f"{n / 1024**3:.2f} GB" if n >= 1024**3 else f"{n / MB:.0f} MB"

@@ -130,14 +130,11 @@ MAX_EMBED_INPUTS = 2048  # inputs one embeddings request may hold (as OpenAI's A
 class Embedded:
     vectors: Any  # float32 [inputs, n_embd]
     prompt_tokens: int
-    seconds: float
 
 
 def embed_inputs(model: Any, inputs: Any, *, param: str, truncate: bool, normalize: bool,
                  pooling: str = "mean") -> Embedded:
     """What both APIs' embedding routes do: check the inputs (errors name the index), tokenize once, embed."""
-    import time
-
     if isinstance(inputs, (str, bytes)) or (isinstance(inputs, list) and inputs and
                                             all(isinstance(x, int) and not isinstance(x, bool) for x in inputs)):
         inputs = [inputs]  # one string, or one token list
@@ -149,11 +146,10 @@ def embed_inputs(model: Any, inputs: Any, *, param: str, truncate: bool, normali
         raise InvalidParameterError(f"{param} holds {len(inputs)} inputs; at most {MAX_EMBED_INPUTS} are embedded "
                                     "per request.", fix="Split them over several requests.", parameter=param,
                                     value=len(inputs))
-    started = time.perf_counter()
     tokens = model.embedding_tokens(inputs)
     limit = model.embed_limit
     vectors = model.embed(tokens, pooling=pooling, normalize=normalize, truncate=truncate)
-    return Embedded(vectors, sum(min(len(t), limit) for t in tokens), time.perf_counter() - started)
+    return Embedded(vectors, sum(min(len(t), limit) for t in tokens))
 
 
 def json_grammar(kind: str, schema: Any = None) -> str:

@@ -10,6 +10,7 @@ HTTP_STATUS: list[tuple[type[BaseException], int]] = [
     (errors.UnknownModelNameError, 404),
     (errors.ContextLengthExceededError, 400),
     (errors.InvalidParameterError, 400),
+    (errors.NoChatTemplateError, 400),  # chat with a model that has no chat template; its completions still work
     (errors.UnsupportedModelError, 400),
     (errors.WorkerUnreachableError, 503),  # an RPC worker is down: the service is unavailable until it is back
     (errors.ModelNotFoundError, 500),  # a configured model whose file vanished: the server's fault

@@ -107,7 +107,13 @@ async def generate(request: Request, body: dict[str, Any]) -> Response:
         system = body.get("system")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         validate_messages(messages)
-        build = lambda m: m.stream_chat(messages, **params)  # noqa: E731
+
+        def build(m: Any) -> Any:
+            # a model without a chat template completes the prompt as it is (Ollama's bare "{{ .Prompt }}"); a
+            # system message needs a chat format, so then the request fails with 400 (NoChatTemplateError)
+            if m.chat_template is None and not system:
+                return m.stream(prompt, **params)
+            return m.stream_chat(messages, **params)
     started = time.perf_counter()
     gen = await core.start(app.registry, entry, build)
     return await _respond(app, entry, gen, body, chat=False, started=started)

@@ -140,7 +140,7 @@ async def embeddings(request: Request, body: dict[str, Any]) -> Response:
     data = []
     for i, v in enumerate(done.vectors):
         vector: Any = (base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if fmt == "base64"
-                       else [float(x) for x in v])
+                       else v.tolist())
         data.append({"object": "embedding", "index": i, "embedding": vector})
     return JSONResponse({"object": "list", "data": data, "model": entry.name,
                          "usage": {"prompt_tokens": done.prompt_tokens, "total_tokens": done.prompt_tokens}})
