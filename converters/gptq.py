@@ -20,10 +20,18 @@ import json
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 Progress = Callable[[str, float], None]
+DEFAULT_SAMPLES = 16  # calibration windows
+# mixed precision (issue 18): the MLP down projections of this last share of the decoder layers stay at 8 bits.
+# Measured on SmolLM2-135M (README): their 4-bit rounding costs most on text unlike the calibration text (with the
+# 8-bit embedding, GPL-3 perplexity vs fp32: none 1.177x, the last half 1.121-1.126x, the first half 1.168x, all
+# 1.107-1.114x but ~0.85-0.9x the decode speed; o_proj of every layer 1.176x).
+INT8_DOWN_SHARE = 0.5
+_DOWN = re.compile(r"\.(\d+)\.mlp\.down_proj$")
 
 # modules whose docstrings make the default calibration text (the evaluation text comes from pydoc_data instead)
 CALIBRATION_MODULES = ("os", "re", "json", "collections", "itertools", "functools", "pathlib", "subprocess",
@@ -77,17 +85,43 @@ def calibration_text() -> str:
 
 
 def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, symmetric: bool = True,
-                    samples: int = 16, seq_len: int = 512, damp: float = 0.01, text: str | None = None,
-                    progress: Progress | None = None) -> Path:
+                    samples: int = DEFAULT_SAMPLES, seq_len: int = 512, damp: float = 0.01, text: str | None = None,
+                    mixed: bool = True, progress: Progress | None = None) -> Path:
     """Quantize the linear layers of the decoder blocks in ``source_dir`` with GPTQ and write a GPTQ-format
     checkpoint (4-bit, ``block_size`` inputs per scale) to ``out_dir``.  The output head is quantized too, on the
     final norm's outputs (a tied head is written apart from the embedding table, which stays float); embeddings and
-    norms are left as they are."""
+    norms are left as they are.
+
+    text: the calibration text (default: :func:`calibration_text`); ``samples`` windows of ``seq_len`` tokens spread
+    over it.  mixed: the MLP down projections of the last INT8_DOWN_SHARE of the layers at 8 bits
+    (:func:`int8_modules`); they are written in the checkpoint as 4-bit placeholders (the builder imports one bit
+    width) and, 8-bit, in ``onnx_mixed.INT8_FILE``, for ``onnx_mixed.apply_int8`` to put in the exported graph."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     report = progress or (lambda message, fraction: None)
     torch.manual_seed(0)
+    model, tokenizer = _load(source_dir)
+    batches = calibration_batches(tokenizer, calibration_text() if text is None else text, samples, seq_len,
+                                  getattr(model.config, "max_position_embeddings", None))
+    codes = quantize_model(model, batches, block_size=block_size, symmetric=symmetric, damp=damp,
+                           int8=int8_modules(model) if mixed and symmetric else (), progress=report)
+    report("GPTQ: writing the checkpoint", 1.0)
+    _write(model, source_dir, out_dir, codes, block_size, symmetric)
+    return out_dir
+
+
+def int8_modules(model: Any, share: float = INT8_DOWN_SHARE) -> set[str]:
+    """The MLP down projections (``<layers>.N.mlp.down_proj``) of the last ``share`` of the decoder layers: the
+    matrices mixed precision keeps at 8 bits.  Empty for a model whose modules are named otherwise."""
+    prefix, layers = _decoder_layers(model)
+    first = len(layers) - int(round(len(layers) * share))
+    names = {name for name, _ in model.named_modules() if name.startswith(prefix + ".")}
+    return {f"{prefix}.{i}.mlp.down_proj" for i in range(first, len(layers))} & names
+
+
+def _load(source_dir: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
@@ -98,12 +132,97 @@ def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, sy
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    prefix, layers = _decoder_layers(model)
-    ids = tokenizer(text or calibration_text(), return_tensors="pt").input_ids[0]
-    seq_len = min(seq_len, len(ids), getattr(model.config, "max_position_embeddings", None) or seq_len)
+    return model, tokenizer
+
+
+def calibration_batches(tokenizer: Any, text: str, samples: int, seq_len: int, max_len: int | None = None
+                        ) -> list[Any]:
+    """``samples`` windows of ``seq_len`` tokens (fewer when the text is short) spread evenly over ``text``."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    seq_len = min(seq_len, len(ids), max_len or seq_len)
     samples = max(1, min(samples, len(ids) // seq_len))
     stride = len(ids) // samples  # spread over the whole text
-    batches = [ids[i * stride:i * stride + seq_len].unsqueeze(0) for i in range(samples)]
+    return [ids[i * stride:i * stride + seq_len].unsqueeze(0) for i in range(samples)]
+
+
+@dataclass
+class Quantized:
+    """One linear layer's rounding: codes [out, in] (0 .. 2**bits - 1), scales and zero points [out, in / block],
+    and the mean squared change of its output on the calibration tokens (``error``)."""
+    codes: Any
+    scales: Any
+    zeros: Any
+    bits: int
+    error: float
+
+
+def quantize_model(model: Any, batches: list[Any], *, block_size: int = 32, symmetric: bool = True,
+                   damp: float = 0.01, int8: Any = (), progress: Progress | None = None) -> dict[str, Quantized]:
+    """GPTQ every linear layer of the decoder blocks, in order, each on the outputs of the already-quantized ones,
+    then the output head; the decoder's weights are replaced by their dequantized values (the head's stay float).
+    Returns module name -> Quantized; the modules named in ``int8`` get 8 bits, the others 4."""
+    import torch
+
+    report = progress or (lambda message, fraction: None)
+    prefix, layers = _decoder_layers(model)
+    eight = set(int8)
+    inputs, kwargs = _first_inputs(model, layers, batches)
+    codes: dict[str, Quantized] = {}
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            report(f"GPTQ: layer {index + 1}/{len(layers)}", index / len(layers))
+            hessians = _hessians(layer, inputs, kwargs, len(batches))
+            for name, m in _linears(layer).items():
+                full = f"{prefix}.{index}.{name}"
+                q = quantize_layer(m.weight.data, hessians[name], block_size, symmetric, damp,
+                                   bits=8 if full in eight else 4)
+                m.weight.data = dequantize(q, block_size)
+                codes[full] = q
+            outputs = [layer(x, **kwargs) for x in inputs]  # the next layer sees this layer quantized
+            inputs = [o[0] if isinstance(o, tuple) else o for o in outputs]
+        head = model.get_output_embeddings()
+        norm = getattr(model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model, "norm", None)
+        if isinstance(head, torch.nn.Linear) and norm is not None and head.in_features % block_size == 0:
+            report("GPTQ: output head", 0.98)
+            hessian = torch.zeros(head.in_features, head.in_features)
+            for x in inputs:
+                h = norm(x).reshape(-1, head.in_features).float()
+                hessian += 2 * h.T @ h / len(batches)
+            # the head's weights stay float in the model: a tied one is the embedding table too, which stays float
+            codes["lm_head"] = quantize_layer(head.weight.data, hessian, block_size, symmetric, damp)
+    return codes
+
+
+def _linears(layer: Any) -> dict[str, Any]:
+    import torch
+
+    return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _hessians(layer: Any, inputs: list[Any], kwargs: dict[str, Any], n_batches: int) -> dict[str, Any]:
+    """2 X^T X / batches of the inputs of every linear of ``layer`` on ``inputs``."""
+    import torch
+
+    linears = _linears(layer)
+    hessians = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
+
+    def accumulate(name: str) -> Callable[..., None]:
+        def hook(module: Any, args: tuple, output: Any) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            hessians[name] += 2 * x.T @ x / n_batches
+        return hook
+
+    hooks = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
+    for x in inputs:
+        layer(x, **kwargs)
+    for h in hooks:
+        h.remove()
+    return hessians
+
+
+def _first_inputs(model: Any, layers: Any, batches: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The first decoder layer's inputs for every batch, and the other arguments the model passes it."""
+    import torch
 
     inputs: list[Any] = []
     kwargs: dict[str, Any] = {}
@@ -121,44 +240,7 @@ def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, sy
             except _Caught:
                 pass
     handle.remove()
-
-    codes: dict[str, tuple[Any, Any, Any]] = {}
-    with torch.no_grad():
-        for index, layer in enumerate(layers):
-            report(f"GPTQ: layer {index + 1}/{len(layers)}", index / len(layers))
-            linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-            hessians = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
-
-            def accumulate(name: str) -> Callable[..., None]:
-                def hook(module: Any, args: tuple, output: Any) -> None:
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    hessians[name] += 2 * x.T @ x / len(batches)
-                return hook
-
-            hooks = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
-            for x in inputs:
-                layer(x, **kwargs)
-            for h in hooks:
-                h.remove()
-            for name, m in linears.items():
-                q, scale, zero, weight = quantize(m.weight.data, hessians[name], block_size, symmetric, damp)
-                m.weight.data = weight
-                codes[f"{prefix}.{index}.{name}"] = (q, scale, zero)
-            outputs = [layer(x, **kwargs) for x in inputs]  # the next layer sees this layer quantized
-            inputs = [o[0] if isinstance(o, tuple) else o for o in outputs]
-        head = model.get_output_embeddings()
-        norm = getattr(model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model, "norm", None)
-        if isinstance(head, torch.nn.Linear) and norm is not None and head.in_features % block_size == 0:
-            report("GPTQ: output head", 0.98)
-            hessian = torch.zeros(head.in_features, head.in_features)
-            for x in inputs:
-                h = norm(x).reshape(-1, head.in_features).float()
-                hessian += 2 * h.T @ h / len(batches)
-            q, scale, zero, _ = quantize(head.weight.data, hessian, block_size, symmetric, damp)
-            codes["lm_head"] = (q, scale, zero)  # the embedding table keeps its float weights
-    report("GPTQ: writing the checkpoint", 1.0)
-    _write(model, source_dir, out_dir, codes, block_size, symmetric)
-    return out_dir
+    return inputs, kwargs
 
 
 def _decoder_layers(model: Any) -> tuple[str, Any]:
@@ -170,10 +252,23 @@ def _decoder_layers(model: Any) -> tuple[str, Any]:
     raise ValueError("no decoder layers (a '*.layers' ModuleList) found")
 
 
-def quantize(w: Any, hessian: Any, block_size: int, symmetric: bool, damp: float, act_order: bool = True
-             ) -> tuple[Any, Any, Any, Any]:
-    """GPTQ on one weight [out, in]: (codes 0..15 [out, in], scales [out, in/block], zero points [out, in/block],
-    the dequantized weight).
+def quantize_layer(w: Any, hessian: Any, block_size: int, symmetric: bool, damp: float, bits: int = 4) -> Quantized:
+    """GPTQ on one weight [out, in] (see quantize), with the change of its outputs: trace(dW H dW^T)."""
+    codes, scales, zeros, dequantized = quantize(w, hessian, block_size, symmetric, damp, bits=bits)
+    delta = dequantized - w.float()
+    return Quantized(codes, scales, zeros, bits, float(((delta @ hessian) * delta).sum()))
+
+
+def dequantize(q: Quantized, block_size: int) -> Any:
+    n_out, n_in = q.codes.shape
+    blocks = (q.codes.float().reshape(n_out, -1, block_size) - q.zeros.unsqueeze(2)) * q.scales.unsqueeze(2)
+    return blocks.reshape(n_out, n_in)
+
+
+def quantize(w: Any, hessian: Any, block_size: int, symmetric: bool, damp: float, act_order: bool = True,
+             bits: int = 4) -> tuple[Any, Any, Any, Any]:
+    """GPTQ on one weight [out, in]: (codes 0..2**bits-1 [out, in], scales [out, in/block], zero points
+    [out, in/block], the dequantized weight).
 
     act_order: round the inputs with the largest Hessian diagonal (the most active) first, while the scales stay
     those of the original blocks ("static groups"), so the result keeps the plain block layout."""
@@ -188,7 +283,7 @@ def quantize(w: Any, hessian: Any, block_size: int, symmetric: bool, damp: float
     scales = torch.zeros(n_out, n_in // block_size)
     zeros = torch.zeros(n_out, n_in // block_size)
     for b in range(n_in // block_size):
-        scale, zero = _block_params(W[:, b * block_size:(b + 1) * block_size], symmetric)
+        scale, zero = _block_params(W[:, b * block_size:(b + 1) * block_size], symmetric, bits)
         scales[:, b], zeros[:, b] = scale.squeeze(1), zero.squeeze(1)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n_in)
     W, H = W[:, perm], H[perm][:, perm]
@@ -202,7 +297,7 @@ def quantize(w: Any, hessian: Any, block_size: int, symmetric: bool, damp: float
         for i in range(end - start):
             column, group = W1[:, i], int(perm[start + i]) // block_size
             scale, zero = scales[:, group], zeros[:, group]
-            q = torch.clamp(torch.round(column / scale) + zero, 0, 15)
+            q = torch.clamp(torch.round(column / scale) + zero, 0, 2**bits - 1)
             codes[:, perm[start + i]] = q.to(torch.int32)
             error = (column - (q - zero) * scale) / Hinv1[i, i]
             W1[:, i:] -= error.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -212,18 +307,20 @@ def quantize(w: Any, hessian: Any, block_size: int, symmetric: bool, damp: float
     return codes, scales, zeros, dequantized.reshape(n_out, n_in)
 
 
-def _block_params(W1: Any, symmetric: bool) -> tuple[Any, Any]:
-    """Scale and integer zero point per row of one block (the grid onnxruntime's int4 uses: codes 0..15)."""
+def _block_params(W1: Any, symmetric: bool, bits: int = 4) -> tuple[Any, Any]:
+    """Scale and integer zero point per row of one block (the grid onnxruntime's MatMulNBits uses: codes
+    0 .. 2**bits - 1)."""
     import torch
 
-    if symmetric:  # the largest magnitude maps to -8 (onnxruntime's symmetric convention), zero point 8
+    half = 2 ** (bits - 1)
+    if symmetric:  # the largest magnitude maps to -8 (onnxruntime's symmetric convention), zero point 8 (int8: 128)
         big = torch.gather(W1, 1, W1.abs().argmax(1, keepdim=True))
-        scale = big / -8
+        scale = big / -half
         scale[scale == 0] = 1
-        return scale, torch.full_like(scale, 8)
+        return scale, torch.full_like(scale, half)
     lo = torch.clamp(W1.min(1, keepdim=True).values, max=0)
     hi = torch.clamp(W1.max(1, keepdim=True).values, min=0)
-    scale = (hi - lo) / 15
+    scale = (hi - lo) / (2**bits - 1)
     scale[scale == 0] = 1
     return scale, torch.round(-lo / scale)
 
@@ -241,26 +338,35 @@ def _pack(values: Any, axis: int) -> Any:
     return packed.to(torch.int32)
 
 
-def _write(model: Any, source_dir: Path, out_dir: Path, codes: dict[str, tuple[Any, Any, Any]], block_size: int,
+def _write(model: Any, source_dir: Path, out_dir: Path, codes: dict[str, Quantized], block_size: int,
            symmetric: bool) -> None:
     import torch
     from safetensors.torch import save_file
 
+    from .onnx_mixed import INT8_FILE
+
     tensors: dict[str, Any] = {}
+    eight: dict[str, Any] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, tensor in model.state_dict().items():
         base = name[: -len(".weight")] if name.endswith(".weight") else None
         if base in codes:
-            q, scale, zero = codes[base]
-            tensors[base + ".qweight"] = _pack(q.T.contiguous(), axis=0)  # [in/8, out]
-            tensors[base + ".qzeros"] = _pack((zero.T.contiguous().to(torch.int64) - 1), axis=1)  # GPTQ v1: zero - 1
-            tensors[base + ".scales"] = scale.T.contiguous().to(torch.float16)
-            tensors[base + ".g_idx"] = (torch.arange(q.shape[1]) // block_size).to(torch.int32)
+            q = codes[base]
+            if q.bits == 8:  # an int4 placeholder for the builder; onnx_mixed.apply_int8 puts the 8-bit one in
+                eight[base + ".codes"] = q.codes.to(torch.uint8)
+                eight[base + ".scales"] = q.scales.float()
+                q = _rtn4(dequantize(q, block_size), block_size, symmetric)
+            tensors[base + ".qweight"] = _pack(q.codes.T.contiguous(), axis=0)  # [in/8, out]
+            tensors[base + ".qzeros"] = _pack((q.zeros.T.contiguous().to(torch.int64) - 1), axis=1)  # GPTQ v1: zero-1
+            tensors[base + ".scales"] = q.scales.T.contiguous().to(torch.float16)
+            tensors[base + ".g_idx"] = (torch.arange(q.codes.shape[1]) // block_size).to(torch.int32)
         elif not (tied and name == "lm_head.weight"):
             tensors[name] = tensor.contiguous().clone()
         # a tied head quantized above is written as lm_head.q*, beside the float embedding table
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    if eight:
+        save_file(eight, str(out_dir / INT8_FILE))
     for f in source_dir.iterdir():
         if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth")) and \
                 f.name != "model.safetensors.index.json":
@@ -271,3 +377,15 @@ def _write(model: Any, source_dir: Path, out_dir: Path, codes: dict[str, tuple[A
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": block_size,
                                      "desc_act": False, "sym": symmetric, "checkpoint_format": "gptq"}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _rtn4(w: Any, block_size: int, symmetric: bool) -> Quantized:
+    import torch
+
+    n_out, n_in = w.shape
+    blocks = w.reshape(n_out, n_in // block_size, block_size)
+    params = [_block_params(blocks[:, b], symmetric) for b in range(n_in // block_size)]
+    scales = torch.cat([p[0] for p in params], dim=1)
+    zeros = torch.cat([p[1] for p in params], dim=1)
+    codes = torch.clamp(torch.round(blocks / scales.unsqueeze(2)) + zeros.unsqueeze(2), 0, 15).to(torch.int32)
+    return Quantized(codes.reshape(n_out, n_in), scales, zeros, 4, 0.0)

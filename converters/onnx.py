@@ -27,7 +27,7 @@ from edgelm.formats import ensure_free_space, hf, onnx_folder
 
 from . import Progress, Staged, Verify, as_is, option_record
 from .onnx_builder import builder_target, run_builder
-from .onnx_graph import embed_from_head
+from .onnx_graph import embed_from_head, embed_int8
 from .onnx_options import OnnxOptions, read_calibration, resolve_algo
 
 log = logging.getLogger("edgelm.converters.onnx")
@@ -176,6 +176,7 @@ def _export_gptq(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     try:
         checkpoint = gptq_checkpoint(source_dir, tmp / ".gptq-checkpoint", block_size=opts.block_size,
                                      symmetric=opts.symmetric, text=read_calibration(opts.calibration),
+                                     mixed=opts.mixed_precision,
                                      progress=lambda message, fraction: report(message, 0.3 * fraction))
     except (ImportError, RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -187,12 +188,20 @@ def _export_gptq(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     export_report(f"Exporting {config['architectures'][0]} to ONNX ({quant}) with onnxruntime-genai's model builder",
                   0.0)
     run_builder(checkpoint, tmp, quant, opts, export_report)
+    from .onnx_mixed import apply_int8, read_int8  # issue 18: the matrices GPTQ kept at 8 bits
+
+    int8 = read_int8(checkpoint)
     shutil.rmtree(checkpoint, ignore_errors=True)
-    if (config.get("text_config") or config).get("tie_word_embeddings", config.get("tie_word_embeddings")):
+    tied = (config.get("text_config") or config).get("tie_word_embeddings", config.get("tie_word_embeddings"))
+    if opts.mixed_precision and opts.symmetric:
+        export_report("Storing the input embedding at 8 bits", 0.9)
+        embed_int8(tmp, opts.block_size)  # False (left float) for a graph without the expected lookup
+    elif tied:
         export_report("Reading the input embedding from the int4 output head", 0.9)
         if not embed_from_head(tmp):
             log.warning("The GPTQ model keeps a float copy of the embedding table (asymmetric int4, or not the graph "
                         "expected for a tied head): correct, but larger than round-to-nearest int4.")
+    apply_int8(tmp, int8)  # after embed_from_head: an embedding looked up in an 8-bit head reads 8-bit rows
 
 
 def check_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str, Any]:

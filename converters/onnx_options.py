@@ -39,6 +39,9 @@ class OnnxOptions:
       model takes under a quarter of the free memory (falling back to round to nearest, with a warning, if GPTQ
       fails), round to nearest otherwise.
     calibration: with algo="gptq", a UTF-8 text file to calibrate on instead (text like what the model will see).
+    mixed_precision: with algo="gptq", keep the input embedding and the MLP down projections of the last half of the
+      layers at 8 bits (SmolLM2, GPL-3 text: 1.196x -> 1.126x fp32 perplexity, built-in text 1.089x -> 1.066x,
+      decode speed within noise, 92 -> 131 MB); False: every matrix 4-bit, a tied embedding read from the int4 head.
     execution_provider: the EP the graph is built for: cpu, cuda, dml, webgpu.
     builder_options: more ``--extra_options key=value`` pairs for the model builder.
     timeout: seconds the exporter may run.
@@ -51,6 +54,7 @@ class OnnxOptions:
     accuracy_level: int = 4
     algo: str = DEFAULT_ALGO
     calibration: str | None = None
+    mixed_precision: bool = True
     execution_provider: str = "cpu"
     builder_options: dict[str, Any] | None = None
     timeout: float | None = None
@@ -67,6 +71,8 @@ class OnnxOptions:
             raise _bad("algo", self.algo, f"Use one of: {', '.join(ALGOS)}.")
         if self.execution_provider not in EXECUTION_PROVIDERS:
             raise _bad("execution_provider", self.execution_provider, f"Use {', '.join(EXECUTION_PROVIDERS)}.")
+        if not isinstance(self.mixed_precision, bool):
+            raise _bad("mixed_precision", self.mixed_precision, "Use True or False.")
         if self.calibration is not None:
             if self.algo not in ("gptq", "auto"):
                 raise InvalidParameterError("calibration text is used by algo='gptq' only.", fix='Add algo="gptq".',
@@ -91,8 +97,12 @@ class OnnxOptions:
         """What the manifest records about how the weights were quantized."""
         if quant not in ("int4", "int8"):
             return None
-        return {"block_size": self.block_size, "symmetric": bool(self.symmetric), "accuracy_level": self.accuracy_level,
-                "algo": self.algo, "op": "MatMulNBits", "bits": 4 if quant == "int4" else 8}
+        record = {"block_size": self.block_size, "symmetric": bool(self.symmetric),
+                  "accuracy_level": self.accuracy_level, "algo": self.algo, "op": "MatMulNBits",
+                  "bits": 4 if quant == "int4" else 8}
+        if self.algo == "gptq" and quant == "int4" and self.mixed_precision and self.symmetric:
+            record["mixed_precision"] = "int8 input embedding and last-half MLP down projections"
+        return record
 
 
 def _bad(name: str, value: Any, fix: str) -> InvalidParameterError:
