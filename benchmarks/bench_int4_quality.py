@@ -33,7 +33,7 @@ from edgelm.quality import perplexity
 
 PROMPT = "<|im_start|>user\nWrite a long story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
 DEFAULT_OOD = Path("/usr/share/common-licenses/GPL-3")
-REFERENCE = "int4-gptq-plain"  # decode speed ratios are against this: the int4 before issue 18
+REFERENCE = "int4-gptq-plain"  # decode speed ratios are against this: the default int4
 
 
 def default_checkpoint() -> Path:
