@@ -79,10 +79,9 @@ def main() -> None:
     if args.source:
         src = Path(args.source)
     else:
-        sys.path.insert(0, str(ROOT))
-        from tests.hf_fixtures import smollm2_hf_checkpoint
+        from checkpoints import default_checkpoint  # benchmarks/checkpoints.py
 
-        src = smollm2_hf_checkpoint()
+        src = default_checkpoint()
     other_name, other = other_text()
     methods = args.methods.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:

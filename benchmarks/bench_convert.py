@@ -47,10 +47,9 @@ def main() -> None:
     if args.source:
         src = Path(args.source)
     else:
-        sys.path.insert(0, str(ROOT))
-        from tests.hf_fixtures import smollm2_hf_checkpoint
+        from checkpoints import default_checkpoint  # benchmarks/checkpoints.py
 
-        src = smollm2_hf_checkpoint()
+        src = default_checkpoint()
     found = find_converter()
     if found is None:
         sys.exit("llama.cpp's converter is not installed: run `edgelm install-converter`.")

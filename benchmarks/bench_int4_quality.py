@@ -31,18 +31,11 @@ from edgelm.converters.onnx import convert_to_onnx
 from edgelm.platforms import default_threads
 from edgelm.quality import perplexity
 
+from checkpoints import default_checkpoint  # benchmarks/checkpoints.py
+
 PROMPT = "<|im_start|>user\nWrite a long story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
 DEFAULT_OOD = Path("/usr/share/common-licenses/GPL-3")
 REFERENCE = "int4-gptq-plain"  # decode speed ratios are against this: the default int4
-
-
-def default_checkpoint() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    try:
-        from tests.hf_fixtures import smollm2_hf_checkpoint
-    except ImportError:
-        sys.exit("Pass a Hugging Face checkpoint folder (tests/hf_fixtures.py is not there to derive SmolLM2).")
-    return Path(smollm2_hf_checkpoint())
 
 
 def settings() -> dict[str, dict]:

@@ -27,16 +27,9 @@ from edgelm.converters.onnx_builder import BUILDER_MODULE
 from edgelm.converters.onnx_options import DEFAULT_ALGO
 from edgelm.platforms import default_threads
 
+from checkpoints import default_checkpoint  # benchmarks/checkpoints.py
+
 PROMPT = "<|im_start|>user\nWrite a long story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
-
-
-def default_checkpoint() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    try:
-        from tests.hf_fixtures import smollm2_hf_checkpoint
-    except ImportError:
-        sys.exit("Pass a Hugging Face checkpoint folder (tests/hf_fixtures.py is not there to derive SmolLM2).")
-    return Path(smollm2_hf_checkpoint())
 
 
 def build_reference(src: Path, out: Path) -> None:

@@ -36,6 +36,7 @@ from edgelm.converters import optimum_onnx
 from edgelm.converters.onnx import convert_to_onnx
 from edgelm.converters.onnx_options import OnnxOptions
 from edgelm.platforms import default_threads
+from checkpoints import default_checkpoint  # benchmarks/checkpoints.py
 
 PROMPT = "<|im_start|>user\nWrite a long story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -62,15 +63,6 @@ for line in sys.stdin:
     full, toks = gen(n)
     print("RUN", json.dumps({"one": one, "full": full, "tokens": toks}), flush=True)
 """
-
-
-def default_checkpoint() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    try:
-        from tests.hf_fixtures import smollm2_hf_checkpoint
-    except ImportError:
-        sys.exit("Pass a Hugging Face checkpoint folder (tests/hf_fixtures.py is not there to derive SmolLM2).")
-    return Path(smollm2_hf_checkpoint())
 
 
 class Edgelm:
