@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-import time
 from pathlib import Path
 
 import httpx
@@ -31,17 +30,6 @@ from .conftest import run_cli
 from .fakes import EOS, FakeBackend
 
 HI = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture(autouse=True)
-def budget(request):
-    """A slow test declares its wall-clock budget (@pytest.mark.budget(seconds)); exceeding it fails the test."""
-    marker = request.node.get_closest_marker("budget")
-    start = time.monotonic()
-    yield
-    if marker is not None:
-        elapsed = time.monotonic() - start
-        assert elapsed < marker.args[0], f"took {elapsed:.0f} s, over its budget of {marker.args[0]} s"
 
 
 # --- the fake backend ------------------------------------------------------------------------------------------

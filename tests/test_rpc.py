@@ -28,17 +28,6 @@ N_TOKENS = 24
 MB = 1024**2
 
 
-@pytest.fixture(autouse=True)
-def budget(request):
-    """Each test declares its wall-clock budget (@pytest.mark.budget(seconds)); exceeding it fails the test."""
-    marker = request.node.get_closest_marker("budget")
-    start = time.monotonic()
-    yield
-    if marker is not None:
-        elapsed = time.monotonic() - start
-        assert elapsed < marker.args[0], f"took {elapsed:.0f} s, over its budget of {marker.args[0]} s"
-
-
 @pytest.fixture(scope="module", autouse=True)
 def rpc_available():
     import edgelm.rpc
