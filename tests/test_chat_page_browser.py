@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
+
+from . import test_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -59,35 +58,12 @@ document.addEventListener("securitypolicyviolation",
                           (e) => window.__csp.push(e.violatedDirective + " " + e.blockedURI));"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(test_server.Server):
     """A real `edgelm serve` process on a free loopback port."""
 
     def __init__(self, *args: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        exe = shutil.which("edgelm")
-        cmd = [exe] if exe else [sys.executable, "-m", "edgelm"]
         # one thread: on a machine shared with other jobs llama.cpp's thread barriers stall badly with two
-        self.proc = subprocess.Popen([*cmd, "serve", "--port", str(self.port), "--threads", "1", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "EDGELM_DEBUG": ""})
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"edgelm serve did not start: {self.proc.stdout.read()}")
-            time.sleep(0.1)
+        super().__init__("--threads", "1", *args)
 
     def warm(self, model: str = NAME, headers: dict[str, str] | None = None) -> None:
         """Load the model now, so the tests' time is the page's, not the first load's."""
