@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import os as _os
 
-# llama.cpp (OPENMP = 1 in llama-cpp-python's build) and torch run their threads under OpenMP, which by default
-# keeps idle threads spinning.  On a machine with other busy processes, spinning threads take the cores the working
-# ones need: measured on this project's 2-core machines under load, decoding from a thread whose OpenMP team had
-# gone idle ran at 0.3-1 tok/s instead of 20-40, and a torch workload took 3x as long.  Idle threads that sleep
-# cost one wake-up per parallel region (microseconds against milliseconds per token).  Read by OpenMP once, when
-# the library loads: set here, before edgelm imports either.  Set OMP_WAIT_POLICY yourself to choose otherwise.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# llama.cpp (OPENMP = 1 in llama-cpp-python's build) syncs its threads at every operation of a forward pass with an
+# OpenMP barrier, and how a thread waits there decides the speed: libgomp's default spins for about 300,000 rounds
+# (milliseconds) before it sleeps, which is fastest on an idle machine and pathological on a loaded one (a waiting
+# thread burns the core its partner needs: decoding ran 20-50x slower on this project's 2-core machines under load);
+# OMP_WAIT_POLICY=PASSIVE (sleep at once) is safe under load but pays a futex wake-up at each of hundreds of
+# barriers per token: 0.6-0.65x the tokens/s on an idle machine.  A short spin (10,000 rounds, a fraction of a
+# millisecond) catches a barrier on an idle machine and gives the core up soon under load: measured 1.5x PASSIVE's
+# single-stream decode idle, and no worse than PASSIVE with two CPU hogs.  Read by libgomp once, when it loads: set
+# here, before edgelm imports llama.cpp.  Set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose otherwise.
+if "OMP_WAIT_POLICY" not in _os.environ:
+    _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the public API)
 from .errors import EdgelmError

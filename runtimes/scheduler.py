@@ -9,7 +9,8 @@ mixing them (:class:`BatchDecoder`, the llama.cpp backend).  Every step decodes 
 each generating sequence plus a chunk of any prompt still being read (chunked prefill: a long prompt does not
 freeze the running streams), then samples each sequence that got logits with its own sampler.  Requests beyond N
 wait first-come first-served; a new one takes the free sequence whose cached tokens share the longest prefix with
-its prompt (chat prefix reuse survives concurrency); a finished or cancelled one frees its sequence at once.
+its prompt (chat prefix reuse survives concurrency), or else the one that keeps the active sequence ids consecutive
+(one pass over the weights per step); a finished or cancelled one frees its sequence at once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ LOOKAHEAD = 8  # tokens a sequence may generate ahead of its consumer before it 
 # prompt tokens read per step while other sequences are generating: a long prompt is read in chunks this size, so
 # the running streams get a token every few tens of milliseconds instead of freezing for the whole prompt
 PREFILL_CHUNK = 128
+# a cached prefix shorter than this (a BOS token, a short system line) is read again rather than chosen over a slot
+# that keeps the active sequences consecutive: reading it costs a few steps' time once, a second run of sequence ids
+# a pass over the weights every step for as long as the gap lasts
+REUSE_MIN = 32
 
 
 class FifoLock:
@@ -384,7 +389,7 @@ class Scheduler:
                 if r.cancelled:
                     r.sampler.close()
                     continue
-                slot = max(self._free, key=lambda s: (reusable_prefix(s.tokens, r.prompt), -self._used_at[id(s)]))
+                slot = max(self._free, key=lambda s: self._slot_rank(s, r.prompt))
                 self._free.remove(slot)
                 n = reusable_prefix(slot.tokens, r.prompt)
                 if n < len(slot.tokens) and not (n > 0 and self.backend.rewind(slot, n)):
@@ -393,6 +398,16 @@ class Scheduler:
                 r.slot, r.reused, r.pending = slot, n, r.prompt[n:]
                 slot.reused = n
                 self._active.append(r)
+
+    def _slot_rank(self, slot: Seq, prompt: list[int]) -> tuple[int, int, int, float]:
+        """How good ``slot`` is for ``prompt`` (higher is better): a long cached prefix first; then the fewest runs
+        of consecutive sequence ids among the active ones (llama.cpp evaluates a batch one run at a time: active
+        sequences 0, 1 and 3 cost two passes over the weights per step, 0, 1 and 2 one); then any cached prefix;
+        then the longest unused (its cache is the least likely to be asked for again)."""
+        shared = reusable_prefix(slot.tokens, prompt)
+        ids = {r.slot.id for r in self._active} | {slot.id}
+        runs = sum(1 for i in ids if i - 1 not in ids)
+        return (shared if shared >= REUSE_MIN else 0), -runs, shared, -self._used_at[id(slot)]
 
     def _step_once(self) -> bool:
         for r in [r for r in self._active if r.cancelled]:

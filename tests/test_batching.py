@@ -140,6 +140,28 @@ def test_chat_prefix_reuse_survives_concurrency(batched):
         assert after.usage.cached_tokens >= before.usage.prompt_tokens - 1, (before.usage, after.usage)
 
 
+def test_a_batch_given_out_of_sequence_order_gives_each_part_its_own_logits(batched):
+    """The backend reorders a batch by sequence id (one pass over the weights in llama.cpp); each part still gets
+    the logits row of its own last token, and a part that wants none gets -1."""
+    backend = batched.backend
+    a, b, c = (batched.tokenize(p) for p in PROMPTS[:3])
+    with batched._engine.exclusive():  # the scheduler pauses; its sequences are ours until we rewind them
+        s1, s2, s3 = backend.sequences[1:4]
+        try:
+            alone = []
+            for seq, toks in ((s3, a), (s1, b)):
+                backend.rewind(seq, 0)
+                alone.append(backend.argmax(backend.decode_batch([(seq, toks, True)])[0]))
+                backend.rewind(seq, 0)
+            backend.rewind(s2, 0)
+            rows = backend.decode_batch([(s3, a, True), (s2, c, False), (s1, b, True)])
+            assert rows[1] == -1 and [backend.argmax(rows[0]), backend.argmax(rows[2])] == alone
+            assert (s3.tokens, s2.tokens, s1.tokens) == (a, c, b)
+        finally:
+            for seq in (s1, s2, s3):
+                backend.rewind(seq, 0)
+
+
 def test_cancel_from_another_thread(batched):
     s = batched.stream(COUNT, temperature=0, max_tokens=400)
     assert next(s).finish_reason is None
