@@ -76,6 +76,26 @@ def aggregate(m, k: int, tokens: int) -> float:
     return sum(out) / (time.perf_counter() - t0)
 
 
+def step_cost(m, k: int, steps: int = 8, reps: int = 15) -> float:
+    """Seconds of one llama_decode holding the next token of k sequences, straight on the backend (no scheduler,
+    no sampling): what the CPU's kernels make of a batch.  Nothing else may run on ``m`` meanwhile."""
+    backend = m.backend
+    seqs = backend.sequences[:k]
+    prompt = m.tokenize(PROMPTS[5])
+    times = []
+    for _ in range(reps):
+        for seq in seqs:
+            backend.rewind(seq, 0)
+        backend.decode_batch([(seq, prompt, False) for seq in seqs])
+        t0 = time.perf_counter()
+        for step in range(steps):
+            backend.decode_batch([(seq, [100 + step], True) for seq in seqs])
+        times.append((time.perf_counter() - t0) / steps)
+    for seq in seqs:
+        backend.rewind(seq, 0)
+    return statistics.median(times)
+
+
 def identical(single, batched, tokens: int) -> tuple[int, list[str]]:
     want = [single.generate(p, temperature=0, max_tokens=tokens).tokens for p in PROMPTS]
     got = batched.generate_batch(PROMPTS, temperature=0, max_tokens=tokens)
@@ -221,6 +241,9 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> None:
         print(f"scheduler  one stream {1 / s:.1f} tok/s vs direct path {1 / d:.1f} -> {d / s:.3f} (goal >= 0.97)")
         o, f = statistics.median(one), statistics.median(four)
         print(f"in-process 4 streams {f:.1f} tok/s aggregate vs 1 stream {o:.1f} -> {f / o:.2f}x (goal >= 1.6)")
+        c1, c4 = step_cost(batched, 1), step_cost(batched, 4)
+        print(f"kernels    a step of 4 tokens costs {c4 / c1:.2f}x a step of 1 ({c4 * 1000:.1f} vs {c1 * 1000:.1f} ms) on "
+              f"this CPU: on its kernels alone, 4 streams give {4 * c1 / c4:.2f}x one")
         same, notes = identical(single, batched, 48)
         print(f"identical  {same} of {len(PROMPTS)} prompts give the same greedy tokens batched (goal >= 15)")
         for note in notes:

@@ -5,12 +5,13 @@ which its consumer may close (done) and anyone may :meth:`~TokenSource.cancel` f
 a client that went away).
 
 The scheduler (continuous batching) runs one thread over a backend that holds N sequences and can decode a batch
-mixing them (:class:`BatchDecoder`, the llama.cpp backend).  Every step decodes one batch holding the next token of
-each generating sequence plus a chunk of any prompt still being read (chunked prefill: a long prompt does not
-freeze the running streams), then samples each sequence that got logits with its own sampler.  Requests beyond N
-wait first-come first-served; a new one takes the free sequence whose cached tokens share the longest prefix with
-its prompt (chat prefix reuse survives concurrency), or else the one that keeps the active sequence ids consecutive
-(one pass over the weights per step); a finished or cancelled one frees its sequence at once.
+mixing them (:class:`BatchDecoder`, the llama.cpp backend).  Every step decodes the next token of each generating
+sequence and a chunk of any prompt still being read (chunked prefill: a long prompt does not freeze the running
+streams), in one batch, or in two with the prompt first where llama.cpp would split them anyway; then it samples
+each sequence that got logits with its own sampler.  Requests beyond N wait first-come first-served; a new one takes
+the free sequence whose cached tokens share the longest prefix with its prompt (chat prefix reuse survives
+concurrency), or else the one that keeps the active sequence ids consecutive (one pass over the weights per step); a
+finished or cancelled one frees its sequence at once.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .base import Seq, reusable_prefix
 _DONE = object()
 LOOKAHEAD = 8  # tokens a sequence may generate ahead of its consumer before it skips steps
 # prompt tokens read per step while other sequences are generating: a long prompt is read in chunks this size, so
-# the running streams get a token every few tens of milliseconds instead of freezing for the whole prompt
+# the running streams get a token between chunks instead of freezing for the whole prompt
 PREFILL_CHUNK = 128
 # a cached prefix shorter than this (a BOS token, a short system line) is read again rather than chosen over a slot
 # that keeps the active sequences consecutive: reading it costs a few steps' time once, a second run of sequence ids
@@ -427,24 +428,37 @@ class Scheduler:
                 chunk = r.pending[:budget]
                 prefill.append((r, chunk, len(chunk) == len(r.pending)))
                 budget -= len(chunk)
-        parts = decoding + prefill
-        if not parts:
+        if not decoding and not prefill:
             return False
+        if decoding and any(len(toks) > 1 for _, toks, _ in prefill):
+            # llama.cpp splits a batch over several KV streams into passes with as many tokens of each sequence:
+            # next tokens and a longer prompt chunk never share a pass, so two calls cost what one would, and
+            # reading the prompt first gives a request joining running streams its first token a pass sooner
+            groups = [prefill, decoding]
+        else:
+            groups = [decoding + prefill]
+        for group in groups:
+            self._evaluate(group)
+        return True
+
+    def _evaluate(self, parts: list[tuple[Request, list[int], bool]]) -> None:
+        """One batch: evaluate ``parts``, then sample and hand out the next token of each that asked for logits."""
         try:
             rows = self.backend.decode_batch([(r.slot, toks, want) for r, toks, want in parts])
         except BackendError as exc:
             for r, _, _ in parts:
                 self._finish(r, exc)
-            return True
+            return
         s = self.stats
         s.steps += 1
         s.last_batch = sum(len(toks) for _, toks, _ in parts)
         now = time.monotonic()
-        for r, _, _ in decoding:
-            r.last = None  # that token is in the cache now
-        for r, toks, _ in prefill:
-            r.pending = r.pending[len(toks):]
-            s.prompt_tokens += len(toks)
+        for r, toks, _ in parts:
+            if r.pending:
+                r.pending = r.pending[len(toks):]
+                s.prompt_tokens += len(toks)
+            else:
+                r.last = None  # that token is in the cache now
         for (r, toks, want), row in zip(parts, rows):
             if row < 0 or r.cancelled:
                 continue
@@ -457,7 +471,6 @@ class Scheduler:
                 self._finish(r, None)
             else:
                 r.last = token
-        return True
 
     def _finish(self, r: Request, error: BaseException | None) -> None:
         if r in self._active:

@@ -139,3 +139,30 @@ def test_a_short_shared_prefix_is_reused_where_no_gap_is_at_stake():
         assert again.slot.id == first.slot.id and again.reused == len(prompt) - 1
     finally:
         s.close()
+
+
+def test_a_prompt_joining_running_streams_is_read_first_in_its_own_batch():
+    """Next tokens and a longer prompt chunk never share a pass in llama.cpp: the prompt goes first, alone, so the
+    newcomer's first token comes a pass sooner; a one-token prompt rides along with the running streams."""
+    dec = RecordingDecoder(4)
+    s = Scheduler(dec)
+    try:
+        def read(r):  # a consumer that keeps up (the scheduler skips a sequence whose reader lags)
+            threading.Thread(target=lambda: [None for _ in r], daemon=True).start()
+            return r
+
+        running = read(s.submit([1], None, 10_000))
+        wait_for(lambda: running.generated > 3)
+        joiner = read(s.submit([5, 6, 7, 8, 9], None, 10_000))
+        wait_for(lambda: joiner.generated > 1)
+        short = read(s.submit([3], None, 10_000))
+        wait_for(lambda: short.generated > 1)
+        batches = list(dec.batches)
+        j = next(i for i, b in enumerate(batches) if joiner.slot.id in b)
+        assert batches[j] == [joiner.slot.id] and batches[j + 1] == [running.slot.id]
+        k = next(i for i, b in enumerate(batches) if short.slot.id in b)
+        assert sorted(batches[k]) == sorted([running.slot.id, joiner.slot.id, short.slot.id])
+        for r in (running, joiner, short):
+            r.cancel()
+    finally:
+        s.close()
