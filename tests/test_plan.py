@@ -108,16 +108,3 @@ def test_recommend_cli(default_gguf):
     assert "Raspberry Pi 4" in r.stdout and "tokens/s" in r.stdout
     r = run_cli("recommend", "--device", "toaster")
     assert r.returncode == 2 and "toaster" in r.stderr
-
-
-@pytest.mark.slow
-def test_auto_estimate_is_within_2x_of_measured_decode(default_gguf):
-    plan = recommend(default_gguf, "auto")
-    with edgelm.load(default_gguf, **plan.load_kwargs()) as m:
-        speeds = []
-        for _ in range(3):
-            m.reset_cache()
-            c = m.generate("Count from one to a hundred in words: one, two,", temperature=0, max_tokens=96)
-            speeds.append(c.timings.tokens_per_second(c.usage.completion_tokens))
-    measured = sorted(speeds)[1]
-    assert measured / 2 <= plan.tokens_per_second <= measured * 2, (plan.tokens_per_second, speeds)
