@@ -200,8 +200,13 @@ def test_the_server_refuses_chat_with_400_and_serves_completions(fake):
                                                     "stream": False}, timeout=30)
         assert r.status_code == 400 and "has no chat template" in r.json()["error"]
     with BackgroundServer(create_app({"base": fake}, load_kwargs={"chat_template": "chatml"})) as server:
+        # Ollama clients read the template from /api/show: the one named at serve time, before and after loading
+        r = httpx.post(f"{server.url}/api/show", json={"model": "base"}, timeout=30)
+        assert r.status_code == 200 and "<|im_start|>" in r.json()["template"]
         r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "base", "messages": HI}, timeout=30)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ab"
+        r = httpx.post(f"{server.url}/api/show", json={"model": "base"}, timeout=30)
+        assert r.status_code == 200 and "<|im_start|>" in r.json()["template"]
 
 
 # --- the real model: SmolLM2's GGUF without its template ---------------------------------------------------------

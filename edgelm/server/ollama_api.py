@@ -215,7 +215,14 @@ async def show(request: Request, body: dict[str, Any]) -> Response:
     entry = app.registry.entry(body.get("model") or body.get("name"))
     facts = _facts(entry)
     template = ""
-    if facts.get("format") == "gguf":
+    chosen = app.registry.load_kwargs.get("chat_template")  # --chat-template replaces the file's own
+    if entry.model is not None and not entry.model.closed:
+        template = entry.model.chat_template or ""
+    elif chosen is not None:
+        from edgelm.chat_templates import resolve
+
+        template = resolve(chosen)[1]
+    elif facts.get("format") == "gguf":
         from edgelm.formats.gguf import read_header
 
         template = read_header(facts["path"]).chat_template or ""
