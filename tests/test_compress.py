@@ -26,34 +26,6 @@ from edgelm.errors import (InvalidParameterError, OutputExistsError, Unsupported
 from .conftest import run_cli
 
 
-# Each slow test's time budget, seconds: about twice what it took on 2 cores shared with other work (the whole
-# slow tier of this module: about 3 minutes there).  A test over its budget fails at teardown.
-BUDGET = {
-    "test_short_calibration_text_names_the_minimum": 30,
-    "test_removed_blocks_are_gone_and_the_rest_is_the_original": 30,  # per family
-    "test_mlp_width_is_narrowed_in_every_block": 30,
-    "test_healing_lowers_the_loss_against_plain_removal": 60,
-    "test_token_and_time_budgets_are_honoured": 60,
-    "test_the_output_converts_to_gguf_and_runs": 60,  # per family
-    "test_report_measures_the_gguf_models_and_plots": 120,
-    "test_resume_continues_from_the_last_checkpoint": 40,
-    "test_ctrl_c_keeps_a_checkpoint_and_no_output_then_the_same_command_resumes": 120,
-    "test_a_failure_while_writing_leaves_no_half_written_output": 30,
-}
-
-
-@pytest.fixture(autouse=True)
-def _time_budget(request):
-    seconds = BUDGET.get(request.node.originalname)
-    if seconds is None and request.node.get_closest_marker("slow"):
-        pytest.fail(f"{request.node.originalname} is slow and has no time budget in BUDGET")
-    start = time.monotonic()
-    yield
-    took = time.monotonic() - start
-    if seconds is not None:
-        assert took < seconds, f"took {took:.0f} s, over this test's budget of {seconds} s"
-
-
 # --- parameters ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,expected", [
@@ -147,6 +119,7 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 @pytest.mark.slow  # loads transformers for the tokenizer
+@pytest.mark.budget(30)
 def test_short_calibration_text_names_the_minimum(tmp_path):
     src = _fake_checkpoint(tmp_path / "src", LLAMA)
     with pytest.raises(InvalidParameterError) as err:
@@ -250,6 +223,7 @@ def _held_out_kl(teacher_dir: Path, student_dir: Path) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.budget(30)  # per family
 def test_removed_blocks_are_gone_and_the_rest_is_the_original(tmp_path, model_type):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -288,6 +262,7 @@ def test_removed_blocks_are_gone_and_the_rest_is_the_original(tmp_path, model_ty
 
 
 @pytest.mark.slow
+@pytest.mark.budget(30)
 def test_mlp_width_is_narrowed_in_every_block(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -305,6 +280,7 @@ def test_mlp_width_is_narrowed_in_every_block(tmp_path):
 
 
 @pytest.mark.slow  # three compressions and the distillation
+@pytest.mark.budget(60)
 def test_healing_lowers_the_loss_against_plain_removal(tmp_path):
     src = _tiny(tmp_path)
     kl = {}
@@ -321,6 +297,7 @@ def test_healing_lowers_the_loss_against_plain_removal(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.budget(60)
 def test_token_and_time_budgets_are_honoured(tmp_path):
     src = _tiny(tmp_path)
     r = edgelm.compress(src, tmp_path / "tokens", drop_layers=1, heal="distill", budget="5000 tokens",
@@ -341,6 +318,7 @@ def test_token_and_time_budgets_are_honoured(tmp_path):
 
 @pytest.mark.slow  # torch + llama.cpp's converter for two families
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.budget(60)  # per family
 def test_the_output_converts_to_gguf_and_runs(tmp_path, model_type):
     from edgelm.loader import inspect
 
@@ -356,6 +334,7 @@ def test_the_output_converts_to_gguf_and_runs(tmp_path, model_type):
 
 
 @pytest.mark.slow  # two GGUF conversions, perplexities, speed in child processes, the curve
+@pytest.mark.budget(120)
 def test_report_measures_the_gguf_models_and_plots(tmp_path):
     from edgelm.compression.report import plot
 
@@ -383,6 +362,7 @@ def test_report_measures_the_gguf_models_and_plots(tmp_path):
 
 
 @pytest.mark.slow  # two distillations of the tiny model
+@pytest.mark.budget(40)
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -420,6 +400,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
 
 
 @pytest.mark.slow  # a real process, interrupted, then run again
+@pytest.mark.budget(120)
 def test_ctrl_c_keeps_a_checkpoint_and_no_output_then_the_same_command_resumes(tmp_path):
     src = _tiny(tmp_path)
     out = tmp_path / "out"
@@ -454,6 +435,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_no_output_then_the_same_command_resumes(t
 
 
 @pytest.mark.slow
+@pytest.mark.budget(30)
 def test_a_failure_while_writing_leaves_no_half_written_output(tmp_path, monkeypatch):
     from edgelm.compression import api
 
