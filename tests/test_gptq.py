@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import edgelm
-from edgelm.converters.gptq import _pack, quantize
+from edgelm.converters.gptq import INT8_DOWN_SHARE, _pack, quantize
 from edgelm.converters.onnx import convert_to_onnx
 from edgelm.errors import InvalidParameterError
 
@@ -107,7 +107,8 @@ def test_tiny_checkpoint_converts_with_gptq_and_generates(tmp_path):
 @pytest.mark.slow
 def test_mixed_precision_keeps_the_embedding_and_late_down_projections_at_8_bits(tmp_path):
     """GPTQ int4 with mixed_precision=True: the input embedding is an 8-bit copy of the float table (not the int4
-    head) and the MLP down projections of the last half of the layers are 8-bit MatMulNBits; everything else 4-bit.
+    head) and the MLP down projections of the last INT8_DOWN_SHARE of the layers are 8-bit MatMulNBits; everything
+    else 4-bit.
     Budget: 60 s."""
     import numpy as np
     import onnx
@@ -122,7 +123,8 @@ def test_mixed_precision_keeps_the_embedding_and_late_down_projections_at_8_bits
     bits = {n.name: helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
             for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    eight = {f"/model/layers.{i}/mlp/down_proj/MatMulNBits" for i in range(layers - layers // 2, layers)}
+    first = layers - int(round(layers * INT8_DOWN_SHARE))
+    eight = {f"/model/layers.{i}/mlp/down_proj/MatMulNBits" for i in range(first, layers)}
     assert eight and {name for name, b in bits.items() if b == 8} == eight | {"/model/embed_tokens/GatherBlockQuantized"}
     assert json.loads((out / "edgelm.json").read_text())["quantization_options"]["mixed_precision"]
     # the lookup reads the source's table to within half an 8-bit step

@@ -36,8 +36,8 @@ from . import handle_errors
               help="ONNX --algo gptq: a UTF-8 text file like what the model will see (default: Python's docstrings).")
 @click.option("--mixed-precision", "mixed", is_flag=True,
               help="ONNX int4 with GPTQ: keep the input embedding and the late MLP down projections at 8 bits (better "
-                   "on text unlike the calibration: SmolLM2 1.20x -> 1.13x fp32 perplexity on licence prose; larger: "
-                   "131 vs 92 MB).")
+                   "on text unlike the calibration: SmolLM2 1.16x -> 1.11x fp32 perplexity on licence prose; larger: "
+                   "128 vs 92 MB).")
 @click.option("--exporter", type=click.Choice(["auto", "genai", "optimum"]), default=None,
               help="ONNX: who writes the graph: genai (onnxruntime-genai's builder), optimum (optimum-onnx, for "
                    "GPT-2, GPT-NeoX, OPT, BLOOM, Falcon, ...: `edgelm install-converter --optimum` once). Unset: "
