@@ -242,8 +242,8 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> None:
         o, f = statistics.median(one), statistics.median(four)
         print(f"in-process 4 streams {f:.1f} tok/s aggregate vs 1 stream {o:.1f} -> {f / o:.2f}x (goal >= 1.6)")
         c1, c4 = step_cost(batched, 1), step_cost(batched, 4)
-        print(f"kernels    a step of 4 tokens costs {c4 / c1:.2f}x a step of 1 ({c4 * 1000:.1f} vs {c1 * 1000:.1f} ms) on "
-              f"this CPU: on its kernels alone, 4 streams give {4 * c1 / c4:.2f}x one")
+        print(f"kernels    a step of 4 tokens costs {c4 / c1:.2f}x a step of 1 ({c4 * 1000:.1f} vs "
+              f"{c1 * 1000:.1f} ms) on this CPU: on its kernels alone, 4 streams give {4 * c1 / c4:.2f}x one")
         same, notes = identical(single, batched, 48)
         print(f"identical  {same} of {len(PROMPTS)} prompts give the same greedy tokens batched (goal >= 15)")
         for note in notes:
@@ -275,7 +275,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> None:
                 for k in (1, 4):
                     time.sleep(0.2)  # the other server's idle threads stop spinning first
                     rates.setdefault((name, k), []).append(http_aggregate(url, "bench", k, t))
-        for _ in range(5):
+        for _ in range(9):
             for name, (_, url) in servers.items():
                 time.sleep(0.2)
                 ttft.setdefault(name, []).append(http_stream(url, "bench", PROMPTS[5], 2)[0])
