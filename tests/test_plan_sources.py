@@ -23,6 +23,7 @@ from edgelm.platforms.profiles import DECODE_GFLOPS_PER_CORE, simd_level
 
 from .conftest import run_cli
 from .hub_standin import FakeHub
+from .test_platforms import _tree
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536, vocab=49152, ctx=8192)
 SMOLLM2_Q4_1_AVX_ONLY_TOK_S = 100.0  # measured with llama.cpp on an AMD EPYC with AVX but no AVX2 (shared FACTS)
@@ -82,14 +83,6 @@ def smollm2_parameters() -> int:
 
 
 # --- fake hosts --------------------------------------------------------------------------------------------
-
-def _tree(root: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return root
-
 
 def fake_x86(root: Path, flags: str, *, cores: int = 2, mem_gb: float = 24, model: str = "AMD EPYC") -> Probes:
     cpuinfo = "".join(f"processor\t: {i}\nmodel name\t: {model}\nphysical id\t: 0\ncore id\t: {i}\n"

@@ -67,6 +67,24 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def with_progress(label: str, work: Callable[[Callable[[str, float], None]], Any]) -> Any:
+    """Run ``work(progress)`` under a progress bar on stderr (reports go to stdout); ``progress(message,
+    fraction)`` is the library's progress callback: the bar follows the fraction done and shows the message."""
+    steps = 1000
+    with click.progressbar(length=steps, label=label, file=sys.stderr, show_eta=False,
+                           item_show_func=lambda s: s) as bar:
+        state = {"done": 0}
+
+        def progress(message: str, fraction: float) -> None:
+            target = int(max(0.0, min(1.0, fraction)) * steps)
+            bar.update(max(0, target - state["done"]), message)
+            state["done"] = max(state["done"], target)
+
+        result = work(progress)
+        bar.update(steps - state["done"], "done")
+    return result
+
+
 def _version() -> str:
     from edgelm import __version__
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from . import handle_errors
+from . import handle_errors, with_progress
 
 
 def _drop(value: str | None) -> int | list[int] | None:
@@ -102,7 +102,7 @@ def compress_command(src: str, output: str, drop_layers: str | None, target_spee
                    curve=plot is not None, seed=seed, threads=threads)
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        report = _with_progress(lambda progress: compress(src, output, progress=progress, **options))
+        report = with_progress("compressing", lambda progress: compress(src, output, progress=progress, **options))
     finally:
         signal.signal(signal.SIGTERM, previous)
     if plot:
@@ -113,22 +113,6 @@ def compress_command(src: str, output: str, drop_layers: str | None, target_spee
     click.echo(report.table())
     if plot:
         click.echo(f"chart         {plot}")
-
-
-def _with_progress(work: Any) -> Any:
-    """Run ``work(progress)`` under a progress bar on stderr (the report goes to stdout)."""
-    with click.progressbar(length=1000, label="compressing", file=click.get_text_stream("stderr"),
-                           show_eta=False, item_show_func=lambda s: s) as bar:
-        state = {"done": 0}
-
-        def progress(message: str, fraction: float) -> None:
-            target = int(max(0.0, min(1.0, fraction)) * 1000)
-            bar.update(max(0, target - state["done"]), message)
-            state["done"] = max(state["done"], target)
-
-        result = work(progress)
-        bar.update(1000 - state["done"], "done")
-    return result
 
 
 COMMANDS: list[Any] = [compress_command]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import handle_errors
+from . import handle_errors, with_progress
 
 
 @click.command("convert")
@@ -70,22 +69,13 @@ def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool,
     """
     import edgelm.conversion as conv
 
-    with click.progressbar(length=100, label=f"converting to {to} {quant}", file=sys.stderr,
-                           show_eta=False, item_show_func=lambda s: s) as bar:
-        state = {"done": 0}
-
-        def progress(message: str, fraction: float) -> None:
-            target = int(max(0.0, min(1.0, fraction)) * 100)
-            bar.update(max(0, target - state["done"]), message)
-            state["done"] = max(state["done"], target)
-
-        report = conv.convert(src, to=to, quant=quant, output=output, overwrite=overwrite, revision=revision,
-                              eval=not no_eval, max_ppl_increase=max_ppl_increase, max_size=max_size,
-                              allow_pickle=allow_pickle, progress=progress,
-                              **{k: v for k, v in (("threads", threads), ("algo", algo), ("calibration", calibration),
-                                                   ("exporter", exporter),
-                                                   ("mixed_precision", True if mixed else None)) if v is not None})
-        bar.update(100 - state["done"], "done")
+    options = {k: v for k, v in (("threads", threads), ("algo", algo), ("calibration", calibration),
+                                 ("exporter", exporter), ("mixed_precision", True if mixed else None))
+               if v is not None}
+    report = with_progress(f"converting to {to} {quant}", lambda progress: conv.convert(
+        src, to=to, quant=quant, output=output, overwrite=overwrite, revision=revision, eval=not no_eval,
+        max_ppl_increase=max_ppl_increase, max_size=max_size, allow_pickle=allow_pickle, progress=progress,
+        **options))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
