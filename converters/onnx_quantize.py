@@ -202,8 +202,6 @@ def fold_shapes(model: Any) -> dict[str, int]:
     constants when it loads the graph.  The batch and sequence sizes stay free."""
     import numpy as np
     from onnx import helper, numpy_helper
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
     graph = model.graph
     for node in list(graph.node):  # Constant nodes -> initializers, so the folding below sees their values
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
@@ -211,12 +209,7 @@ def fold_shapes(model: Any) -> dict[str, int]:
             t.name = node.output[0]
             graph.initializer.append(t)
             graph.node.remove(node)
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-    dims: dict[str, list[Any]] = {}
-    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        tt = v.type.tensor_type
-        if tt.HasField("shape"):
-            dims[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    dims = symbolic_dims(model)
     consts = {t.name for t in graph.initializer}
     inits = {t.name: t for t in graph.initializer}
     shape_of: dict[str, tuple[str, int]] = {}  # Shape output -> (its input, start)
@@ -269,20 +262,45 @@ def fold_shapes(model: Any) -> dict[str, int]:
         new_nodes.append(node)
     graph.ClearField("node")
     graph.node.extend(new_nodes)
-    _drop_dead(graph)
+    drop_dead(graph)
     return changed
 
 
-def _drop_dead(graph: Any) -> None:
-    """Remove nodes and initializers nothing reads (the shape chains a folded Reshape no longer uses)."""
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(list(graph.node)):
+def symbolic_dims(model: Any) -> dict[str, list[Any]]:
+    """Every tensor's shape by onnxruntime's symbolic shape inference: ints, dim names, or None where unknown."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    dims: dict[str, list[Any]] = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tt = v.type.tensor_type
+        if tt.HasField("shape"):
+            dims[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    return dims
+
+
+def live_nodes(nodes: Sequence[Any], outputs: set[str]) -> list[Any]:
+    """The nodes (in topological order) that something in ``outputs`` depends on."""
+    needed, keep = set(outputs), []
+    for node in reversed(list(nodes)):
         if any(o in needed for o in node.output) or not node.output:
             keep.append(node)
             needed.update(i for i in node.input if i)
+    return keep[::-1]
+
+
+def drop_dead(graph: Any) -> list[Any]:
+    """Remove nodes and initializers nothing reads (the shape chains a folded Reshape no longer uses); returns copies
+    of the initializers removed."""
+    keep = live_nodes(graph.node, {o.name for o in graph.output})
     graph.ClearField("node")
-    graph.node.extend(reversed(keep))
+    graph.node.extend(keep)
+    needed = {i for n in keep for i in n.input} | {o.name for o in graph.output}
+    removed = []
     for t in list(graph.initializer):
         if t.name not in needed:
+            copy = type(t)()
+            copy.CopyFrom(t)
+            removed.append(copy)
             graph.initializer.remove(t)
+    return removed

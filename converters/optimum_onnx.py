@@ -309,15 +309,18 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     export_dir.mkdir()
     seconds = export(source_dir, export_dir, config, timeout=opts.timeout,
                      progress=lambda message, fraction: report(message, 0.5 * fraction))
-    onnx_plain.session_io(export_dir / "model.onnx")  # refuses a graph without past key/values
+    io = onnx_plain.session_io(export_dir / "model.onnx")  # refuses a graph without past key/values
     report("Reading the exported graph", 0.5)
     model = onnx.load(str(export_dir / "model.onnx"))
-    changes = oq.prepare(model)
+    changes: dict[str, Any] = oq.prepare(model)
     report("Folding the graph's shape arithmetic", 0.52)
     try:
         changes.update(oq.fold_shapes(model))
     except Exception as exc:  # symbolic shape inference does not know every op: the graph is correct without it
         log.warning("Shape folding skipped (%s: %s); the graph runs as exported.", type(exc).__name__, exc)
+    report("Rewriting the attention into GroupQueryAttention", 0.53)
+    changes["attention"] = fuse_attention(model, export_dir / "model.onnx", config,
+                                          int(io["vocab_size"] or config.get("vocab_size") or 2))
     model, replaced = _quantized(model, quant, opts, source_dir, _context_length(config), report)
     report("Writing the graph", 0.88)
     onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -344,6 +347,23 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
                   "transformers": _dist_version(find_optimum(), "transformers"), "seconds": round(seconds, 1),
                   "graph_rewrites": changes, "onnxruntime": metadata.version("onnxruntime")})
     return manifest
+
+
+def fuse_attention(model: Any, exported: Path, config: dict[str, Any], vocab: int) -> dict[str, Any]:
+    """Every layer's attention as one GroupQueryAttention sharing its cache buffer (:mod:`.onnx_attention`), checked
+    against the exported graph; the graph as exported (and why, in the record) where that does not apply."""
+    from edgelm.formats import onnx_plain
+
+    from . import onnx_attention
+
+    try:
+        done = onnx_attention.fuse_checked(model, exported, heads=onnx_plain.query_heads(config), vocab=vocab)
+    except Exception as exc:  # an analysis the graph defeats must not fail the conversion: it runs as exported
+        log.warning("Attention rewrite failed (%s: %s)", type(exc).__name__, exc)
+        done = {"attention": "as exported", "reason": f"{type(exc).__name__}: {exc}"}
+    if done["attention"] != onnx_attention.FUSED_OP:
+        log.info("Attention kept as exported (%s): each step copies the KV cache once.", done.get("reason"))
+    return done
 
 
 def _quantized(model: Any, quant: str, opts: Any, tokenizer_dir: Path, context_length: int,

@@ -6,18 +6,20 @@ writes a plain graph instead: ``input_ids``, ``attention_mask``, ``position_ids`
 present is ``Concat(past, new)`` along the sequence axis.  :class:`OnnxSessionBackend` runs such a graph with I/O
 binding and no copy of the cache through numpy:
 
-* Every cache tensor has two flat buffers allocated once at load for ``n_ctx`` positions (``np.empty``: the pages
-  are only touched, and so only cost memory, as the sequence grows).  A step binds ``past`` to the first
-  ``len(seq)`` positions of the front buffer and ``present`` to the first ``len(seq) + n`` positions of the back
-  buffer, by pointer; onnxruntime's Concat writes the new cache straight into the back buffer, and the two swap.
-  A prefix of a flat buffer viewed as ``[1, heads, length, head_size]`` is contiguous, so no step allocates or
-  copies outside the graph.  The graph's Concat still copies the cache once per step; the attention reads it anyway,
-  so this costs at most about what the attention does.  Sharing one buffer between past and present (truly in
-  place) needs attention ops that write the new positions into a preallocated cache (onnxruntime's
-  GroupQueryAttention, as onnxruntime-genai's builder writes them); optimum's graphs do not have those.
+* A graph whose attention edgelm rewrote into onnxruntime's GroupQueryAttention at conversion
+  (:mod:`edgelm.converters.onnx_attention`; ``session_io(...)["shared_buffer"]``) keeps each cache tensor in one
+  buffer ``[1, heads, n_ctx, head_size]``, bound once at load as both past and present: the op writes the new
+  positions in place and reads only the first ``len(seq) + n`` (from ``attention_mask``).  A step binds only
+  input_ids, attention_mask, position_ids and logits; rewinding is forgetting the tail.
+* Any other graph (present = ``Concat(past, new)``): every cache tensor has two flat buffers allocated once at load
+  for ``n_ctx`` positions (``np.empty``: the pages are only touched, and so only cost memory, as the sequence grows).
+  A step binds ``past`` to the first ``len(seq)`` positions of the front buffer and ``present`` to the first
+  ``len(seq) + n`` positions of the back buffer, by pointer; onnxruntime's Concat writes the new cache straight into
+  the back buffer, and the two swap.  A prefix of a flat buffer viewed as ``[1, heads, length, head_size]`` is
+  contiguous, so no step allocates or copies outside the graph, but the Concat copies the whole cache once per step.
 * input_ids / attention_mask / position_ids / logits are views of buffers allocated once too.
-* Rewinding to a shorter prefix (a chat whose history changed) moves the kept positions once (one copy of the
-  prefix), after which the layout is again ``[1, heads, n, head_size]``.
+* Rewinding a two-buffer cache to a shorter prefix (a chat whose history changed) moves the kept positions once (one
+  copy of the prefix), after which the layout is again ``[1, heads, n, head_size]``.
 
 Chosen by :class:`edgelm.runtimes.onnx.OnnxBackend` when the folder's manifest says optimum wrote it
 (``formats.onnx_folder.exporter_kind``), so ``backend="onnxruntime"`` (and ``auto``) runs both kinds of folder.
@@ -57,16 +59,18 @@ def _ort():
 
 
 class _KV:
-    """One cache tensor (a layer's key or value): two flat buffers for ``capacity`` positions, front and back."""
+    """One cache tensor (a layer's key or value): two flat buffers for ``capacity`` positions, front and back, or
+    one (``shared``: front is back)."""
 
     __slots__ = ("past", "present", "static", "axis", "dtype", "front", "back", "per_position", "elem")
 
-    def __init__(self, past: str, present: str, shape: Sequence[int], axis: int, dtype: Any, capacity: int) -> None:
+    def __init__(self, past: str, present: str, shape: Sequence[int], axis: int, dtype: Any, capacity: int,
+                 shared: bool = False) -> None:
         self.past, self.present, self.axis, self.dtype = past, present, axis, np.dtype(dtype)
         self.static = [1 if i == 0 else int(d) for i, d in enumerate(shape)]  # batch 1; the sequence axis set per step
         self.per_position = math.prod(d for i, d in enumerate(self.static) if i != axis)
-        self.front = np.empty(self.per_position * capacity, dtype=self.dtype)
-        self.back = np.empty(self.per_position * capacity, dtype=self.dtype)
+        self.front = np.zeros(self.per_position * capacity, dtype=self.dtype)  # calloc: pages cost memory when used
+        self.back = self.front if shared else np.empty(self.per_position * capacity, dtype=self.dtype)
 
     def shape(self, n: int) -> list[int]:
         s = list(self.static)
@@ -148,8 +152,9 @@ class OnnxSessionBackend(OnnxFolderBackend):
         self.has_mask, self.has_positions = "attention_mask" in ins, "position_ids" in ins
         self.id_type = _NUMPY.get(ins["input_ids"].type, np.int64)
         cap = self.n_ctx
-        self.kv = [_KV(k["past"], k["present"], k["shape"], k["sequence_axis"], _NUMPY[ins[k["past"]].type], cap)
-                   for k in io["kv"]]
+        self.shared = bool(io["shared_buffer"])
+        self.kv = [_KV(k["past"], k["present"], k["shape"], k["sequence_axis"], _NUMPY[ins[k["past"]].type], cap,
+                       self.shared) for k in io["kv"]]
         self.vocab = int(outs["logits"].shape[-1]) if isinstance(outs["logits"].shape[-1], int) else \
             int(self.manifest.get("vocab_size") or 0)
         self.logits_type = _NUMPY.get(outs["logits"].type, np.float32)
@@ -160,7 +165,11 @@ class OnnxSessionBackend(OnnxFolderBackend):
                               else np.int64)
         self._logits = np.empty(self.n_batch * self.vocab, dtype=self.logits_type)  # pages touched only when used
         self.binding = self.session.io_binding()
-        self.kv_bytes = sum(2 * kv.front.nbytes for kv in self.kv)
+        self.kv_bytes = sum(kv.front.nbytes * (1 if self.shared else 2) for kv in self.kv)
+        if self.shared:  # bound once: the op appends in place and reads the first len(seq) + n positions
+            for kv in self.kv:
+                self.binding.bind_input(kv.past, "cpu", 0, kv.dtype, kv.shape(cap), kv.front.ctypes.data)
+                self.binding.bind_output(kv.present, "cpu", 0, kv.dtype, kv.shape(cap), kv.front.ctypes.data)
 
     # --- the sequence ---------------------------------------------------------------------------------------------
 
@@ -180,9 +189,10 @@ class OnnxSessionBackend(OnnxFolderBackend):
             b.bind_input("attention_mask", "cpu", 0, self._mask.dtype, [1, n + s], self._mask.ctypes.data)
         if self.has_positions:
             b.bind_input("position_ids", "cpu", 0, self._pos.dtype, [1, s], self._pos[n:].ctypes.data)
-        for kv in self.kv:
-            b.bind_input(kv.past, "cpu", 0, kv.dtype, kv.shape(n), kv.front.ctypes.data)
-            b.bind_output(kv.present, "cpu", 0, kv.dtype, kv.shape(n + s), kv.back.ctypes.data)
+        if not self.shared:
+            for kv in self.kv:
+                b.bind_input(kv.past, "cpu", 0, kv.dtype, kv.shape(n), kv.front.ctypes.data)
+                b.bind_output(kv.present, "cpu", 0, kv.dtype, kv.shape(n + s), kv.back.ctypes.data)
         b.bind_output("logits", "cpu", 0, self._logits.dtype, [1, s, self.vocab], self._logits.ctypes.data)
         try:
             self.session.run_with_iobinding(b)
@@ -190,8 +200,9 @@ class OnnxSessionBackend(OnnxFolderBackend):
             self._reset(seq)
             raise BackendError(f"onnxruntime failed to evaluate {s} tokens ({n} in the sequence, n_ctx={self.n_ctx}): "
                                f"{exc}", fix="Load the model again; if it repeats, convert it again.") from exc
-        for kv in self.kv:
-            kv.swap()
+        if not self.shared:
+            for kv in self.kv:
+                kv.swap()
         seq.tokens.extend(tokens)
         return self._logits[: s * self.vocab].reshape(s, self.vocab)
 
@@ -209,7 +220,7 @@ class OnnxSessionBackend(OnnxFolderBackend):
         length = len(seq.tokens)
         if n >= length:
             return True
-        if n > 0:
+        if n > 0 and not self.shared:  # a shared buffer's positions past n are simply not read any more
             for kv in self.kv:
                 kv.keep(n, length)
         del seq.tokens[n:]
@@ -233,6 +244,7 @@ class OnnxSessionBackend(OnnxFolderBackend):
 
     def runtime_facts(self) -> dict[str, Any]:
         return {"kv_cache_bytes": self.kv_bytes, "exporter": self.manifest.get("exporter"),
+                "kv_cache_shared_buffer": self.shared,
                 "runtime": "edgelm decode loop over an onnxruntime InferenceSession (I/O binding)"}
 
     def close(self) -> None:

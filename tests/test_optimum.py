@@ -280,8 +280,19 @@ def test_fp32_export_decodes_like_transformers(model_type, fp32_exports):
     assert kv["past"][0] == "past_key_values.0.key" and kv["present"][0] == "present.0.key"
     assert "input_ids" in manifest["inputs"] and "attention_mask" in manifest["inputs"]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == ["model.onnx", "model.onnx.data"]
+    # every layer's attention is one GroupQueryAttention over a shared cache buffer, except BLOOM's (ALiBi adds a
+    # per-head bias to the scores, which that op does not take): it runs as exported, and the record says why
+    attention = manifest["exporter"]["graph_rewrites"]["attention"]
+    fused = model_type != "bloom"
+    assert attention["attention"] == ("GroupQueryAttention" if fused else "as exported"), attention
+    assert kv["shared_buffer"] is fused
+    if fused:
+        assert attention["layers"] == 2
+    else:
+        assert "not a [batch, 1, q, kv] mask" in attention["reason"] or "permutes" in attention["reason"]
     with edgelm.load(out, threads=2, n_ctx=128) as m:
         assert m.info.backend == "onnxruntime" and "InferenceSession" in m.info.extra["runtime"]
+        assert m.info.extra["kv_cache_shared_buffer"] is fused
         ids = m.tokenize("The Python Language Reference describes", add_special=False)
         got = raw_greedy(m, ids, 24)
         # a second prompt sharing the first's prefix reuses the cache (rewind + extend), and still agrees

@@ -16,6 +16,10 @@ from edgelm.errors import InvalidModelFileError, UnsupportedModelError
 
 from .onnx_folder import manifest_head, token_ids
 
+# the op whose present outputs are its past inputs' buffer (onnxruntime's GroupQueryAttention appends the new keys and
+# values in place when both are bound to one buffer): a graph whose every present comes from one shares the cache
+SHARED_CACHE_OP = ("com.microsoft", "GroupQueryAttention")
+
 
 def make_session_manifest(folder: Path, config: dict[str, Any], *, name: str, quant: str, parameters: int,
                           quantization_options: dict[str, Any] | None, exporter: dict[str, Any],
@@ -28,7 +32,7 @@ def make_session_manifest(folder: Path, config: dict[str, Any], *, name: str, qu
     text_cfg = config.get("text_config") or config
     eos = list(dict.fromkeys(token_ids(gen_cfg.get("eos_token_id")) + token_ids(config.get("eos_token_id"))))
     kv = io["kv"]
-    heads = int(text_cfg.get("num_attention_heads") or text_cfg.get("n_head") or text_cfg.get("num_heads") or 0)
+    heads = query_heads(config) or 0
     return {
         **manifest_head(config, name=name, quant=quant, quantization_options=quantization_options),
         "execution_provider": "cpu",
@@ -45,7 +49,7 @@ def make_session_manifest(folder: Path, config: dict[str, Any], *, name: str, qu
         "inputs": io["inputs"],
         "kv_cache": {
             "layers": len(kv), "kv_heads": io["kv_heads"], "attention_heads": heads or io["kv_heads"],
-            "head_size": io["head_size"], "layout": io["layout"], "shared_buffer": False,
+            "head_size": io["head_size"], "layout": io["layout"], "shared_buffer": io["shared_buffer"],
             "sequence_axis": io["sequence_axis"], "dtype": io["dtype"],
             "past": [k["past"] for k in kv], "present": [k["present"] for k in kv],
         },
@@ -54,10 +58,18 @@ def make_session_manifest(folder: Path, config: dict[str, Any], *, name: str, qu
     }
 
 
+def query_heads(config: dict[str, Any]) -> int | None:
+    """The attention (query) head count of a Hugging Face config, under the names architectures give it."""
+    text_cfg = config.get("text_config") or config
+    return int(text_cfg.get("num_attention_heads") or text_cfg.get("n_head") or text_cfg.get("num_heads") or 0) or None
+
+
 def session_io(model_file: Path) -> dict[str, Any]:
     """The I/O of a plain decoder graph, read without its weights: ``inputs`` (the non-cache input names), ``kv``
     (each past_key_values.* input with its present.* output, static dims, sequence axis), the cache's element type,
-    head count and size, and the vocabulary (the logits' last dim).  UnsupportedModelError when the graph has no
+    head count and size, the vocabulary (the logits' last dim), and ``shared_buffer``: whether every present output
+    comes from a :data:`SHARED_CACHE_OP` (then past and present are one buffer of the context's length, updated in
+    place; otherwise present is ``Concat(past, new)``).  UnsupportedModelError when the graph has no
     KV cache inputs (exported without cache: every token would re-run the whole prompt)."""
     import onnx
 
@@ -102,6 +114,8 @@ def session_io(model_file: Path) -> dict[str, Any]:
                                     fix="Export the model in fp32.", path=str(model_file))
     shape = first["shape"]
     bnsh = len(shape) == 4 and first["sequence_axis"] == 2
+    makers = {o: (n.domain, n.op_type) for n in proto.graph.node for o in n.output}
+    shared = bnsh and all(makers.get(k["present"]) == SHARED_CACHE_OP for k in kv)
     logits = dims(outputs["logits"])
     return {
         "inputs": [n for n in inputs if n not in past],
@@ -112,4 +126,5 @@ def session_io(model_file: Path) -> dict[str, Any]:
         "kv_heads": shape[1] if bnsh else None,
         "head_size": shape[3] if bnsh else None,
         "vocab_size": logits[-1] if logits and isinstance(logits[-1], int) else None,
+        "shared_buffer": shared,
     }
