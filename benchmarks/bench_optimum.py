@@ -4,15 +4,20 @@ same files and against onnxruntime-genai's builder export of the same model, all
 From one Hugging Face checkpoint (default: SmolLM2-135M-Instruct, derived by tests/hf_fixtures.py):
   * optimum fp32: ``convert_to_onnx(..., "fp32", exporter="optimum")``; optimum int4: that folder quantized with
     MatMulNBits (round to nearest; GPTQ changes the values, not the speed);
-  * builder int4: ``convert_to_onnx(..., "int4", exporter="genai", algo="default")``.
+  * builder int4: ``convert_to_onnx(..., "int4", exporter="genai", algo="default")``;
+  * optimum-cli fp32: optimum-onnx's export as it writes it (``optimum_onnx.export``: what ``optimum-cli export onnx``
+    gives a user), without edgelm's graph rewrites (GroupQueryAttention, folded shapes).
 Engines, each given the same threads and the same greedy prompt, N tokens generated whatever they are:
   * edgelm: ``edgelm.load(folder)`` -> the backend's own generator (optimum folders: runtimes/onnx_session.py; builder
     folders: onnxruntime-genai's Generator);
   * optimum: ``ORTModelForCausalLM.from_pretrained(folder).generate(...)`` in a child process with optimum-onnx's own
-    environment (``edgelm install-converter --optimum``), on the very same files;
+    environment (``edgelm install-converter --optimum``), on the very same files (edgelm's rewritten graphs: they
+    make ORTModelForCausalLM faster too), and on optimum-cli's own fp32 export;
   * numpy loop: a plain ``InferenceSession.run`` loop feeding the cache back as numpy arrays (no I/O binding).
 Decode tok/s = (N - 1) / (time for N tokens - time for 1 token), both from a fresh cache; runs alternate and medians
 are reported.  Goals: edgelm / optimum >= 2.0 (fp32 and int4); edgelm optimum int4 / builder int4 >= 0.9.
+An fp32 decode step reads every weight once (540 MB for SmolLM2), so on a CPU it is bound by memory bandwidth, which
+both runtimes share on the same files: the fp32 ratio is also printed against optimum-cli's own export.
 
 Usage: python benchmarks/bench_optimum.py [HF_CHECKPOINT_DIR] [--runs 5] [--tokens 64] [--threads N] [--keep DIR]
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -181,6 +187,10 @@ def main() -> None:
                                      OnnxOptions(exporter="optimum", algo="default"))
     if not folders["builder int4"].exists():
         convert_to_onnx(src, folders["builder int4"], "int4", exporter="genai", algo="default")
+    cli = work / "optimum-cli-fp32"
+    if not args.skip_optimum and not (cli / "model.onnx").is_file():
+        shutil.rmtree(cli, ignore_errors=True)
+        optimum_onnx.export(src, cli, json.loads((src / "config.json").read_text(encoding="utf-8")))
     print(f"# exports ready in {time.perf_counter() - t0:.0f} s ({work})", file=sys.stderr)
 
     with edgelm.load(folders["optimum int4"], threads=1) as m:
@@ -191,6 +201,7 @@ def main() -> None:
     if not args.skip_optimum:
         for name in ("optimum fp32", "optimum int4"):
             engines[f"ORTModelForCausalLM {name}"] = Optimum(folders[name], threads, ids, n)
+        engines["ORTModelForCausalLM optimum-cli fp32"] = Optimum(cli, threads, ids, n)
     engines.update({f"edgelm {name}": Edgelm(folder, threads, ids, n) for name, folder in folders.items()})
     engines["numpy loop optimum int4"] = NumpyLoop(folders["optimum int4"], threads, ids, n)
     for _ in range(args.runs):  # alternate the engines (the children wait between their runs)
@@ -209,6 +220,9 @@ def main() -> None:
         if ref:
             report["ratios"][f"edgelm / ORTModelForCausalLM, optimum {q} (goal >= 2.0)"] = \
                 round(rates[f"edgelm optimum {q}"] / ref, 2)
+    if "ORTModelForCausalLM optimum-cli fp32" in rates:
+        report["ratios"]["edgelm optimum fp32 / ORTModelForCausalLM on optimum-cli's own fp32 export"] = \
+            round(rates["edgelm optimum fp32"] / rates["ORTModelForCausalLM optimum-cli fp32"], 2)
     report["ratios"]["edgelm optimum int4 / edgelm builder int4 (goal >= 0.9)"] = \
         round(rates["edgelm optimum int4"] / rates["edgelm builder int4"], 2)
     report["ratios"]["edgelm optimum int4 / numpy loop"] = round(rates["edgelm optimum int4"] /

@@ -40,6 +40,7 @@ from edgelm.formats.onnx_plain import SHARED_CACHE_OP
 
 MS_DOMAIN, FUSED_OP = SHARED_CACHE_OP
 HEAD_SIZE_MULTIPLE = 8  # onnxruntime's GroupQueryAttention refuses other head sizes
+ROTARY_HALF_MULTIPLE = 8  # ... and rotary tables (rotary_dim / 2 wide) of other widths
 LAYOUT_OPS = {"Unsqueeze", "Expand", "Reshape", "Cast", "Identity"}
 SCALE_OPS = {"Mul", "Div"}
 
@@ -193,6 +194,148 @@ def _follow_cache(g: _Graph, start: str, *, transposed: bool) -> tuple[Any, floa
     raise NoMatch(f"{start}: no MatMul within 16 ops")
 
 
+def _slice_of(g: _Graph, name: str) -> tuple[str, int, int] | None:
+    """(data, start, end) when ``name`` is a Slice of its input's last axis with constant bounds (step 1)."""
+    node = g.producer.get(name)
+    if node is None or node.op_type != "Slice" or len(node.input) < 3:
+        return None
+    args = [g.value(i) if i else None for i in node.input[1:]]
+    if any(a is None or a.size != 1 for a in args[:2]) or (len(args) > 3 and args[3] is not None
+                                                          and int(args[3].reshape(-1)[0]) != 1):
+        return None
+    rank = g.rank(node.input[0])
+    axis = int(args[2].reshape(-1)[0]) if len(args) > 2 and args[2] is not None else 0
+    if rank is None or axis not in (-1, rank - 1):
+        return None
+    return node.input[0], int(args[0].reshape(-1)[0]), int(args[1].reshape(-1)[0])
+
+
+def _rotate_half_of(g: _Graph, name: str) -> tuple[str, int] | None:
+    """(x, half) when ``name`` = Concat(-x[..., half:], x[..., :half]) on the last axis (Hugging Face's rotate_half)."""
+    node = g.producer.get(name)
+    if node is None or node.op_type != "Concat" or len(node.input) != 2 or _attrs(node).get("axis") not in (-1, 3):
+        return None
+    neg = g.producer.get(node.input[0])
+    if neg is None or neg.op_type != "Neg":
+        return None
+    upper, lower = _slice_of(g, neg.input[0]), _slice_of(g, node.input[1])
+    if upper is None or lower is None or upper[0] != lower[0] or lower[1] != 0 or upper[1] != lower[2] \
+            or upper[2] < 2 * lower[2]:
+        return None
+    return upper[0], lower[2]
+
+
+def _rotary_of(g: _Graph, name: str, head_size: int) -> dict[str, Any] | None:
+    """When ``name`` is Hugging Face's rotary embedding of a tensor x (``x * cos + rotate_half(x) * sin`` on its first
+    ``rotary_dim`` channels, the rest passed through): x, the cos and sin tensors, rotary_dim; else None."""
+    from itertools import permutations
+
+    rot, x_full, rotary_dim = name, None, None
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Concat" and len(node.input) == 2 and _attrs(node).get("axis") in (-1, 3):
+        rest = _slice_of(g, node.input[1])  # partial rotary: Concat(rotary(x[..., :rd]), x[..., rd:])
+        if rest is None:
+            return None
+        x_full, rotary_dim = rest[0], rest[1]
+        rot = node.input[0]
+    add = g.producer.get(rot)
+    if add is None or add.op_type != "Add":
+        return None
+    for m1, m2 in permutations(add.input):
+        a, b = g.producer.get(m1), g.producer.get(m2)
+        if a is None or b is None or a.op_type != "Mul" or b.op_type != "Mul":
+            continue
+        for x, cos in permutations(a.input):
+            for r, sin in permutations(b.input):
+                half = _rotate_half_of(g, r)
+                if half is None or half[0] != x:
+                    continue
+                if x_full is not None:  # x must be x_full[..., :rd]
+                    first = _slice_of(g, x)
+                    if first is None or first[0] != x_full or first[1] != 0 or first[2] != rotary_dim \
+                            or 2 * half[1] != rotary_dim:
+                        return None
+                    x = x_full
+                elif 2 * half[1] != head_size:
+                    return None
+                if half[1] % ROTARY_HALF_MULTIPLE:
+                    return None
+                return {"x": x, "cos": cos, "sin": sin, "rotary_dim": 2 * half[1]}
+    return None
+
+
+def _flat_source(g: _Graph, name: str, width: int) -> str | None:
+    """The [batch, seq, heads * head_size] tensor ``name`` was made from by Reshape + Transpose(0, 2, 1, 3), if so."""
+    t = g.producer.get(name)
+    if t is None or t.op_type != "Transpose" or list(_attrs(t).get("perm") or []) != [0, 2, 1, 3]:
+        return None
+    r = g.producer.get(t.input[0])
+    if r is None or r.op_type != "Reshape":
+        return None
+    d = g.dims.get(r.input[0])
+    return r.input[0] if d is not None and len(d) == 3 and d[2] == width else None
+
+
+def _flat_consumer(g: _Graph, name: str, width: int) -> tuple[str, list[Any]] | None:
+    """When the context ``name`` [batch, heads, seq, head_size] is only read by Transpose(0, 2, 1, 3) + Reshape to
+    [batch, seq, heads * head_size]: that Reshape's output and the two nodes."""
+    users = g.consumers.get(name, [])
+    if len(users) != 1 or users[0].op_type != "Transpose" or list(_attrs(users[0]).get("perm") or []) != [0, 2, 1, 3]:
+        return None
+    t = users[0]
+    users = g.consumers.get(t.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Reshape" or users[0].input[0] != t.output[0]:
+        return None
+    d = g.dims.get(users[0].output[0])
+    return (users[0].output[0], [t, users[0]]) if d is not None and len(d) == 3 and d[2] == width else None
+
+
+def _projection(g: _Graph, name: str) -> tuple[str, str, str | None] | None:
+    """(x, weight, bias) when ``name`` = x @ weight (+ bias), the weight a 2-d and the bias a 1-d initializer."""
+    node, bias = g.producer.get(name), None
+    if node is not None and node.op_type == "Add":
+        for mm, b in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+            if b in g.inits and len(g.inits[b].dims) == 1 and g.producer.get(mm) is not None \
+                    and g.producer[mm].op_type == "MatMul":
+                node, bias = g.producer[mm], b
+                break
+        else:
+            return None
+    if node is None or node.op_type != "MatMul" or node.input[1] not in g.inits or len(g.inits[node.input[1]].dims) != 2:
+        return None
+    return node.input[0], node.input[1], bias
+
+
+def _packed_qkv(g: _Graph, srcs: list[str], prefix: str) -> tuple[str, list[Any], list[Any]] | None:
+    """One [batch, seq, (heads + 2 kv heads) * head_size] tensor for the op's packed-QKV form: the input of the Split
+    that made q, k and v, or one MatMul over the three projections' weights side by side (one pass over the layer's
+    input instead of three); with the nodes and initializers to add.  None when q, k and v are made otherwise."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    split = g.producer.get(srcs[0])
+    if split is not None and split.op_type == "Split" and list(split.output) == srcs \
+            and _attrs(split).get("axis") in (-1, 2) and g.rank(split.input[0]) == 3:
+        return split.input[0], [], []
+    parts = [_projection(g, name) for name in srcs]
+    if any(p is None for p in parts) or len({p[0] for p in parts}) != 1:
+        return None
+    weights = [numpy_helper.to_array(g.inits[p[1]]) for p in parts]
+    if len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
+        return None
+    nodes = [helper.make_node("MatMul", [parts[0][0], f"{prefix}/qkv_weight"], [f"{prefix}/qkv"],
+                              name=f"{prefix}/qkv/MatMul")]
+    inits = [numpy_helper.from_array(np.concatenate(weights, axis=1), f"{prefix}/qkv_weight")]
+    if any(p[2] for p in parts):
+        biases = [numpy_helper.to_array(g.inits[p[2]]) if p[2] else np.zeros(w.shape[1], w.dtype)
+                  for p, w in zip(parts, weights)]
+        inits.append(numpy_helper.from_array(np.concatenate(biases), f"{prefix}/qkv_bias"))
+        nodes[0].output[0] = f"{prefix}/qkv_matmul"
+        nodes.append(helper.make_node("Add", [f"{prefix}/qkv_matmul", f"{prefix}/qkv_bias"], [f"{prefix}/qkv"],
+                                      name=f"{prefix}/qkv/Add"))
+    return f"{prefix}/qkv", nodes, inits
+
+
 def _match_layer(g: _Graph, past_k: str, past_v: str, present_k: str, present_v: str) -> dict[str, Any]:
     concat = {}
     for past, present in ((past_k, present_k), (past_v, present_v)):
@@ -275,11 +418,64 @@ def _match_layer(g: _Graph, past_k: str, past_v: str, present_k: str, present_v:
             "past": (past_k, past_v), "present": (present_k, present_v)}
 
 
-def fuse(model: Any, dims: dict[str, list[Any]], heads: int | None = None) -> dict[str, Any]:
+def _rotary_tables(g: _Graph, cos: str, sin: str, rotary_dim: int, positions: int) -> tuple[Any, Any] | None:
+    """GroupQueryAttention's cos/sin caches ``[positions, rotary_dim / 2]``: the graph's own cos and sin tensors
+    evaluated for positions 0 .. positions - 1 (so any scaling the export computes is kept), or None when they
+    depend on more than the positions or are not Hugging Face's duplicated halves."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    nodes, seen, stack = [], set(), [cos, sin]
+    while stack:
+        name = stack.pop()
+        node = g.producer.get(name)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        stack.extend(i for i in node.input if i)
+    order = {id(n): i for i, n in enumerate(g.graph.node)}
+    nodes.sort(key=lambda n: order[id(n)])
+    used = {i for n in nodes for i in n.input}
+    feeds_for = {"position_ids": lambda: np.arange(positions, dtype=np.int64)[None],
+                 "input_ids": lambda: np.zeros((1, positions), np.int64),
+                 "attention_mask": lambda: np.ones((1, positions), np.int64)}
+    inputs = [i for i in g.graph.input if i.name in used]
+    if any(i.name not in feeds_for for i in inputs) or any(g.inits[n].ByteSize() > 1 << 20 for n in used
+                                                           if n in g.inits):
+        return None
+    sub = helper.make_graph(nodes, "rotary", inputs, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                                      for n in (cos, sin)], [g.inits[n] for n in used if n in g.inits])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(helper.make_model(sub, opset_imports=g.model.opset_import).SerializeToString(),
+                                       so, providers=["CPUExecutionProvider"])
+        tables = session.run([cos, sin], {i.name: feeds_for[i.name]() for i in inputs})
+    except Exception as exc:
+        log.debug("rotary tables not evaluated: %s", exc)
+        return None
+    half = rotary_dim // 2
+    out = []
+    for t in tables:
+        if t.size != positions * rotary_dim:
+            return None
+        t = t.reshape(positions, rotary_dim)
+        if not np.allclose(t[:, :half], t[:, half:], rtol=1e-6, atol=1e-6):
+            return None
+        out.append(np.ascontiguousarray(t[:, :half], dtype=np.float32))
+    return out[0], out[1]
+
+
+def fuse(model: Any, dims: dict[str, list[Any]], heads: int | None = None, *, positions: int | None = None
+         ) -> dict[str, Any]:
     """Rewrite every layer's attention of ``model`` (in place) into GroupQueryAttention; returns what was done:
     ``{"attention": "GroupQueryAttention", "layers": n}``, or ``{"attention": "as exported", "reason": ...}`` with
     the graph unchanged.  ``dims``: the symbolic shape of every tensor (``onnx_quantize.symbolic_dims``); ``heads``:
-    the query head count when the graph does not tell it."""
+    the query head count when the graph does not tell it; ``positions``: the context length, for which a layer's
+    rotary embedding (Hugging Face's, full or partial) moves into the op as cos/sin tables (None: it stays as
+    exported, before the op)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -332,24 +528,52 @@ def fuse(model: Any, dims: dict[str, list[Any]], heads: int | None = None) -> di
     if one.dtype != np.int64:  # the Sub's operands must share the mask's type
         consts.append(numpy_helper.from_array(one.reshape(()), "edgelm_gqa_one_mask"))
         new[1].input[1] = "edgelm_gqa_one_mask"
-    removed = set()
+    removed, tables, rotary_layers, packed_layers = set(), {}, 0, 0
     for i, p in enumerate(plans):
         pre = f"edgelm_gqa/{i}"
-        flat = []
-        for role in ("q", "k", "v"):
-            new.append(helper.make_node("Transpose", [p[role]], [f"{pre}/{role}_bsnh"], perm=[0, 2, 1, 3],
-                                        name=f"{pre}/{role}/Transpose"))
-            new.append(helper.make_node("Reshape", [f"{pre}/{role}_bsnh", "edgelm_gqa_bsd"], [f"{pre}/{role}_bsd"],
-                                        name=f"{pre}/{role}/Reshape"))
-            flat.append(f"{pre}/{role}_bsd")
+        rotary = []
+        if positions:
+            rq, rk = _rotary_of(g, p["q"], head_size), _rotary_of(g, p["k"], head_size)
+            if rq and rk and (rq["cos"], rq["sin"], rq["rotary_dim"]) == (rk["cos"], rk["sin"], rk["rotary_dim"]):
+                key = (rq["cos"], rq["sin"], rq["rotary_dim"])
+                if key not in tables:
+                    tables[key] = _rotary_tables(g, *key, positions)
+                    if tables[key] is not None:
+                        for name, table in zip(("cos", "sin"), tables[key]):
+                            consts.append(numpy_helper.from_array(table, f"edgelm_gqa_{name}_{len(tables)}"))
+                if tables[key] is not None:
+                    index = list(tables).index(key) + 1
+                    rotary = [f"edgelm_gqa_cos_{index}", f"edgelm_gqa_sin_{index}"]
+                    p["q"], p["k"] = rq["x"], rk["x"]
+                    rotary_layers += 1
+        flat = [_flat_source(g, p[role], n * head_size)
+                for role, n in (("q", n_heads), ("k", kv_heads), ("v", kv_heads))]
+        packed = _packed_qkv(g, flat, pre) if all(flat) else None
+        if packed is not None:  # the op splits q, k and v itself
+            new.extend(packed[1])
+            consts.extend(packed[2])
+            flat = [packed[0], "", ""]
+            packed_layers += 1
+        for k, (role, src) in enumerate(zip("qkv", flat)):
+            if src is None:
+                new.append(helper.make_node("Transpose", [p[role]], [f"{pre}/{role}_bsnh"], perm=[0, 2, 1, 3],
+                                            name=f"{pre}/{role}/Transpose"))
+                new.append(helper.make_node("Reshape", [f"{pre}/{role}_bsnh", "edgelm_gqa_bsd"],
+                                            [f"{pre}/{role}_bsd"], name=f"{pre}/{role}/Reshape"))
+                flat[k] = f"{pre}/{role}_bsd"
+        out = _flat_consumer(g, p["context"], n_heads * head_size)
+        if out is not None:  # the op's [batch, seq, hidden] output is what the old context became anyway
+            removed.update(id(n) for n in out[1])
         new.append(helper.make_node(
-            FUSED_OP, [*flat, *p["past"], "edgelm_gqa_seqlens_k", "edgelm_gqa_total"],
-            [f"{pre}/out", *p["present"]], domain=MS_DOMAIN, name=f"{pre}/{FUSED_OP}", num_heads=int(n_heads),
-            kv_num_heads=int(kv_heads), scale=float(p["scale"])))
-        new.append(helper.make_node("Reshape", [f"{pre}/out", "edgelm_gqa_bsnh"], [f"{pre}/out_bsnh"],
-                                    name=f"{pre}/out/Reshape"))
-        new.append(helper.make_node("Transpose", [f"{pre}/out_bsnh"], [p["context"]], perm=[0, 2, 1, 3],
-                                    name=f"{pre}/out/Transpose"))
+            FUSED_OP, [*flat, *p["past"], "edgelm_gqa_seqlens_k", "edgelm_gqa_total", *rotary],
+            [out[0] if out else f"{pre}/out", *p["present"]], domain=MS_DOMAIN, name=f"{pre}/{FUSED_OP}",
+            num_heads=int(n_heads), kv_num_heads=int(kv_heads), scale=float(p["scale"]),
+            **({"do_rotary": 1, "rotary_interleaved": 0} if rotary else {})))
+        if out is None:
+            new.append(helper.make_node("Reshape", [f"{pre}/out", "edgelm_gqa_bsnh"], [f"{pre}/out_bsnh"],
+                                        name=f"{pre}/out/Reshape"))
+            new.append(helper.make_node("Transpose", [f"{pre}/out_bsnh"], [p["context"]], perm=[0, 2, 1, 3],
+                                        name=f"{pre}/out/Transpose"))
         removed.update(id(n) for n in p["remove"])
     from .onnx_quantize import drop_dead, live_nodes
 
@@ -375,7 +599,7 @@ def fuse(model: Any, dims: dict[str, list[Any]], heads: int | None = None) -> di
         if v.name not in names:
             graph.value_info.remove(v)
     return {"attention": FUSED_OP, "layers": len(plans), "heads": int(n_heads), "kv_heads": int(kv_heads),
-            "undo": undo}
+            "rotary_in_op": rotary_layers, "packed_qkv": packed_layers, "undo": undo}
 
 
 class _Undo:
@@ -404,27 +628,36 @@ class _Undo:
         for t in list(g.initializer):
             if t.name not in self.initializers:
                 g.initializer.remove(t)
-        g.initializer.extend(self.dropped)
+        g.initializer.extend(t for t in self.dropped if t.name in self.initializers)
 
 
-def fuse_checked(model: Any, original: Any, *, heads: int | None, vocab: int) -> dict[str, Any]:
+def fuse_checked(model: Any, original: Any, *, heads: int | None, vocab: int, positions: int | None = None
+                 ) -> dict[str, Any]:
     """:func:`fuse`, then :func:`verify` against ``original`` (the exported graph: a path or a ModelProto); a graph
-    whose logits differ is put back as it was.  Returns what :func:`fuse` did (without its undo), or why not."""
+    whose logits differ is put back as it was, and tried once more with the rotary embedding left outside the op.
+    Returns what :func:`fuse` did (without its undo), or why not."""
     from .onnx_quantize import symbolic_dims
 
-    result = fuse(model, symbolic_dims(model), heads)
-    undo = result.pop("undo", None)
-    if undo is None:
-        return result
-    try:
-        problem = verify(original, model, vocab=vocab)
-    except BaseException:
+    dims = symbolic_dims(model)
+    problem = None
+    for rotary_positions in dict.fromkeys((positions, None)):
+        result = fuse(model, dims, heads, positions=rotary_positions)
+        undo = result.pop("undo", None)
+        if undo is None:
+            return result
+        try:
+            problem = verify(original, model, vocab=vocab)
+        except Exception as exc:  # onnxruntime refused to run it: as much a mismatch as wrong logits
+            problem = f"run failed ({str(exc).strip().splitlines()[0][:300]})"
+        except BaseException:
+            undo()
+            raise
+        if problem is None:
+            return result
         undo()
-        raise
-    if problem:
-        undo()
-        return {"attention": "as exported", "reason": f"the rewritten graph's {problem}"}
-    return result
+        log.info("attention rewrite (rotary %s) rejected: %s", "in the op" if rotary_positions else "outside",
+                 problem)
+    return {"attention": "as exported", "reason": f"the rewritten graph's {problem}"}
 
 
 def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:

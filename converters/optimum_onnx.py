@@ -357,7 +357,8 @@ def fuse_attention(model: Any, exported: Path, config: dict[str, Any], vocab: in
     from . import onnx_attention
 
     try:
-        done = onnx_attention.fuse_checked(model, exported, heads=onnx_plain.query_heads(config), vocab=vocab)
+        done = onnx_attention.fuse_checked(model, exported, heads=onnx_plain.query_heads(config), vocab=vocab,
+                                           positions=_context_length(config))
     except Exception as exc:  # an analysis the graph defeats must not fail the conversion: it runs as exported
         log.warning("Attention rewrite failed (%s: %s)", type(exc).__name__, exc)
         done = {"attention": "as exported", "reason": f"{type(exc).__name__}: {exc}"}
