@@ -10,9 +10,11 @@ folder whose ``config.json`` also carries the older names (:func:`legacy_config`
 silently build a different model (SmolLM2's rope_theta 100000 read as 10000).
 
 The export (``main_export(task="text-generation-with-past")``) writes one fp32 graph with ``past_key_values.*``
-inputs and ``present.*`` outputs; :mod:`.onnx_quantize` then rounds its weights to MatMulNBits int4/int8
-(GPTQ for symmetric int4 where asked or chosen, round to nearest otherwise); edgelm's own onnxruntime loop
-(:mod:`edgelm.runtimes.onnx_session`) runs it.  Nothing here writes the final output: the caller (``convert_to_onnx``)
+inputs and ``present.*`` outputs; :mod:`.onnx_quantize` folds its shape arithmetic, :mod:`.onnx_attention` rewrites
+each layer's attention into onnxruntime's GroupQueryAttention over a shared cache buffer (checked against the export
+on random tokens; left as exported where the pattern differs, BLOOM's ALiBi for one), :mod:`.onnx_quantize` then
+rounds its weights to MatMulNBits int4/int8 (GPTQ for symmetric int4 where asked or chosen, round to nearest
+otherwise); edgelm's own onnxruntime loop (:mod:`edgelm.runtimes.onnx_session`) runs it.  Nothing here writes the final output: the caller (``convert_to_onnx``)
 passes a temporary folder and renames it when every check passed.
 """
 

@@ -110,7 +110,7 @@ def test_attention_is_rewritten_into_one_group_query_attention_with_the_same_log
     done = _fused(model)
     assert done.pop("undo") is not None
     assert done == {"attention": "GroupQueryAttention", "layers": 1, "heads": HEADS, "kv_heads": KV_HEADS,
-                    "rotary_in_op": 0, "packed_qkv": 1}
+                    "rotary_in_op": 0, "packed_qkv": 1, "skip_rms_norms": 0}
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("GroupQueryAttention") == 1
     assert not {"Concat", "Softmax", "Expand", "IsNaN", "Range"} & set(ops)  # the old attention and mask are gone

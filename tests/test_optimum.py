@@ -346,7 +346,14 @@ def test_smollm2_through_optimum_decodes_like_through_the_builder(tmp_path, opti
     src = smollm2_hf_checkpoint()
     via_optimum = convert_to_onnx(src, tmp_path / "optimum", "fp32", exporter="optimum")
     via_builder = convert_to_onnx(src, tmp_path / "builder", "fp32", exporter="genai")
-    assert onnx_folder.exporter_kind(onnx_folder.read_manifest(via_optimum)) == "optimum"
+    manifest = onnx_folder.read_manifest(via_optimum)
+    assert onnx_folder.exporter_kind(manifest) == "optimum"
+    # the graph the builder would write: per layer one GroupQueryAttention with the rotary inside and q, k, v packed,
+    # and every residual Add + RMSNorm one SkipSimplifiedLayerNormalization (60: each layer's two but the first, and the final one)
+    attention = manifest["exporter"]["graph_rewrites"]["attention"]
+    assert {k: attention[k] for k in ("attention", "layers", "rotary_in_op", "packed_qkv", "skip_rms_norms")} == {
+        "attention": "GroupQueryAttention", "layers": 30, "rotary_in_op": 30, "packed_qkv": 30, "skip_rms_norms": 60}
+    assert manifest["kv_cache"]["shared_buffer"] is True
     assert onnx_folder.exporter_kind(onnx_folder.read_manifest(via_builder)) == "genai"
     messages = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
     runs, ends = [], []
