@@ -17,7 +17,9 @@ Engines, each given the same threads and the same greedy prompt, N tokens genera
 Decode tok/s = (N - 1) / (time for N tokens - time for 1 token), both from a fresh cache; runs alternate and medians
 are reported.  Goals: edgelm / optimum >= 2.0 (fp32 and int4); edgelm optimum int4 / builder int4 >= 0.9.
 An fp32 decode step reads every weight once (540 MB for SmolLM2), so on a CPU it is bound by memory bandwidth, which
-both runtimes share on the same files: the fp32 ratio is also printed against optimum-cli's own export.
+both runtimes share on the same files: the benchmark times one MatMul reading as many fp32 bytes (the floor of a
+step on this machine), and prints how far edgelm's fp32 step is above it and the largest edgelm / optimum fp32
+ratio that floor allows; the fp32 ratio is also printed against optimum-cli's own export.
 
 Usage: python benchmarks/bench_optimum.py [HF_CHECKPOINT_DIR] [--runs 5] [--tokens 64] [--threads N] [--keep DIR]
 """
@@ -161,6 +163,43 @@ class Optimum:
         self.proc.wait()
 
 
+class WeightRead:
+    """The floor of an fp32 decode step on this machine: onnxruntime reading as many fp32 weight bytes as one step
+    does (every MatMul weight once), as one [1, 576] x [576, N] MatMul; alternated with the engines like them."""
+
+    def __init__(self, model_file: Path, threads: int) -> None:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        proto = onnx.load(str(model_file), load_external_data=False)
+        sizes = {t.name: int(np.prod(t.dims)) for t in proto.graph.initializer}
+        self.nbytes = 4 * sum(sizes.get(n.input[1], 0) for n in proto.graph.node if n.op_type in ("MatMul", "Gemm"))
+        k = 576
+        w = np.random.default_rng(0).random((k, max(1, self.nbytes // (4 * k))), dtype=np.float32)
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "read",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
+                                  [numpy_helper.from_array(w, "w")])
+        del w
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), f"{tmp}/m.onnx",
+                            save_as_external_data=True, location="m.data")
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+            self.session = ort.InferenceSession(f"{tmp}/m.onnx", so, providers=["CPUExecutionProvider"])
+        self.x = np.ones((1, k), np.float32)
+        self.run()
+
+    def run(self, steps: int = 8) -> dict:
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            self.session.run(None, {"x": self.x})
+            times.append(time.perf_counter() - t)
+        return {"ms": 1000 * statistics.median(times)}
+
+
 def decode_rate(r: dict, n: int) -> float:
     return (n - 1) / max(r["full"] - r["one"], 1e-9)
 
@@ -204,12 +243,14 @@ def main() -> None:
         engines["ORTModelForCausalLM optimum-cli fp32"] = Optimum(cli, threads, ids, n)
     engines.update({f"edgelm {name}": Edgelm(folder, threads, ids, n) for name, folder in folders.items()})
     engines["numpy loop optimum int4"] = NumpyLoop(folders["optimum int4"], threads, ids, n)
+    floor = engines["fp32 weights read once"] = WeightRead(folders["optimum fp32"] / "model.onnx", threads)
     for _ in range(args.runs):  # alternate the engines (the children wait between their runs)
         for name, engine in engines.items():
             results.setdefault(name, []).append(engine.run())
     for engine in engines.values():
         if isinstance(engine, Optimum):
             engine.close()
+    read_ms = statistics.median(r["ms"] for r in results.pop("fp32 weights read once"))
     rates = {name: statistics.median(decode_rate(r, n) for r in runs) for name, runs in results.items()}
     prompt_ms = {name: 1000 * statistics.median(r["one"] for r in runs) for name, runs in results.items()}
     report = {"checkpoint": str(src), "threads": threads, "tokens": n, "prompt_tokens": len(ids), "runs": args.runs,
@@ -227,6 +268,12 @@ def main() -> None:
         round(rates["edgelm optimum int4"] / rates["edgelm builder int4"], 2)
     report["ratios"]["edgelm optimum int4 / numpy loop"] = round(rates["edgelm optimum int4"] /
                                                                  rates["numpy loop optimum int4"], 2)
+    report[f"fp32 MatMul weights ({floor.nbytes / 1e6:.0f} MB) read once, ms (the floor of an fp32 step)"] = \
+        round(read_ms, 1)
+    report["ratios"]["edgelm optimum fp32 step / that floor"] = round(1000 / rates["edgelm optimum fp32"] / read_ms, 2)
+    if "ORTModelForCausalLM optimum fp32" in rates:
+        report["ratios"]["largest edgelm / ORTModelForCausalLM fp32 the floor allows"] = \
+            round(1000 / rates["ORTModelForCausalLM optimum fp32"] / read_ms, 2)
     same = {name: runs[-1]["tokens"] == results["edgelm optimum fp32"][-1]["tokens"]
             for name, runs in results.items() if "fp32" in name}
     report["fp32 tokens equal edgelm's"] = same
