@@ -38,9 +38,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("edgelm.converters.onnx")
-
 from edgelm.formats.onnx_plain import SHARED_CACHE_OP
+
+log = logging.getLogger("edgelm.converters.onnx")
 
 MS_DOMAIN, FUSED_OP = SHARED_CACHE_OP
 HEAD_SIZE_MULTIPLE = 8  # onnxruntime's GroupQueryAttention refuses other head sizes
@@ -92,6 +92,8 @@ class _Graph:
                     a = _attrs(node)
                     part = d[a.get("start", 0):a.get("end", len(d))]
                     shape = np.array([x if isinstance(x, int) and x > 0 else None for x in part], dtype=object)
+                    if all(x is not None for x in shape):
+                        shape = shape.astype(np.int64)
                     self._values[name] = shape
                     return shape
             args = [self.value(i, depth + 1) if i else None for i in node.input]
@@ -127,7 +129,7 @@ class _Graph:
 
     def scalar(self, name: str) -> float | None:
         v = self.value(name)
-        return float(v.reshape(-1)[0]) if v is not None and v.size == 1 else None
+        return float(v.reshape(-1)[0]) if v is not None and v.size == 1 and v.dtype != object else None
 
     def rank(self, name: str) -> int | None:
         d = self.dims.get(name)
@@ -169,15 +171,20 @@ def _scale_step(g: _Graph, node: Any, cur: str) -> float | None:
     return c if node.op_type == "Mul" else 1.0 / c
 
 
+def _next(g: _Graph, name: str, what: str, besides: str | None = None) -> Any:
+    """The one op that reads ``name`` (shape reads and ``besides`` ops aside); NoMatch naming ``what`` otherwise."""
+    users = [u for u in g.users(name) if u.op_type != besides]
+    if len(users) != 1:
+        raise NoMatch(f"{what} feeds {len(users)} ops")
+    return users[0]
+
+
 def _follow_cache(g: _Graph, start: str, *, transposed: bool) -> tuple[Any, float]:
     """From a present output, follow its single data path to the MatMul that reads it as the right operand; the
     scalar scale applied on the way.  ``transposed``: the path must swap the last two axes exactly once."""
     cur, scale, swaps = start, 1.0, 0
     for _ in range(16):
-        users = g.users(cur)
-        if len(users) != 1:
-            raise NoMatch(f"{cur} feeds {len(users)} ops")
-        node = users[0]
+        node = _next(g, cur, cur)
         if node.op_type == "MatMul":
             if node.input[1] != cur or node.input[0] == cur:
                 raise NoMatch(f"{cur} is not the right operand of {node.name}")
@@ -370,10 +377,7 @@ def _match_layer(g: _Graph, past_k: str, past_v: str, present_k: str, present_v:
     # scores -> Softmax
     cur, s_scale = scores.output[0], 1.0
     for _ in range(12):
-        users = g.users(cur)
-        if len(users) != 1:
-            raise NoMatch(f"the scores {cur} feed {len(users)} ops")
-        node = users[0]
+        node = _next(g, cur, f"the scores {cur}")
         if node.op_type == "Softmax":
             if _attrs(node).get("axis", -1) not in (-1, 3):
                 raise NoMatch(f"{node.name} is not over the last axis")
@@ -397,10 +401,7 @@ def _match_layer(g: _Graph, past_k: str, past_v: str, present_k: str, present_v:
     # Softmax -> context MatMul
     cur = node.output[0]
     for _ in range(8):
-        users = [u for u in g.users(cur) if u.op_type != "IsNaN"]
-        if len(users) != 1:
-            raise NoMatch(f"the probabilities {cur} feed {len(users)} ops")
-        node = users[0]
+        node = _next(g, cur, f"the probabilities {cur}", besides="IsNaN")
         if node is context:
             if node.input[0] != cur:
                 raise NoMatch(f"{cur} is not the left operand of {node.name}")

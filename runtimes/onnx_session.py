@@ -12,7 +12,7 @@ binding and no copy of the cache through numpy:
   positions in place and reads only the first ``len(seq) + n`` (from ``attention_mask``).  A step binds only
   input_ids, attention_mask, position_ids and logits; rewinding is forgetting the tail.
 * Any other graph (present = ``Concat(past, new)``): every cache tensor has two flat buffers allocated once at load
-  for ``n_ctx`` positions (``np.empty``: the pages are only touched, and so only cost memory, as the sequence grows).
+  for ``n_ctx`` positions (the pages are only touched, and so only cost memory, as the sequence grows).
   A step binds ``past`` to the first ``len(seq)`` positions of the front buffer and ``present`` to the first
   ``len(seq) + n`` positions of the back buffer, by pointer; onnxruntime's Concat writes the new cache straight into
   the back buffer, and the two swap.  A prefix of a flat buffer viewed as ``[1, heads, length, head_size]`` is
