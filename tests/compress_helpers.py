@@ -6,7 +6,6 @@ tests/hf_fixtures.py; the tests that never convert a Qwen3 checkpoint to GGUF do
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 ARCHS = {  # model type -> (config class, model class, tokenizer)
@@ -22,18 +21,11 @@ def tiny_model(model_type: str, folder: Path, *, layers: int = 6, hidden: int = 
     import torch
     import transformers
 
-    from .hf_fixtures import _sentencepiece_tokenizer, smollm2_hf_checkpoint
+    from .hf_fixtures import write_tokenizer
 
     config_cls, model_cls, default_tokenizer = ARCHS[model_type]
-    tokenizer = tokenizer or default_tokenizer
     folder.mkdir(parents=True, exist_ok=True)
-    if tokenizer == "bpe":
-        src = smollm2_hf_checkpoint()
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            shutil.copy2(src / name, folder / name)
-        vocab, ids = 49152, dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    else:
-        vocab, ids = _sentencepiece_tokenizer(folder), dict(bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    vocab, ids = write_tokenizer(folder, tokenizer or default_tokenizer)
     extra = {"head_dim": 16} if model_type == "qwen3" else {}
     if model_type == "mistral":
         extra["sliding_window"] = None

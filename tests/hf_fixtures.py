@@ -129,6 +129,17 @@ def _sentencepiece_tokenizer(folder: Path) -> int:
     return 512
 
 
+def write_tokenizer(folder: Path, kind: str) -> tuple[int, dict[str, int]]:
+    """Put a tokenizer llama.cpp's converter recognises in ``folder``: SmolLM2's byte-level BPE (``"bpe"``) or a
+    512-piece SentencePiece model trained here (``"spm"``); returns the vocabulary size and the special token ids."""
+    if kind == "bpe":
+        src = smollm2_hf_checkpoint()
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy2(src / name, folder / name)
+        return 49152, dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return _sentencepiece_tokenizer(folder), dict(bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
 def tiny_gguf_checkpoint(model_type: str, folder: Path, *, safetensors: bool = True) -> Path:
     """A random 2-layer ``model_type`` checkpoint (hidden 64) with a tokenizer llama.cpp's converter recognises."""
     import torch
@@ -136,13 +147,7 @@ def tiny_gguf_checkpoint(model_type: str, folder: Path, *, safetensors: bool = T
 
     config_cls, model_cls, tokenizer, _ = GGUF_ARCHS[model_type]
     folder.mkdir(parents=True, exist_ok=True)
-    if tokenizer == "bpe":
-        src = smollm2_hf_checkpoint()
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            shutil.copy2(src / name, folder / name)
-        vocab, ids = 49152, dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    else:
-        vocab, ids = _sentencepiece_tokenizer(folder), dict(bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    vocab, ids = write_tokenizer(folder, tokenizer)
     extra = {"head_dim": 16} if model_type.startswith(("gemma", "qwen3")) else {}
     if model_type == "mistral":
         extra["sliding_window"] = None

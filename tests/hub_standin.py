@@ -17,6 +17,7 @@ request gets an error status once) or serve a corrupted byte.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -157,6 +158,27 @@ class FakeHub:
 
     def requests(self, server: str | None = None, method: str | None = None) -> list[tuple[str, str, str, str | None]]:
         return [r for r in self.log if (server is None or r[0] == server) and (method is None or r[1] == method)]
+
+
+@contextlib.contextmanager
+def online_hub(tmp_path: Path, monkeypatch: Any, *, private_caches: bool = False) -> Any:
+    """A running :class:`FakeHub` that the real huggingface_hub client reaches through ``HF_ENDPOINT``, with the
+    Hub's environment reset: online, no token, ``HF_HOME`` under ``tmp_path`` (and edgelm's and the XDG cache there
+    too with ``private_caches``).  huggingface_hub fixes its offline switch when first imported, and another test may
+    have imported it with HF_HUB_OFFLINE=1 set: that switch is turned off for the test (edgelm itself reads
+    HF_HUB_OFFLINE at each call)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    if private_caches:
+        monkeypatch.setenv("EDGELM_HOME", str(tmp_path / "edgelm"))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with FakeHub() as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
+        yield fake
 
 
 def _make_handler(hub: FakeHub, kind: str) -> type[BaseHTTPRequestHandler]:

@@ -21,7 +21,7 @@ from edgelm import hub, store
 from edgelm.errors import DoesNotFitError, DownloadCorruptError, HubError, ModelNotFoundError, QuantNotFoundError
 
 from .conftest import run_cli
-from .hub_standin import FakeHub, make_gguf
+from .hub_standin import FakeHub, make_gguf, online_hub
 
 Q8 = make_gguf(file_type=7, weight_bytes=2 << 20, name="tiny")  # general.file_type 7 = Q8_0
 Q4 = make_gguf(file_type=15, weight_bytes=1 << 20, name="tiny")  # 15 = Q4_K_M
@@ -30,18 +30,7 @@ Q2 = make_gguf(file_type=10, weight_bytes=512 << 10, name="tiny")  # 10 = Q2_K
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    # huggingface_hub fixes its offline switch when first imported; another test may have imported it with
-    # HF_HUB_OFFLINE=1 set.  These tests start online (edgelm itself reads HF_HUB_OFFLINE at each call).
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("EDGELM_HOME", str(tmp_path / "edgelm"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    with FakeHub() as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
+    with online_hub(tmp_path, monkeypatch, private_caches=True) as fake:
         yield fake
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import edgelm
 from edgelm.errors import DoesNotFitError, HubError, InvalidModelFileError, UnsupportedModelError
 from edgelm.formats.gguf import estimate_file_bytes, file_type_bpw, read_header
 from edgelm.formats.onnx_folder import BYTES_PER_PARAMETER
@@ -22,7 +21,7 @@ from edgelm.platforms import Probes, detect
 from edgelm.platforms.profiles import DECODE_GFLOPS_PER_CORE, simd_level
 
 from .conftest import run_cli
-from .hub_standin import FakeHub
+from .hub_standin import FakeHub, online_hub
 from .test_platforms import _tree
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536, vocab=49152, ctx=8192)
@@ -245,14 +244,7 @@ def test_avx_only_host_estimate_is_lower_and_near_the_measured_decode(default_gg
 
 @pytest.fixture
 def hub_env(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with FakeHub() as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
+    with online_hub(tmp_path, monkeypatch) as fake:
         yield fake
 
 
