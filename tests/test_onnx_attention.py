@@ -22,9 +22,10 @@ from .helpers import raw_greedy
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD = 16, 8, 4, 2, 8
 
 
-def attention_graph(*, alibi: bool = False, seed: int = 0, head: int = HEAD) -> "object":
+def attention_graph(*, alibi: bool = False, rotary: bool = False, seed: int = 0, head: int = HEAD) -> "object":
     """One decoder layer (grouped-query attention, 4 query heads over 2 cache heads) and a head; ``alibi`` adds a
-    per-head bias to the scores (BLOOM's kind: not a mask, so the rewrite must refuse it)."""
+    per-head bias to the scores (BLOOM's kind: not a mask, so the rewrite must refuse it); ``rotary`` rotates q and
+    k as Hugging Face does (``x * cos + rotate_half(x) * sin``, cos and sin computed from ``position_ids``)."""
     from onnx import TensorProto, helper, numpy_helper
 
     HEAD = head  # noqa: N806
@@ -49,7 +50,7 @@ def attention_graph(*, alibi: bool = False, seed: int = 0, head: int = HEAD) -> 
         n("Transpose", ["k3"], ["k_new"], perm=[0, 2, 1, 3]),
         n("MatMul", ["x", "wv"], ["v2"]), n("Reshape", ["v2", "kv_shape"], ["v3"]),
         n("Transpose", ["v3"], ["v_new"], perm=[0, 2, 1, 3]),
-        n("Concat", ["past_key_values.0.key", "k_new"], ["present.0.key"], axis=-2),
+        n("Concat", ["past_key_values.0.key", "k_rot" if rotary else "k_new"], ["present.0.key"], axis=-2),
         n("Concat", ["past_key_values.0.value", "v_new"], ["present.0.value"], axis=-2),
         # repeat the cache heads for the query heads
         n("Unsqueeze", ["present.0.key", "axis2"], ["k5"]), n("Expand", ["k5", "rep"], ["k5x"]),
@@ -57,7 +58,8 @@ def attention_graph(*, alibi: bool = False, seed: int = 0, head: int = HEAD) -> 
         n("Unsqueeze", ["present.0.value", "axis2"], ["v5"]), n("Expand", ["v5", "rep"], ["v5x"]),
         n("Reshape", ["v5x", "heads_shape"], ["v_all"]),
         n("Transpose", ["k_all"], ["kT"], perm=[0, 1, 3, 2]),
-        n("Mul", ["q4", "scale"], ["q_s"]), n("Mul", ["kT", "scale"], ["k_s"]),  # HEAD^-0.25 on each side
+        n("Mul", ["q_rot" if rotary else "q4", "scale"], ["q_s"]),
+        n("Mul", ["kT", "scale"], ["k_s"]),  # HEAD^-0.25 on each side
         n("MatMul", ["q_s", "k_s"], ["scores"]),
         # the mask: key j is visible to query i (absolute position L - S + i) when j <= L - S + i and not padding
         n("Shape", ["attention_mask"], ["mshape"]), n("Gather", ["mshape", "one_i"], ["L"]),
@@ -74,9 +76,26 @@ def attention_graph(*, alibi: bool = False, seed: int = 0, head: int = HEAD) -> 
     ]
     inits.update({"one_f": np.array(1.0, np.float32), "big": np.array(1e9, np.float32),
                   "axes12": np.array([1, 2], np.int64)})
+    if rotary:  # cos/sin [batch, 1, seq, HEAD] from the positions; rotate_half by slices of the last axis
+        half = HEAD // 2
+        inits.update({"inv_freq": (10000.0 ** (-np.arange(half, dtype=np.float32) / half)).astype(np.float32),
+                      "h0": np.array([0], np.int64), "h1": np.array([half], np.int64),
+                      "h2": np.array([HEAD], np.int64), "last": np.array([-1], np.int64)})
+        nodes += [n("Cast", ["position_ids"], ["pos_f"], to=TensorProto.FLOAT),
+                  n("Unsqueeze", ["pos_f", "last"], ["pos3"]), n("Mul", ["pos3", "inv_freq"], ["freqs"]),
+                  n("Concat", ["freqs", "freqs"], ["emb2"], axis=-1),
+                  n("Cos", ["emb2"], ["cos3"]), n("Sin", ["emb2"], ["sin3"]),
+                  n("Unsqueeze", ["cos3", "i1"], ["cos"]), n("Unsqueeze", ["sin3", "i1"], ["sin"])]
+        for x in ("q4", "k_new"):
+            r = f"rot_{x[0]}"
+            nodes += [n("Slice", [x, "h0", "h1", "last"], [f"{r}_lo"]), n("Slice", [x, "h1", "h2", "last"], [f"{r}_hi"]),
+                      n("Neg", [f"{r}_hi"], [f"{r}_neg"]),
+                      n("Concat", [f"{r}_neg", f"{r}_lo"], [f"{r}_half"], axis=-1),
+                      n("Mul", [x, "cos"], [f"{r}_c"]), n("Mul", [f"{r}_half", "sin"], [f"{r}_s"]),
+                      n("Add", [f"{r}_c", f"{r}_s"], [f"{x[0]}_rot"])]
     scores = "scores"
     if alibi:
-        nodes += [n("Cast", ["kpos"], ["kpos_f"], to=TensorProto.FLOAT), n("Mul", ["slopes", "kpos_f"], ["bias"]),
+        nodes += [n("Mul", ["slopes", "kpos_f"], ["bias"]), n("Cast", ["kpos"], ["kpos_f"], to=TensorProto.FLOAT),
                   n("Add", ["scores", "bias"], ["scores_b"])]
         scores = "scores_b"
     nodes += [
@@ -89,13 +108,21 @@ def attention_graph(*, alibi: bool = False, seed: int = 0, head: int = HEAD) -> 
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"])]
+    if rotary:
+        inputs.append(helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]))
     outputs = [helper.make_tensor_value_info("logits", f, ["batch_size", "sequence_length", VOCAB])]
     for kind in ("key", "value"):
         inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{kind}", f,
                                                     ["batch_size", KV_HEADS, "past_sequence_length", HEAD]))
         outputs.append(helper.make_tensor_value_info(f"present.0.{kind}", f,
                                                      ["batch_size", KV_HEADS, "total_sequence_length", HEAD]))
-    graph = helper.make_graph(nodes, "attention", inputs, outputs,
+    ready, ordered = {i.name for i in inputs} | set(inits) | {""}, []
+    while nodes:  # topological order (the rotary and bias nodes were appended after their readers)
+        node = next(x for x in nodes if all(i in ready for i in x.input))
+        nodes.remove(node)
+        ordered.append(node)
+        ready.update(node.output)
+    graph = helper.make_graph(ordered, "attention", inputs, outputs,
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
@@ -118,6 +145,24 @@ def test_attention_is_rewritten_into_one_group_query_attention_with_the_same_log
     scale = next(a.f for a in gqa.attribute if a.name == "scale")
     assert scale == pytest.approx(HEAD ** -0.5)  # HEAD^-0.25 on the query times HEAD^-0.25 on the keys
     # a prompt, then single tokens, the rewritten graph's cache in one buffer larger than the sequence
+    assert onnx_attention.verify(original, model, vocab=VOCAB) is None
+
+
+def test_rotary_embedding_moves_into_the_op_as_tables_of_the_graphs_own_cos_and_sin():
+    original, model = attention_graph(rotary=True, head=16), attention_graph(rotary=True, head=16)
+    done = onnx_attention.fuse(model, onnx_quantize.symbolic_dims(model), heads=HEADS, positions=64)
+    assert done["rotary_in_op"] == 1 and done["packed_qkv"] == 1
+    ops = [node.op_type for node in model.graph.node]
+    assert not {"Neg", "Cos", "Sin", "Slice"} & set(ops)  # the rotary subgraph is gone from the graph
+    gqa = next(node for node in model.graph.node if node.op_type == "GroupQueryAttention")
+    assert {a.name: a.i for a in gqa.attribute if a.name in ("do_rotary", "rotary_interleaved")} == {
+        "do_rotary": 1, "rotary_interleaved": 0}
+    tables = {t.name: t for t in model.graph.initializer}
+    assert list(tables[gqa.input[7]].dims) == [64, 8]  # [positions, head_size / 2]
+    assert onnx_attention.verify(original, model, vocab=VOCAB) is None
+    # without the positions the rotary stays in the graph, before the op, and the logits still agree
+    model = attention_graph(rotary=True, head=16)
+    assert onnx_attention.fuse(model, onnx_quantize.symbolic_dims(model), heads=HEADS)["rotary_in_op"] == 0
     assert onnx_attention.verify(original, model, vocab=VOCAB) is None
 
 
@@ -177,16 +222,19 @@ def _folder(folder: Path, model) -> Path:
     return folder
 
 
-def test_session_loop_shares_one_cache_buffer_and_decodes_as_the_exported_graph(tmp_path):
-    exported = _folder(tmp_path / "exported", attention_graph())
-    model = attention_graph()
-    assert _fused(model)["attention"] == "GroupQueryAttention"
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+def test_session_loop_shares_one_cache_buffer_and_decodes_as_the_exported_graph(tmp_path, rotary):
+    head = 16 if rotary else HEAD
+    exported = _folder(tmp_path / "exported", attention_graph(rotary=rotary, head=head))
+    model = attention_graph(rotary=rotary, head=head)
+    done = onnx_attention.fuse(model, onnx_quantize.symbolic_dims(model), heads=HEADS, positions=64)
+    assert done["attention"] == "GroupQueryAttention" and done["rotary_in_op"] == int(rotary)
     fused = _folder(tmp_path / "fused", model)
     assert onnx_plain.session_io(fused / "model.onnx")["shared_buffer"] is True
     assert onnx_plain.session_io(exported / "model.onnx")["shared_buffer"] is False
     runs = {}
     for name, folder in (("exported", exported), ("fused", fused)):
-        with edgelm.load(folder, threads=1, n_ctx=48) as m:
+        with edgelm.load(folder, threads=1, n_ctx=48, n_batch=2) as m:  # prompts in chunks of 2 after the first
             b = m.backend
             assert m.info.extra["kv_cache_shared_buffer"] is (name == "fused")
             prompt = [3, 7, 1, 9, 4]
@@ -198,7 +246,7 @@ def test_session_loop_shares_one_cache_buffer_and_decodes_as_the_exported_graph(
             runs[name] = (first, again, scores)
             if name == "fused":
                 kv = b.kv[0]
-                assert kv.front is kv.back and kv.front.size == KV_HEADS * 48 * HEAD  # one buffer of n_ctx positions
+                assert kv.front is kv.back and kv.front.size == KV_HEADS * 48 * head  # one buffer of n_ctx positions
     assert runs["fused"][0] == runs["exported"][0]
     assert runs["fused"][1] == runs["exported"][1]
     np.testing.assert_allclose(runs["fused"][2], runs["exported"][2], rtol=1e-4, atol=1e-4)
