@@ -131,6 +131,17 @@ class _Graph:
         v = self.value(name)
         return float(v.reshape(-1)[0]) if v is not None and v.size == 1 and v.dtype != object else None
 
+    def init_of(self, name: str) -> str | None:
+        """The initializer ``name`` is, directly or through Identity ops (the exporter's shared parameters)."""
+        for _ in range(4):
+            if name in self.inits:
+                return name
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
+
     def rank(self, name: str) -> int | None:
         d = self.dims.get(name)
         return len(d) if d is not None else None
@@ -275,16 +286,25 @@ def _rotary_of(g: _Graph, name: str, head_size: int) -> dict[str, Any] | None:
     return None
 
 
-def _flat_source(g: _Graph, name: str, width: int) -> str | None:
-    """The [batch, seq, heads * head_size] tensor ``name`` was made from by Reshape + Transpose(0, 2, 1, 3), if so."""
+def _flat_source(g: _Graph, name: str, width: int) -> tuple[str, float] | None:
+    """The [batch, seq, heads * head_size] tensor ``name`` was made from by Reshape + Transpose(0, 2, 1, 3), if so,
+    and the scalar it was multiplied by on the way (OPT scales the query before splitting the heads), else None."""
     t = g.producer.get(name)
     if t is None or t.op_type != "Transpose" or list(_attrs(t).get("perm") or []) != [0, 2, 1, 3]:
         return None
     r = g.producer.get(t.input[0])
     if r is None or r.op_type != "Reshape":
         return None
-    d = g.dims.get(r.input[0])
-    return r.input[0] if d is not None and len(d) == 3 and d[2] == width else None
+    src, factor = r.input[0], 1.0
+    node = g.producer.get(src)
+    if node is not None and node.op_type in SCALE_OPS and len(g.users(src)) == 1:
+        for operand in node.input:
+            step = _scale_step(g, node, operand)
+            if step is not None:
+                src, factor = operand, step
+                break
+    d = g.dims.get(src)
+    return (src, factor) if d is not None and len(d) == 3 and d[2] == width else None
 
 
 def _flat_consumer(g: _Graph, name: str, width: int) -> tuple[str, list[Any]] | None:
@@ -306,15 +326,17 @@ def _projection(g: _Graph, name: str) -> tuple[str, str, str | None] | None:
     node, bias = g.producer.get(name), None
     if node is not None and node.op_type == "Add":
         for mm, b in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
-            if b in g.inits and len(g.inits[b].dims) == 1 and g.producer.get(mm) is not None \
+            b = g.init_of(b)
+            if b is not None and len(g.inits[b].dims) == 1 and g.producer.get(mm) is not None \
                     and g.producer[mm].op_type == "MatMul":
                 node, bias = g.producer[mm], b
                 break
         else:
             return None
-    if node is None or node.op_type != "MatMul" or node.input[1] not in g.inits or len(g.inits[node.input[1]].dims) != 2:
+    weight = g.init_of(node.input[1]) if node is not None and node.op_type == "MatMul" else None
+    if weight is None or len(g.inits[weight].dims) != 2:
         return None
-    return node.input[0], node.input[1], bias
+    return node.input[0], weight, bias
 
 
 def _packed_qkv(g: _Graph, srcs: list[str], prefix: str) -> tuple[str, list[Any], list[Any]] | None:
@@ -551,8 +573,15 @@ def fuse(model: Any, dims: dict[str, list[Any]], heads: int | None = None, *, po
                     rotary = [f"edgelm_gqa_cos_{index}", f"edgelm_gqa_sin_{index}"]
                     p["q"], p["k"] = rq["x"], rk["x"]
                     rotary_layers += 1
-        flat = [_flat_source(g, p[role], n * head_size)
-                for role, n in (("q", n_heads), ("k", kv_heads), ("v", kv_heads))]
+        flat = []
+        for role, n in (("q", n_heads), ("k", kv_heads), ("v", kv_heads)):
+            found = _flat_source(g, p[role], n * head_size)
+            if found is not None and found[1] != 1.0:
+                if role == "v":  # a scale on the values is not the op's
+                    found = None
+                else:
+                    p["scale"] *= found[1]
+            flat.append(found[0] if found else None)
         packed = _packed_qkv(g, flat, pre) if all(flat) else None
         if packed is not None:  # the op splits q, k and v itself
             new.extend(packed[1])
