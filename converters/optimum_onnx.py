@@ -14,8 +14,8 @@ inputs and ``present.*`` outputs; :mod:`.onnx_quantize` folds its shape arithmet
 each layer's attention into onnxruntime's GroupQueryAttention over a shared cache buffer (checked against the export
 on random tokens; left as exported where the pattern differs, BLOOM's ALiBi for one), :mod:`.onnx_quantize` then
 rounds its weights to MatMulNBits int4/int8 (GPTQ for symmetric int4 where asked or chosen, round to nearest
-otherwise); edgelm's own onnxruntime loop (:mod:`edgelm.runtimes.onnx_session`) runs it.  Nothing here writes the final output: the caller (``convert_to_onnx``)
-passes a temporary folder and renames it when every check passed.
+otherwise); edgelm's own onnxruntime loop (:mod:`edgelm.runtimes.onnx_session`) runs it.  Nothing here writes the
+final output: the caller (``convert_to_onnx``) passes a temporary folder and renames it when every check passed.
 """
 
 from __future__ import annotations

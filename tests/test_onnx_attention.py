@@ -88,7 +88,8 @@ def attention_graph(*, alibi: bool = False, rotary: bool = False, seed: int = 0,
                   n("Unsqueeze", ["cos3", "i1"], ["cos"]), n("Unsqueeze", ["sin3", "i1"], ["sin"])]
         for x in ("q4", "k_new"):
             r = f"rot_{x[0]}"
-            nodes += [n("Slice", [x, "h0", "h1", "last"], [f"{r}_lo"]), n("Slice", [x, "h1", "h2", "last"], [f"{r}_hi"]),
+            nodes += [n("Slice", [x, "h0", "h1", "last"], [f"{r}_lo"]),
+                      n("Slice", [x, "h1", "h2", "last"], [f"{r}_hi"]),
                       n("Neg", [f"{r}_hi"], [f"{r}_neg"]),
                       n("Concat", [f"{r}_neg", f"{r}_lo"], [f"{r}_half"], axis=-1),
                       n("Mul", [x, "cos"], [f"{r}_c"]), n("Mul", [f"{r}_half", "sin"], [f"{r}_s"]),
