@@ -563,14 +563,14 @@ def fuse(model: Any, dims: dict[str, list[Any]], heads: int | None = None, *, po
             rq, rk = _rotary_of(g, p["q"], head_size), _rotary_of(g, p["k"], head_size)
             if rq and rk and (rq["cos"], rq["sin"], rq["rotary_dim"]) == (rk["cos"], rk["sin"], rk["rotary_dim"]):
                 key = (rq["cos"], rq["sin"], rq["rotary_dim"])
-                if key not in tables:
-                    tables[key] = _rotary_tables(g, *key, positions)
-                    if tables[key] is not None:
-                        for name, table in zip(("cos", "sin"), tables[key]):
-                            consts.append(numpy_helper.from_array(table, f"edgelm_gqa_{name}_{len(tables)}"))
+                if key not in tables:  # the names of its cos/sin tables, once per rotary the layers share
+                    values = _rotary_tables(g, *key, positions)
+                    tables[key] = None if values is None else \
+                        [f"edgelm_gqa_{name}_{len(tables) + 1}" for name in ("cos", "sin")]
+                    if values is not None:
+                        consts.extend(numpy_helper.from_array(v, n) for v, n in zip(values, tables[key]))
                 if tables[key] is not None:
-                    index = list(tables).index(key) + 1
-                    rotary = [f"edgelm_gqa_cos_{index}", f"edgelm_gqa_sin_{index}"]
+                    rotary = tables[key]
                     p["q"], p["k"] = rq["x"], rk["x"]
                     rotary_layers += 1
         flat = []
@@ -751,14 +751,15 @@ def fuse_checked(model: Any, original: Any, *, heads: int | None, vocab: int, po
     from .onnx_quantize import symbolic_dims
 
     dims = symbolic_dims(model)
-    problem = None
+    problem = reference = None
     for rotary_positions in dict.fromkeys((positions, None)):
         result = fuse(model, dims, heads, positions=rotary_positions)
         undo = result.pop("undo", None)
         if undo is None:
             return result
         try:
-            problem = verify(original, model, vocab=vocab)
+            reference = reference or reference_logits(original, vocab=vocab)  # the exported graph runs once
+            problem = compare(model, reference)
         except Exception as exc:  # onnxruntime refused to run it: as much a mismatch as wrong logits
             problem = f"run failed ({str(exc).strip().splitlines()[0][:300]})"
         except BaseException:
@@ -794,35 +795,41 @@ def verify(original: Any, fused: Any, *, vocab: int, steps: int = 3, prompt: int
     """Run ``original`` and ``fused`` (ModelProtos, or paths) on the same random tokens: a prompt, then ``steps``
     single tokens; ``fused`` with its cache in one buffer larger than the sequence, past and present bound to it as
     the runtime does.  None when the logits agree, else what differs."""
+    return compare(fused, reference_logits(original, vocab=vocab, steps=steps, prompt=prompt), rtol=rtol)
+
+
+def reference_logits(original: Any, *, vocab: int, steps: int = 3, prompt: int = 5) -> tuple[list, list]:
+    """The random token chunks of :func:`verify` (a prompt, then ``steps`` single tokens) and the last logits
+    ``original`` gives after each, its cache fed back as it grows."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, max(2, vocab), size=prompt + steps).tolist()
     chunks = [ids[:prompt]] + [[t] for t in ids[prompt:]]
-
-    def feeds(s: Any, chunk: list[int], n: int) -> dict[str, Any]:
-        names = {i.name for i in s.get_inputs()}
-        f = {"input_ids": np.array([chunk], np.int64), "attention_mask": np.ones((1, n + len(chunk)), np.int64)}
-        if "position_ids" in names:
-            f["position_ids"] = np.arange(n, n + len(chunk), dtype=np.int64)[None]
-        return f
-
     s = _session(original)
     past = [i for i in s.get_inputs() if i.name.startswith("past_key_values.")]
-    shape = lambda i, n: [1 if k == 0 else (n if isinstance(d, str) or not d else d)  # noqa: E731
-                          for k, d in enumerate(i.shape)]
-    cache = {i.name: np.zeros(shape(i, 0), np.float32) for i in past}
+    cache = {i.name: np.zeros(_cache_shape(i, 0), np.float32) for i in past}
     expected, n = [], 0
     for chunk in chunks:
         out = s.run(["logits"] + ["present" + i.name[len("past_key_values"):] for i in past],
-                    {**feeds(s, chunk, n), **cache})
+                    {**_feeds(s, chunk, n), **cache})
         expected.append(out[0][0, -1])
         cache = {i.name: v for i, v in zip(past, out[1:])}
         n += len(chunk)
-    del s
+    return chunks, expected
+
+
+def compare(fused: Any, reference: tuple[list, list], *, rtol: float = 2e-3) -> str | None:
+    """Run ``fused`` on :func:`reference_logits`' chunks, its cache in one buffer larger than the sequence bound as
+    past and present; None when its logits agree with the reference's, else what differs."""
+    import numpy as np
+
+    chunks, expected = reference
     s = _session(fused)
-    capacity = len(ids) + 4
-    buffers = {i.name: np.zeros(shape(i, capacity), np.float32) for i in past}
+    vocab = len(expected[0])
+    capacity = sum(len(c) for c in chunks) + 4
+    buffers = {i.name: np.zeros(_cache_shape(i, capacity), np.float32) for i in s.get_inputs()
+               if i.name.startswith("past_key_values.")}
     b = s.io_binding()
     for name, buf in buffers.items():
         b.bind_input(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
@@ -830,7 +837,7 @@ def verify(original: Any, fused: Any, *, vocab: int, steps: int = 3, prompt: int
                       buf.ctypes.data)
     n = 0
     for step, chunk in enumerate(chunks):
-        for k, v in feeds(s, chunk, n).items():
+        for k, v in _feeds(s, chunk, n).items():
             b.bind_cpu_input(k, v)
         logits = np.empty((1, len(chunk), vocab), np.float32)
         b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
@@ -842,6 +849,21 @@ def verify(original: Any, fused: Any, *, vocab: int, steps: int = 3, prompt: int
             return f"logits differ by {err:.3g} at step {step} (largest logit {float(np.max(np.abs(want))):.3g})"
         n += len(chunk)
     return None
+
+
+def _feeds(session: Any, chunk: list[int], n: int) -> dict[str, Any]:
+    """input_ids, attention_mask (and position_ids where the graph takes them) for ``chunk`` after ``n`` tokens."""
+    import numpy as np
+
+    f = {"input_ids": np.array([chunk], np.int64), "attention_mask": np.ones((1, n + len(chunk)), np.int64)}
+    if "position_ids" in {i.name for i in session.get_inputs()}:
+        f["position_ids"] = np.arange(n, n + len(chunk), dtype=np.int64)[None]
+    return f
+
+
+def _cache_shape(arg: Any, n: int) -> list[int]:
+    """A past_key_values input's shape for batch 1 and ``n`` positions (its named sizes are the free ones)."""
+    return [1 if k == 0 else (n if isinstance(d, str) or not d else d) for k, d in enumerate(arg.shape)]
 
 
 def _session(model: Any) -> Any:

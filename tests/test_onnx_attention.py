@@ -128,8 +128,8 @@ def attention_graph(*, alibi: bool = False, rotary: bool = False, seed: int = 0,
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def _fused(model) -> dict:
-    return onnx_attention.fuse(model, onnx_quantize.symbolic_dims(model), heads=HEADS)
+def _fused(model, **options) -> dict:
+    return onnx_attention.fuse(model, onnx_quantize.symbolic_dims(model), heads=HEADS, **options)
 
 
 def test_attention_is_rewritten_into_one_group_query_attention_with_the_same_logits():
@@ -151,7 +151,7 @@ def test_attention_is_rewritten_into_one_group_query_attention_with_the_same_log
 
 def test_rotary_embedding_moves_into_the_op_as_tables_of_the_graphs_own_cos_and_sin():
     original, model = attention_graph(rotary=True, head=16), attention_graph(rotary=True, head=16)
-    done = onnx_attention.fuse(model, onnx_quantize.symbolic_dims(model), heads=HEADS, positions=64)
+    done = _fused(model, positions=64)
     assert done["rotary_in_op"] == 1 and done["packed_qkv"] == 1
     ops = [node.op_type for node in model.graph.node]
     assert not {"Neg", "Cos", "Sin", "Slice"} & set(ops)  # the rotary subgraph is gone from the graph
@@ -163,7 +163,7 @@ def test_rotary_embedding_moves_into_the_op_as_tables_of_the_graphs_own_cos_and_
     assert onnx_attention.verify(original, model, vocab=VOCAB) is None
     # without the positions the rotary stays in the graph, before the op, and the logits still agree
     model = attention_graph(rotary=True, head=16)
-    assert onnx_attention.fuse(model, onnx_quantize.symbolic_dims(model), heads=HEADS)["rotary_in_op"] == 0
+    assert _fused(model)["rotary_in_op"] == 0
     assert onnx_attention.verify(original, model, vocab=VOCAB) is None
 
 
@@ -186,7 +186,7 @@ def test_a_per_head_score_bias_is_not_a_mask_and_the_graph_stays_as_exported():
 
 def test_a_head_size_the_fused_op_refuses_stays_as_exported():
     model = attention_graph(head=4)
-    done = onnx_attention.fuse(model, onnx_quantize.symbolic_dims(model), heads=HEADS)
+    done = _fused(model)
     assert done == {"attention": "as exported", "reason": "head size 4 is not a multiple of 8 (GroupQueryAttention "
                     "needs that)"}
 
@@ -200,7 +200,7 @@ def _content(model) -> tuple:
 def test_fuse_checked_puts_the_graph_back_when_the_logits_differ(monkeypatch):
     original, model = attention_graph(), attention_graph()
     before = _content(model)
-    monkeypatch.setattr(onnx_attention, "verify", lambda *a, **k: "logits differ by 1 at step 0")
+    monkeypatch.setattr(onnx_attention, "compare", lambda *a, **k: "logits differ by 1 at step 0")
     done = onnx_attention.fuse_checked(model, original, heads=HEADS, vocab=VOCAB)
     assert done == {"attention": "as exported", "reason": "the rewritten graph's logits differ by 1 at step 0"}
     assert _content(model) == before
@@ -228,7 +228,7 @@ def test_session_loop_shares_one_cache_buffer_and_decodes_as_the_exported_graph(
     head = 16 if rotary else HEAD
     exported = _folder(tmp_path / "exported", attention_graph(rotary=rotary, head=head))
     model = attention_graph(rotary=rotary, head=head)
-    done = onnx_attention.fuse(model, onnx_quantize.symbolic_dims(model), heads=HEADS, positions=64)
+    done = _fused(model, positions=64)
     assert done["attention"] == "GroupQueryAttention" and done["rotary_in_op"] == int(rotary)
     fused = _folder(tmp_path / "fused", model)
     assert onnx_plain.session_io(fused / "model.onnx")["shared_buffer"] is True
