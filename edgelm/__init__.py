@@ -8,23 +8,6 @@
 
 from __future__ import annotations
 
-import os as _os
-
-# llama.cpp (OPENMP = 1 in llama-cpp-python's build) syncs its threads at every operation of a forward pass with an
-# OpenMP barrier, and how a thread waits there decides the speed: libgomp's default spins for about 300,000 rounds
-# (milliseconds) before it sleeps, which is fastest on an idle machine and pathological on a loaded one (a waiting
-# thread burns the core its partner needs: decoding ran 20-50x slower on this project's 2-core machines under load);
-# OMP_WAIT_POLICY=PASSIVE (sleep at once) is safe under load but pays a futex wake-up at each of hundreds of
-# barriers per token: 0.6-0.65x the tokens/s on an idle machine.  A short spin (10,000 rounds, a fraction of a
-# millisecond) catches a barrier on an idle machine and gives the core up soon under load: measured 1.5x PASSIVE's
-# single-stream decode idle, and no worse than PASSIVE with two CPU hogs.  Longer spins make the first token after an
-# idle pause a little faster (13-15 ms instead of 16-20 for SmolLM2 with 30,000-300,000 rounds) but 100,000 already
-# stalled for over 25 s under two hogs, and a round lasts longer on some CPUs: 10,000 keeps a wide margin.  Read by
-# libgomp once, when it loads: set here, before edgelm imports llama.cpp.  Set OMP_WAIT_POLICY or GOMP_SPINCOUNT
-# yourself to choose otherwise.
-if "OMP_WAIT_POLICY" not in _os.environ:
-    _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the public API)
 from .errors import EdgelmError
 from .loader import default_model_path, load
@@ -64,8 +47,8 @@ def worker(*args, **kwargs):
 
 
 def recommend_cluster(*args, **kwargs):
-    """Plan a model over a device and N RPC workers; see edgelm.rpc.cluster.recommend_cluster."""
-    from .rpc.cluster import recommend_cluster as _recommend
+    """Plan a model over a device and N RPC workers; see edgelm.cluster.recommend_cluster."""
+    from .cluster import recommend_cluster as _recommend
 
     return _recommend(*args, **kwargs)
 

@@ -153,7 +153,7 @@ def load(model: str | os.PathLike[str] | None = None, *,
     if isinstance(defaults, dict):
         defaults = GenerationParams().merged(**defaults)
     if load_options.workers or load_options.tensor_split is not None:  # split across RPC workers, in a child process
-        from .rpc.client import load_with_workers
+        from .runtimes.remote import load_with_workers
 
         if load_options.parallel > 1:
             raise InvalidParameterError(

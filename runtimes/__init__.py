@@ -13,7 +13,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from edgelm.errors import BackendNotInstalledError, UnknownBackendError
+from edgelm.errors import UnknownBackendError
+from edgelm.formats import gguf, onnx_folder
+from edgelm.optional import require
 
 from .base import Backend, BackendBase, Capabilities, LoadOptions, Seq
 
@@ -64,15 +66,7 @@ def get_backend(name: str) -> type:
         return _registered[key]()
     if key in BUILTIN:
         b = BUILTIN[key]
-        try:
-            importlib.import_module(b.module)
-        except ImportError as exc:
-            raise BackendNotInstalledError(
-                f"The {key} backend needs the Python package {b.module!r}, which is not installed ({exc}).",
-                fix=f'Install it with: pip install "edgelm[{b.extra}]"',
-                backend=key,
-                extra=b.extra,
-            ) from exc
+        require(b.module, extra=b.extra, purpose=f"The {key} backend", backend=key)
         mod_name, attr = b.target.split(":")
         return getattr(importlib.import_module(mod_name), attr)
     for ep in _entry_points():
@@ -92,8 +86,6 @@ def _entry_points():
 
 def detect_backend(path: Path) -> str | None:
     """The name of the backend that reads ``path`` by its format, without importing heavy runtimes."""
-    from edgelm.formats import gguf, onnx_folder
-
     for name, factory in _registered.items():
         if factory().accepts(path):
             return name

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 
 from edgelm.errors import BackendError, EdgelmError
 
+from . import get_backend
 from .base import Capabilities, LoadOptions, Seq
 
 log = logging.getLogger("edgelm.isolated")
@@ -374,13 +375,11 @@ class _Host:
         self.conn.send((kind, value, self.seq_changes() if self.backend is not None else {}, tokens or {}))
 
     def load(self, backend_name: str, path: str, options: LoadOptions) -> None:
-        from edgelm import runtimes
-
         if ":" in backend_name:  # module:Class (a backend that is not registered by name in a fresh process)
             module, _, attr = backend_name.partition(":")
             cls = getattr(importlib.import_module(module), attr)
         else:
-            cls = runtimes.get_backend(backend_name)
+            cls = get_backend(backend_name)
         self.backend = cls.load(Path(path), options)
         self.workers = options.workers
         b = self.backend

@@ -13,13 +13,13 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
-import llama_cpp
-from llama_cpp import _internals as internals
-
-from edgelm.errors import BackendError, InvalidParameterError, UnsupportedModelError
+from edgelm.errors import BackendError, InvalidParameterError, StateMismatchError, UnsupportedModelError
 from edgelm.formats import gguf, kv_state
-from edgelm.native import llamacpp as native
+from edgelm.native import llamacpp as native  # before llama_cpp: it sets up OpenMP first
+from edgelm.native.llamacpp import llama_cpp
 from edgelm.params import GenerationParams
+from edgelm.rpc import attach
+from llama_cpp import _internals as internals
 
 from . import speculative
 from .base import BackendBase, Capabilities, LoadOptions, Seq, resolve_n_ctx
@@ -113,8 +113,6 @@ class LlamaCppBackend(BackendBase):
         mp.use_extra_bufts = (not native.amx_present()) if extra is None else bool(extra)
         rpc = None
         if options.workers:  # layers on llama.cpp RPC workers (edgelm.rpc); edgelm.load runs this in a child process
-            from edgelm.rpc import attach
-
             rpc = attach.prepare(header, options, n_ctx)
             rpc.apply(mp)
         native.clear_log()
@@ -559,8 +557,6 @@ class LlamaCppBackend(BackendBase):
 
     def load_state(self, seq: Seq, path: Path) -> int:
         """Restore into ``seq`` a KV cache written by :meth:`save_state` for this same model."""
-        from edgelm.errors import StateMismatchError
-
         meta, tokens, blob = kv_state.read(path)
         kv_state.check_identity(path, meta, self.state_identity(), ("model", "kv_cache", "llama_cpp_python"))
         if len(tokens) >= self.n_ctx:

@@ -22,26 +22,22 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from edgelm.errors import BackendError, BackendNotInstalledError, InvalidModelFileError, UnsupportedModelError
+from edgelm.errors import BackendError, InvalidModelFileError, UnsupportedModelError
 from edgelm.formats import onnx_folder
+from edgelm.optional import require
 from edgelm.params import GenerationParams
 
 from .base import BackendBase, Capabilities, LoadOptions, Seq
 from .onnx_base import OnnxFolderBackend, package_version
 from .onnx_providers import PROVIDERS, ort_version
+from .onnx_session import OnnxSessionBackend
 from .sampling import NumpySampler
 
 log = logging.getLogger("edgelm.onnx")
 
 
-def _genai():
-    try:
-        import onnxruntime_genai as og
-    except ImportError as exc:
-        raise BackendNotInstalledError(
-            f"The onnxruntime backend needs the Python package 'onnxruntime_genai', which is not installed ({exc}).",
-            fix='Install it with: pip install "edgelm[onnx]"', backend="onnxruntime", extra="onnx") from exc
-    return og
+def _genai() -> Any:
+    return require("onnxruntime_genai", extra="onnx", purpose="The onnxruntime backend", backend="onnxruntime")
 
 
 def _greedy_only(params: GenerationParams) -> bool:
@@ -68,8 +64,6 @@ class OnnxBackend(OnnxFolderBackend):
     def load(cls, path: Path, options: LoadOptions) -> "BackendBase":
         folder, manifest = cls.open_folder(path)
         if onnx_folder.exporter_kind(manifest) == "optimum":  # a plain decoder graph: edgelm's own session loop
-            from .onnx_session import OnnxSessionBackend
-
             return OnnxSessionBackend.load(folder, options)
         self = cls()
         self._setup(folder, manifest, options)

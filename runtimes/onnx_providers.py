@@ -9,6 +9,7 @@ import platform
 from typing import Sequence
 
 from edgelm.errors import ExecutionProviderError
+from edgelm.optional import available, require
 
 # onnxruntime provider name -> (name onnxruntime-genai's Config.append_provider takes, what installs it)
 PROVIDERS: dict[str, tuple[str, str]] = {
@@ -44,18 +45,13 @@ PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda
 
 
 def ort_version() -> str:
-    try:
-        import onnxruntime
-
-        return onnxruntime.__version__
-    except ImportError:  # pragma: no cover
+    if not available("onnxruntime"):
         return "(not installed)"
+    return str(require("onnxruntime", extra="onnx", purpose="The onnxruntime backend").__version__)
 
 
 def available_providers() -> list[str]:
-    import onnxruntime
-
-    return list(onnxruntime.get_available_providers())
+    return list(require("onnxruntime", extra="onnx", purpose="The onnxruntime backend").get_available_providers())
 
 
 def choose_provider(device: str, preferred: Sequence[str] | None, available: Sequence[str],

@@ -34,8 +34,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from edgelm.errors import BackendError, BackendNotInstalledError, InvalidModelFileError, UnsupportedModelError
+from edgelm.errors import BackendError, InvalidModelFileError, UnsupportedModelError
 from edgelm.formats import onnx_folder, onnx_plain
+from edgelm.optional import require
 
 from .base import Capabilities, LoadOptions, Seq
 from .onnx_base import OnnxFolderBackend
@@ -48,14 +49,8 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(in
           "tensor(int32)": np.int32}
 
 
-def _ort():
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise BackendNotInstalledError(
-            f"The onnxruntime backend needs the Python package 'onnxruntime', which is not installed ({exc}).",
-            fix='Install it with: pip install "edgelm[onnx]"', backend="onnxruntime", extra="onnx") from exc
-    return ort
+def _ort() -> Any:
+    return require("onnxruntime", extra="onnx", purpose="The onnxruntime backend", backend="onnxruntime")
 
 
 class _KV:

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from edgelm.errors import BackendNotInstalledError, InvalidModelFileError
+from edgelm.errors import InvalidModelFileError
+from edgelm.optional import require
 
 # end-of-turn tokens llama.cpp also treats as end of generation
 EOG_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
@@ -83,12 +84,8 @@ class JsonTokenizer:
 
     def __init__(self, folder: Path, *, eos_token_ids: Sequence[int] = (), bos_token_id: int | None = None,
                  vocab_size: int | None = None, template_file: str | None = None) -> None:
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as exc:
-            raise BackendNotInstalledError(f"The onnxruntime backend needs the Python package 'tokenizers' ({exc}).",
-                                           fix='Install it with: pip install "edgelm[onnx]"', backend="onnxruntime",
-                                           extra="onnx") from exc
+        Tokenizer = require("tokenizers", extra="onnx", purpose="The onnxruntime backend",
+                            backend="onnxruntime").Tokenizer
         tok_file = folder / "tokenizer.json"
         try:
             spec = json.loads(tok_file.read_text(encoding="utf-8"))

@@ -25,7 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if _SESSION_HOME is not None:
         return
     from edgelm.converters.hf_gguf import ENV_VAR, find_converter
-    from edgelm.rpc import build as rpc_build
+    from edgelm.native import rpc_module as rpc_build
 
     found = find_converter()
     if found is not None and found[1]:

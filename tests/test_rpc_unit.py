@@ -180,7 +180,7 @@ def header(default_gguf):
 
 
 def test_cluster_plan_for_four_boards_fits_and_counts_the_network(header):
-    from edgelm.rpc.cluster import recommend_cluster
+    from edgelm.cluster import recommend_cluster
 
     plan = recommend_cluster(header, "raspberry-pi-5-4gb", workers=3)
     assert plan.fits and len(plan.parts) == 4 and plan.workers == ["worker 1", "worker 2", "worker 3"]
@@ -194,7 +194,7 @@ def test_cluster_plan_for_four_boards_fits_and_counts_the_network(header):
 
 
 def test_cluster_plan_says_when_the_boards_are_too_small(header):
-    from edgelm.rpc.cluster import recommend_cluster
+    from edgelm.cluster import recommend_cluster
 
     plan = recommend_cluster(header, "raspberry-pi-zero-2-w", workers=1, worker_device="raspberry-pi-zero-2-w",
                              n_ctx=100_000)

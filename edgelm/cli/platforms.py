@@ -194,7 +194,7 @@ def _recommend_cluster(model: str | None, device: str, n_ctx: int | None, as_jso
                        worker_device: str | None, link: str, hop_ms: float | None) -> None:
     import sys
 
-    from edgelm.rpc.cluster import print_plan, recommend_cluster
+    from edgelm.cluster import print_plan, recommend_cluster
 
     count: int | list[str] = int(workers) if workers.strip().isdigit() else [workers]
     plan = recommend_cluster(model, device, workers=count, worker_device=worker_device, n_ctx=n_ctx, link=link,

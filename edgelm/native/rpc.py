@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import llama_cpp
-from llama_cpp import _ctypes_extensions as _ext
-
 from edgelm.errors import BackendError, BackendNotInstalledError
 
-from . import llamacpp as native
+from . import llamacpp as native  # before llama_cpp: it sets up OpenMP first
+from .llamacpp import llama_cpp
+from llama_cpp import _ctypes_extensions as _ext
+from .rpc_module import INSTALL_HINT, installed_module
 
 log = logging.getLogger("edgelm.rpc")
 
@@ -107,8 +107,6 @@ class Availability:
 
 def availability() -> Availability:
     """Whether RPC can be used here, without loading anything new into the process."""
-    from edgelm.rpc.build import installed_module
-
     g = ggml()
     registered = bool(g.reg_by_name(b"RPC"))
     built_in = registered and _loaded_module is None
@@ -121,8 +119,6 @@ def availability() -> Availability:
 def registry() -> int:
     """The RPC backend registry of this process: built in, or the installed module loaded now (once)."""
     global _loaded_module
-    from edgelm.rpc.build import INSTALL_HINT, installed_module
-
     g = ggml()
     reg = g.reg_by_name(b"RPC")
     if reg:

@@ -8,49 +8,31 @@
     edgelm.recommend_cluster("model.gguf", device="raspberry-pi-5-4gb", workers=3)   # before buying the boards
 
 Modules: :mod:`.protocol` (endpoints; asking a worker in plain Python), :mod:`.split` (where each layer goes),
-:mod:`.client` (``load(..., workers=)``), :mod:`.attach` (the llama.cpp side, in the model's process),
-:mod:`.worker` (``edgelm worker``), :mod:`.cluster` (plans for boards not bought yet), :mod:`.build`
-(``edgelm install-rpc``).  Nothing here imports llama.cpp until it is needed.
+:mod:`.attach` (the llama.cpp side, in the model's process), :mod:`.worker` (``edgelm worker``), :mod:`.build`
+(``edgelm install-rpc``).  Above this package: :mod:`edgelm.runtimes.remote` (``load(..., workers=)``, a backend
+in a child process) and :mod:`edgelm.cluster` (plans for boards not bought yet), which use it.  Nothing here imports
+llama.cpp until it is needed (:mod:`.attach` and :mod:`edgelm.native.rpc` load it, and are imported where used).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-
-def serve_worker(*args: Any, **kwargs: Any) -> None:
-    """Run an RPC worker (blocks); see :func:`edgelm.rpc.worker.serve_worker`."""
-    from .worker import serve_worker as _serve
-
-    return _serve(*args, **kwargs)
+from . import protocol
+from .build import install_rpc
+from .worker import serve_worker
 
 
 def query(endpoint: str, *, timeout: float = 3.0) -> Any:
     """Ask a worker for its protocol version and memory; see :func:`edgelm.rpc.protocol.query`."""
-    from .protocol import query as _query
-
-    return _query(endpoint, timeout=timeout)
-
-
-def install_rpc(**kwargs: Any) -> Any:
-    """Build llama.cpp's RPC backend for the installed llama-cpp-python; see :func:`edgelm.rpc.build.install_rpc`."""
-    from .build import install_rpc as _install
-
-    return _install(**kwargs)
+    return protocol.query(endpoint, timeout=timeout)
 
 
 def availability() -> dict[str, Any]:
     """Whether this process can use RPC: {"available", "built_in", "module", "loaded"}."""
-    from edgelm.native.rpc import availability as _availability
+    from edgelm.native.rpc import availability as _availability  # loads llama.cpp
 
     return _availability().to_dict()
 
 
-def recommend_cluster(*args: Any, **kwargs: Any) -> Any:
-    """A plan for a model over this device and N workers; see :func:`edgelm.rpc.cluster.recommend_cluster`."""
-    from .cluster import recommend_cluster as _recommend
-
-    return _recommend(*args, **kwargs)
-
-
-__all__ = ["serve_worker", "query", "install_rpc", "availability", "recommend_cluster"]
+__all__ = ["serve_worker", "query", "install_rpc", "availability"]

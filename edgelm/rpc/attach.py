@@ -14,13 +14,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import llama_cpp
-
 from edgelm.formats.gguf import GGUFHeader
 from edgelm.native import llamacpp as native
+from edgelm.native.llamacpp import llama_cpp
+from edgelm.platforms import available_memory
 from edgelm.native import rpc as native_rpc
 
 from . import protocol, split
+from .protocol import part_name
 
 _LAYER = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
 _BUFFER = re.compile(r"^\S+:\s+(\S+)\s+(model|KV|compute) buffer size =\s+([\d.]+) MiB")
@@ -112,8 +113,6 @@ def prepare(header: GGUFHeader, options: Any, n_ctx: int) -> Setup:
     Connects to every worker: **aborts the process** if one is gone, so check them with
     :func:`edgelm.rpc.protocol.query` first (edgelm.load does, in the parent process)."""
     global _current
-    from edgelm.platforms import available_memory
-
     endpoints = protocol.parse_workers(options.workers)
     per_worker = [(ep, native_rpc.add_worker(ep.spec)) for ep in endpoints]
     devices = [(part_name(ep, i, len(devs)), ep, i, d) for ep, devs in per_worker for i, d in enumerate(devs)]
@@ -127,11 +126,6 @@ def prepare(header: GGUFHeader, options: Any, n_ctx: int) -> Setup:
     _current = setup
     native.add_listener(setup._listen)
     return setup
-
-
-def part_name(endpoint: protocol.Endpoint, index: int, count: int) -> str:
-    """A part's name: the worker's host:port, with #i when the worker has several devices (GPUs)."""
-    return str(endpoint) if count == 1 else f"{endpoint}#{index}"
 
 
 def check_workers(workers: Any) -> dict[str, Any]:

@@ -12,7 +12,6 @@ queried on loopback) before it is put in place, and ignored by a different build
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,86 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 from edgelm.errors import BackendNotInstalledError
+from edgelm.native.rpc_module import PACKAGE, build_key, lib_dir, llama_cpp_version, module_name, rpc_home
 
-ENV_VAR = "EDGELM_RPC_MODULE"  # a module file to use instead (or a folder to install into)
-PACKAGE = "llama-cpp-python"
-INSTALL_HINT = ("Build it once for this llama-cpp-python: `edgelm install-rpc` (compiles llama.cpp's RPC backend from "
-                "the same release's sources in about a minute; needs a C++ compiler), or reinstall llama-cpp-python "
-                "with it built in: CMAKE_ARGS=\"-DGGML_RPC=on\" pip install --force-reinstall --no-cache-dir "
-                "llama-cpp-python.")
 SOURCES = ("ggml/src/ggml-rpc/ggml-rpc.cpp", "ggml/src/ggml-rpc/transport.cpp")
 
 Progress = Callable[[str, float], None]
-
-
-def _lib_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.origin:
-        raise BackendNotInstalledError("llama-cpp-python is not installed.", fix='pip install "edgelm[llamacpp]"',
-                                       backend="llamacpp", extra="llamacpp")
-    return Path(spec.origin).resolve().parent / "lib"
-
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(PACKAGE)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _ggml_base(lib_dir: Path) -> Path:
-    names = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
-    name = next((v for k, v in names.items() if sys.platform.startswith(k)), "libggml-base.so")
-    path = lib_dir / name
-    if not path.exists():
-        raise BackendNotInstalledError(f"{path} is missing: this llama-cpp-python install has no libggml-base.",
-                                       fix="Reinstall llama-cpp-python.", backend="llamacpp", extra="llamacpp")
-    return path
-
-
-_build_key_cache: dict[tuple[str, int, int], str] = {}
-
-
-def build_key() -> str:
-    """Identifies the installed llama.cpp build: llama-cpp-python's version and the hash of its libggml-base."""
-    base = _ggml_base(_lib_dir()).resolve()
-    st = base.stat()
-    key = (str(base), st.st_size, st.st_mtime_ns)
-    if key not in _build_key_cache:
-        digest = hashlib.sha256(base.read_bytes()).hexdigest()[:12]
-        _build_key_cache[key] = f"{PACKAGE}-{_version()}-{digest}"
-    return _build_key_cache[key]
-
-
-def module_name() -> str:
-    return "ggml-rpc.dll" if sys.platform == "win32" else "libggml-rpc.dylib" if sys.platform == "darwin" \
-        else "libggml-rpc.so"
-
-
-def rpc_home() -> Path:
-    """Where ``edgelm install-rpc`` puts the module for this build: $XDG_CACHE_HOME/edgelm/tools/ggml-rpc/<build>."""
-    override = os.environ.get(ENV_VAR)
-    if override and not override.endswith((".so", ".dylib", ".dll")):
-        return Path(override).expanduser() / build_key()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return cache / "edgelm" / "tools" / "ggml-rpc" / build_key()
-
-
-def installed_module() -> Path | None:
-    """The RPC module built for the installed llama-cpp-python, or None."""
-    override = os.environ.get(ENV_VAR)
-    if override and override.endswith((".so", ".dylib", ".dll")):
-        path = Path(override).expanduser()
-        return path if path.is_file() else None
-    try:
-        path = rpc_home() / module_name()
-    except BackendNotInstalledError:
-        return None
-    return path if path.is_file() and (path.parent / "build.json").is_file() else None
 
 
 def built_in() -> bool:
@@ -210,7 +134,7 @@ def install_rpc(*, force: bool = False, source: str | os.PathLike[str] | None = 
     when llama-cpp-python was built with it: nothing to do).
 
     ``source``: the llama-cpp-python sdist (.tar.gz) or a llama.cpp tree, instead of fetching it with pip."""
-    lib_dir = _lib_dir()
+    libs = lib_dir()
     if built_in():
         if progress:
             progress("llama.cpp's RPC backend is built into this llama-cpp-python: nothing to build", 1.0)
@@ -221,7 +145,7 @@ def install_rpc(*, force: bool = False, source: str | os.PathLike[str] | None = 
         if progress:
             progress(f"already built for this llama-cpp-python: {module}", 1.0)
         return module
-    version = _version()
+    version = llama_cpp_version()
     compiler = _compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
@@ -230,7 +154,7 @@ def install_rpc(*, force: bool = False, source: str | os.PathLike[str] | None = 
     try:
         root = _fetch_sources(version, work, Path(source).expanduser() if source else None, progress)
         out = tmp / module_name()
-        cmd = compile_command(root, lib_dir, out, compiler)
+        cmd = compile_command(root, libs, out, compiler)
         if progress:
             progress(f"compiling ggml-rpc with {Path(compiler).name} (about 10 s of CPU)", 0.5)
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")

@@ -218,3 +218,8 @@ def resolve(endpoints: Iterable[Endpoint]) -> list[tuple[str, int]]:
         except OSError:
             pass
     return out
+
+
+def part_name(endpoint: Endpoint, index: int, count: int) -> str:
+    """A part's name: the worker's host:port, with #i when the worker has several devices (GPUs)."""
+    return str(endpoint) if count == 1 else f"{endpoint}#{index}"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgelm.errors import InvalidParameterError, WorkerStartError
+from edgelm.platforms import available_memory, default_threads
 
 from . import protocol
 
@@ -99,8 +100,6 @@ def configure(host: str = "127.0.0.1", port: int = protocol.DEFAULT_PORT, *, mem
               threads: int | None = None, cache: str | os.PathLike[str] | None = None,
               devices: tuple[str, ...] | None = None) -> WorkerConfig:
     """Validate a worker's settings (typed errors) without starting anything."""
-    from edgelm.platforms import default_threads
-
     if not isinstance(host, str) or not host or any(c.isspace() for c in host) or ":" in host:
         raise InvalidParameterError(f"Invalid host: {host!r}.", fix="Give an IPv4 address or a host name of this "
                                     "machine (llama.cpp's RPC server listens on IPv4).", parameter="host", value=host)
@@ -142,7 +141,6 @@ def serve_worker(host: str = "127.0.0.1", port: int = protocol.DEFAULT_PORT, *, 
     ready(config, devices): called once listening (devices: name, description, free and total bytes reported).
     """
     from edgelm.native import rpc as native_rpc
-    from edgelm.platforms import available_memory
 
     cfg = configure(host, port, mem=mem, threads=threads, cache=cache, devices=devices)
     if not protocol.is_loopback(cfg.host):
@@ -238,6 +236,6 @@ def print_banner(cfg: WorkerConfig, devices: list[dict[str, object]], out: Calla
         f"{cfg.cache or 'off'})")
     for d in devices:
         out(f"  {d['name']}: {d['description']}, reports {int(d['free']) // mb} MB free of {int(d['total']) // mb} MB"
-            + (f" (capped by --mem)" if cfg.mem else ""))
+            + (" (capped by --mem)" if cfg.mem else ""))
     out(f"use it from another machine: edgelm run MODEL \"...\" --workers {cfg.endpoint}")
     sys.stdout.flush()

@@ -18,8 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import InvalidParameterError, WorkerLostError
+from edgelm.formats.gguf import read_header
+from edgelm.platforms import available_memory
+from edgelm.rpc import protocol, split
+from edgelm.rpc.protocol import part_name
 
-from . import protocol, split
+from .base import resolve_n_ctx
+from .isolated import IsolatedBackend
 
 log = logging.getLogger("edgelm.rpc")
 
@@ -27,10 +32,6 @@ log = logging.getLogger("edgelm.rpc")
 def preflight(path: Path, options: Any, *, timeout: float = protocol.CONNECT_TIMEOUT_S) -> tuple[Any, split.Split]:
     """Validate ``workers``/``tensor_split``, ask every worker, plan the split; return (options with exact layer
     counts as tensor_split, the plan)."""
-    from edgelm.formats.gguf import read_header
-    from edgelm.platforms import available_memory
-    from edgelm.runtimes.base import resolve_n_ctx
-
     endpoints = protocol.parse_workers(options.workers)
     if not endpoints:
         raise InvalidParameterError("tensor_split was given without workers.",
@@ -38,8 +39,6 @@ def preflight(path: Path, options: Any, *, timeout: float = protocol.CONNECT_TIM
                                     parameter="tensor_split", value=options.tensor_split)
     infos = protocol.query_all(endpoints, timeout=timeout)
     names, frees = [], []
-    from .attach import part_name
-
     for info in infos:
         for i, (free, _) in enumerate(info.devices):
             names.append(part_name(info.endpoint, i, len(info.devices)))
@@ -58,8 +57,6 @@ def preflight(path: Path, options: Any, *, timeout: float = protocol.CONNECT_TIM
 
 def load_with_workers(cls: type, path: Path, options: Any) -> Any:
     """The backend of a model split across ``options.workers``, running in a child process."""
-    from edgelm.runtimes.isolated import IsolatedBackend
-
     exact, plan = preflight(path, options)
     endpoints = protocol.parse_workers(exact.workers)
 

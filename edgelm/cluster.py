@@ -16,15 +16,16 @@ local, 60 over loopback RPC, 42 over 1 GbE.  ``hop_ms`` overrides the round trip
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from edgelm.errors import InvalidParameterError
+from edgelm.formats.gguf import GGUFHeader, read_header
+from edgelm.loader import resolve_model_path
+from edgelm.platforms.profiles import resolve, this_machine
+from edgelm.rpc import protocol, split
 from edgelm.units import human_bytes
-
-from . import protocol, split
 
 PER_TOKEN_OVERHEAD_S = 0.0015  # sampling, Python and thread sync per token (edgelm.plan's figure)
 
@@ -86,10 +87,6 @@ def recommend_cluster(model: Any = None, device: str = "auto", *,
     number of boards like ``worker_device`` (default: the same as ``device``), or live workers ["host:port", ...]
     (asked for their memory; their speed is taken from ``worker_device``).  Never raises for lack of memory: the plan
     says ``fits`` and what each device would need."""
-    from edgelm.formats.gguf import GGUFHeader, read_header
-    from edgelm.loader import resolve_model_path
-    from edgelm.platforms.profiles import resolve, this_machine
-
     if link not in LINKS:
         raise InvalidParameterError(f"Unknown link {link!r}.", fix=f"Use one of: {', '.join(LINKS)}.",
                                     parameter="link", value=link)
