@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -52,17 +51,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _SESSION_HOME is not None:
         shutil.rmtree(_SESSION_HOME, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def budget(request):
-    """A test marked @pytest.mark.budget(seconds) fails when it takes longer (wall clock)."""
-    marker = request.node.get_closest_marker("budget")
-    start = time.monotonic()
-    yield
-    if marker is not None:
-        elapsed = time.monotonic() - start
-        assert elapsed < marker.args[0], f"took {elapsed:.0f} s, over its budget of {marker.args[0]} s"
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,8 @@ INSTALL = "sudo apt-get install -y chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-# Each test's time budget, seconds (measured on 2 shared cores: 3-8 s each, about 30 s for the module).
-BUDGET = {"stream": 30, "stop": 30, "errors": 20, "key": 30, "render": 15}
+# Each test's hang guard and the longest wait for the page, seconds (they take 3-8 s each on 2 shared cores).
+HANG_GUARD = 120
 
 # In the page: watch the last answer and record each distinct text it shows while it streams.  The text is
 # compared without whitespace, backticks, tildes and button labels, so the renderer turning a half-written
@@ -82,15 +82,6 @@ class Server(test_server.Server):
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.seconds, self.start = seconds, time.monotonic()
-
-    def check(self) -> None:
-        took = time.monotonic() - self.start
-        assert took < self.seconds, f"took {took:.1f} s, over this test's budget of {self.seconds} s"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -182,15 +173,15 @@ def last_answer_text(page) -> str:
     return page.evaluate("window.__norm(document.querySelector('#messages li.assistant:last-child .content'))")
 
 
+@pytest.mark.timeout(HANG_GUARD)
 def test_answer_streams_token_by_token_and_survives_a_reload(server, browser):
-    budget = Budget(BUDGET["stream"])
     page = open_page(browser, server.url)
     sent = []
     page.on("request", lambda r: sent.append(r) if r.url.endswith("/v1/chat/completions") else None)
     set_max_tokens(page, 64)
     page.evaluate(OBSERVE)
     ask(page, "Tell me about the sea.")
-    page.wait_for_selector("#messages li.assistant[data-state=done]", timeout=BUDGET["stream"] * 1000)
+    page.wait_for_selector("#messages li.assistant[data-state=done]", timeout=HANG_GUARD * 1000)
 
     states, final = page.evaluate("window.__states"), last_answer_text(page)
     assert len(states) >= 3, states  # the text appeared piece by piece, not at once
@@ -217,11 +208,10 @@ def test_answer_streams_token_by_token_and_survives_a_reload(server, browser):
     assert page.evaluate("document.querySelectorAll('#messages li').length") == 0
     assert page.is_visible("#empty")
     close_page(page)
-    budget.check()
 
 
+@pytest.mark.timeout(HANG_GUARD)
 def test_stop_halts_the_answer_and_frees_the_model(server, browser):
-    budget = Budget(BUDGET["stop"])
     page = open_page(browser, server.url)
     set_max_tokens(page, 1500)
     page.evaluate(OBSERVE)
@@ -247,7 +237,6 @@ def test_stop_halts_the_answer_and_frees_the_model(server, browser):
     page.wait_for_selector("#messages li.assistant:nth-of-type(4)[data-state=done]", timeout=20_000)
     assert last_answer_text(page)
     close_page(page)
-    budget.check()
 
 
 def _error_message(server, model: str) -> tuple[int, str]:
@@ -256,8 +245,8 @@ def _error_message(server, model: str) -> tuple[int, str]:
     return r.status_code, r.json()["error"]["message"]
 
 
+@pytest.mark.timeout(HANG_GUARD)
 def test_errors_show_in_the_page(server, browser):
-    budget = Budget(BUDGET["errors"])
     page = open_page(browser, server.url)
     assert page.eval_on_selector("#model", "s => [...s.options].map(o => o.value)") == [NAME, "gone"]
     banner = "#error:not([hidden])"
@@ -291,11 +280,10 @@ def test_errors_show_in_the_page(server, browser):
     assert "edgelm serve" in page.inner_text("#error-text")
     page.unroute("**/v1/chat/completions")
     close_page(page)
-    budget.check()
 
 
+@pytest.mark.timeout(HANG_GUARD)
 def test_a_401_asks_for_the_key_and_a_good_key_works(browser, default_path):
-    budget = Budget(BUDGET["key"])
     s = Server("--api-key", "sekret", "--n-ctx", "512", f"{NAME}={default_path}")
     try:
         s.warm(headers={"Authorization": "Bearer sekret"})
@@ -332,7 +320,6 @@ def test_a_401_asks_for_the_key_and_a_good_key_works(browser, default_path):
         close_page(page)
     finally:
         s.stop()
-    budget.check()
 
 
 def _sse(*events: object) -> str:
@@ -344,10 +331,10 @@ def _delta(text: str) -> dict:
                                                             "finish_reason": None}]}
 
 
+@pytest.mark.timeout(HANG_GUARD)
 def test_model_text_is_shown_as_text_and_the_page_fits_a_phone(server, browser):
     """Whatever the model writes is text: markup in an answer is shown, never run or rendered.  The stream is
     the server's format, supplied by the test (a model cannot be made to write this on demand)."""
-    budget = Budget(BUDGET["render"])
     page = open_page(browser, server.url)
     page.set_viewport_size({"width": 390, "height": 844})
     hostile = ('Look: <img src=x onerror="window.__pwned=1"> and `<b>inline</b>`\n\n'
@@ -385,4 +372,3 @@ def test_model_text_is_shown_as_text_and_the_page_fits_a_phone(server, browser):
         box = page.locator(selector).bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (selector, box)
     close_page(page)
-    budget.check()

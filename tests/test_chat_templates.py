@@ -263,7 +263,7 @@ SYSTEM_AND_QUESTION = [{"role": "system", "content": "You are a helpful assistan
 
 
 @pytest.mark.slow
-@pytest.mark.budget(40)
+@pytest.mark.timeout(160)
 def test_real_model_without_template_refuses_chat_and_chatml_restores_it(base_gguf, smollm):
     with edgelm.load(base_gguf, n_ctx=512) as m:
         with pytest.raises(NoChatTemplateError, match="chat_template=") as err:
@@ -284,7 +284,7 @@ def test_real_model_without_template_refuses_chat_and_chatml_restores_it(base_gg
 
 
 @pytest.mark.slow
-@pytest.mark.budget(30)
+@pytest.mark.timeout(120)
 def test_real_model_refuses_templates_whose_tokens_it_lacks(base_gguf):
     with pytest.raises(InvalidParameterError) as err:
         edgelm.load(base_gguf, n_ctx=512, chat_template="gemma")
@@ -295,7 +295,7 @@ def test_real_model_refuses_templates_whose_tokens_it_lacks(base_gguf):
 
 
 @pytest.mark.slow
-@pytest.mark.budget(90)
+@pytest.mark.timeout(360)
 def test_real_run_completes_plainly_and_chat_exits_with_the_error(base_gguf):
     r = run_cli("run", str(base_gguf), "The capital of France is", "-n", "8", "-t", "0", "--n-ctx", "512")
     assert r.returncode == 0, r.stderr
@@ -313,7 +313,7 @@ def test_real_run_completes_plainly_and_chat_exits_with_the_error(base_gguf):
 
 
 @pytest.mark.slow
-@pytest.mark.budget(60)
+@pytest.mark.timeout(240)
 def test_real_server_answers_chat_with_400_to_the_official_clients(base_gguf):
     import ollama
     import openai
@@ -364,7 +364,7 @@ def onnx_base(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.budget(120)
+@pytest.mark.timeout(480)
 def test_onnx_model_without_template_refuses_chat_until_one_is_named(onnx_base):
     with edgelm.load(onnx_base, backend="onnxruntime", threads=1) as m:
         assert m.chat_template is None

@@ -189,11 +189,9 @@ def test_size_estimates_match_what_llama_cpp_writes(default_gguf, tmp_path):
     weights it writes are within 3 % of the estimate a checkpoint plan lists (typical bits per weight alone were
     up to 21 % under)."""
     import ctypes
-    import time
 
     import llama_cpp
 
-    start = time.perf_counter()
     src = read_header(default_gguf)
     shape = src.attention_shape()
     for quant in ("Q4_0", "Q4_K_M", "Q3_K_M"):
@@ -208,7 +206,6 @@ def test_size_estimates_match_what_llama_cpp_writes(default_gguf, tmp_path):
                                        output_parameters=shape.n_vocab * shape.n_embd)
         assert abs(estimate / written - 1) <= 0.03, (quant, estimate, written)
         out.unlink()
-    assert time.perf_counter() - start < 60, "over its budget of 60 s (15 s on a loaded 2-core machine)"
 
 
 # --- decode estimate: compute-bound without AVX2 -------------------------------------------------------------

@@ -124,7 +124,7 @@ def _split_tokens(default_gguf, endpoints, **kwargs):
         return raw_greedy(m, m.tokenize(PROMPT), N_TOKENS), m.info.extra["rpc"], m.info.extra["process"]
 
 
-@pytest.mark.budget(240)
+@pytest.mark.timeout(960)
 def test_two_capped_workers_split_the_model_and_give_the_local_tokens(default_gguf, local_tokens, workers):
     # at n_ctx 512 the model needs ~230 MB away from here (weights, KV cache, the logits buffer of the output
     # layer): 180 MB each (162 MB usable) forces a split between the two
@@ -142,7 +142,7 @@ def test_two_capped_workers_split_the_model_and_give_the_local_tokens(default_gg
         assert p["reported_free_bytes"] == 180 * MB
 
 
-@pytest.mark.budget(180)
+@pytest.mark.timeout(720)
 def test_tensor_split_puts_layers_here_and_on_the_worker(default_gguf, local_tokens, workers):
     w = workers()
     tokens, rpc, _ = _split_tokens(default_gguf, [w.endpoint], tensor_split=[1, 1])
@@ -152,7 +152,7 @@ def test_tensor_split_puts_layers_here_and_on_the_worker(default_gguf, local_tok
     assert there["output_layer"] and here["model_bytes"] > there["model_bytes"] / 2
 
 
-@pytest.mark.budget(180)
+@pytest.mark.timeout(720)
 def test_killed_worker_fails_the_generation_within_10_s_and_a_later_load_retries(default_gguf, workers):
     import edgelm
 
@@ -179,7 +179,7 @@ def test_killed_worker_fails_the_generation_within_10_s_and_a_later_load_retries
         assert m2.generate(PROMPT, max_tokens=4, temperature=0).usage.completion_tokens == 4
 
 
-@pytest.mark.budget(240)
+@pytest.mark.timeout(960)
 def test_server_stays_up_reports_degraded_and_reloads(default_gguf, workers):
     import httpx
 
@@ -227,7 +227,7 @@ def test_server_stays_up_reports_degraded_and_reloads(default_gguf, workers):
             server.kill()
 
 
-@pytest.mark.budget(120)
+@pytest.mark.timeout(480)
 def test_worker_binds_loopback_and_warns_loudly_on_another_address(workers):
     w = workers()
     assert any("edgelm worker listening on 127.0.0.1:" in line for line in w.lines)
@@ -250,7 +250,7 @@ def test_worker_binds_loopback_and_warns_loudly_on_another_address(workers):
     assert "WARNING" in err and "NO authentication" in err
 
 
-@pytest.mark.budget(240)
+@pytest.mark.timeout(960)
 def test_worker_tensor_cache_keeps_large_weights_between_loads(default_gguf, workers, tmp_path):
     cache = tmp_path / "rpc-cache"
     w = workers(cache=str(cache))
@@ -298,7 +298,7 @@ def hosts():
             _ip("netns", "del", ns)
 
 
-@pytest.mark.budget(300)
+@pytest.mark.timeout(1200)
 def test_workers_on_two_stand_in_hosts(default_gguf, local_tokens, workers, hosts):
     (ns_a, ip_a, _), (ns_b, ip_b, link_b) = hosts
     a = workers(50052, host=ip_a, mem="180MB", netns=ns_a)
@@ -308,7 +308,7 @@ def test_workers_on_two_stand_in_hosts(default_gguf, local_tokens, workers, host
     assert all(p["n_layers"] > 0 for p in rpc["parts"][1:])
 
 
-@pytest.mark.budget(300)
+@pytest.mark.timeout(1200)
 def test_a_worker_whose_link_goes_silent_fails_within_10_s(default_gguf, workers, hosts):
     """No FIN, no RST: the host just stops answering (cable, power, Wi-Fi).  TCP keep-alive and a user timeout on
     llama.cpp's sockets end the connection; without them its read would wait forever."""

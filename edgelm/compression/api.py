@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -25,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 from edgelm.errors import InvalidParameterError, OutputExistsError, QualityBudgetError
 
 from . import calibration as calib
+from .clock import now
 from .distill import Budget, DistillSettings, DistillState, distill, parse_budget, trainable_parameters
 from .families import Family, family_of
 from .gguf_blocks import drop_blocks
@@ -255,7 +255,7 @@ class _Compression:
     def __init__(self, opts: _Options, progress: Progress | None) -> None:
         self.o = opts
         self.report = progress or (lambda message, fraction: None)
-        self.t_start = time.perf_counter()
+        self.t_start = now()
 
     def run(self) -> CompressionReport:
         import torch
@@ -357,7 +357,7 @@ class _Compression:
 
         # a time budget covers the whole compression: this run so far, and earlier runs before their
         # distillation (their distillation time is in the checkpoint's state)
-        spent = self.earlier + (time.perf_counter() - self.t_start)
+        spent = self.earlier + (now() - self.t_start)
         with self.clock("healing"):
             return distill(self.teacher, student, self.windows.train, self.o.budget, settings=self.o.distill,
                            state=prior, optimizer_state=opt_state, spent_seconds=spent, save=save,
@@ -449,14 +449,14 @@ class _Clock:
         return self
 
     def __enter__(self) -> "_Clock":
-        self._t0 = time.perf_counter()
+        self._t0 = now()
         return self
 
     def flush(self) -> None:
         if self._stage:
-            now = time.perf_counter()
-            self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + now - self._t0
-            self._t0 = now
+            t = now()
+            self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + t - self._t0
+            self._t0 = t
             if self.work.path.is_dir():
                 self.work.write("seconds.json", self.seconds)
 

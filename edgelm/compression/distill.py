@@ -18,12 +18,12 @@ import math
 import re
 import signal
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from edgelm.errors import InvalidParameterError
 
+from .clock import now
 from .surgery import head_logits, run_layers
 
 Progress = Callable[[str, float], None]
@@ -187,12 +187,11 @@ def distill(teacher: Any, student: Any, windows: Any, budget: Budget, *, setting
         return spent_seconds + st.seconds + step > budget.seconds
 
     student.train()
-    last_save = time.perf_counter()
+    last_save = t_prev = now()
     recent: list[float] = []
     try:
         with _Interrupt() as interrupt:
             while not done_after_next():
-                t0 = time.perf_counter()
                 pos = st.steps * batch  # windows seen so far: epoch = pos // n, each epoch its own shuffle
                 idx = [int(order((pos + k) // n)[(pos + k) % n]) for k in range(batch)]
                 ids = windows[idx]
@@ -221,7 +220,9 @@ def distill(teacher: Any, student: Any, windows: Any, budget: Budget, *, setting
                 value = float(loss.detach())
                 st.steps += 1
                 st.tokens += ids.numel()
-                st.seconds += time.perf_counter() - t0
+                t = now()  # one reading a step: a step's time includes the bookkeeping (and a checkpoint) after it
+                st.seconds += t - t_prev
+                t_prev = t
                 recent.append(value)
                 if st.loss_first is None and len(recent) >= min(5, max(1, n // batch)):
                     st.loss_first = sum(recent) / len(recent)
@@ -233,9 +234,9 @@ def distill(teacher: Any, student: Any, windows: Any, budget: Budget, *, setting
                     if save is not None:
                         save(st, opt)
                     raise KeyboardInterrupt
-                if save is not None and time.perf_counter() - last_save >= cfg.checkpoint_every:
+                if save is not None and t - last_save >= cfg.checkpoint_every:
                     save(st, opt)
-                    last_save = time.perf_counter()
+                    last_save = t
     finally:
         student.eval()
         for p in params.values():
