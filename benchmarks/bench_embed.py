@@ -12,7 +12,6 @@ Usage: python benchmarks/bench_embed.py [--runs 7] [--threads 2] [--model PATH]
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import statistics
@@ -118,10 +117,11 @@ def main() -> None:
                 m.embed(batch), ref.embed(batch), server.embed(client, batch)  # warm-up (the server loads its model)
                 ours, theirs, http = [], [], []
                 for _ in range(args.runs):  # alternating, so drift in the machine's load hits all three alike
-                    t = time.perf_counter(); m.embed(batch); ours.append(len(batch) / (time.perf_counter() - t))
-                    t = time.perf_counter(); ref.embed(batch); theirs.append(len(batch) / (time.perf_counter() - t))
-                    t = time.perf_counter(); server.embed(client, batch)
-                    http.append(len(batch) / (time.perf_counter() - t))
+                    for rates, embed in ((ours, m.embed), (theirs, ref.embed),
+                                         (http, lambda b: server.embed(client, b))):
+                        t = time.perf_counter()
+                        embed(batch)
+                        rates.append(len(batch) / (time.perf_counter() - t))
                 base = statistics.median(theirs)
                 n_tokens = sum(len(m.tokenize(t)) for t in batch)
                 print(f"\n32 short inputs ({n_tokens} tokens), inputs/s:")

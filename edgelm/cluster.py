@@ -114,8 +114,8 @@ def recommend_cluster(model: Any = None, device: str = "auto", *,
         names = [str(i.endpoint) for i in infos]
         frees = [i.free for i in infos]
         boards = [board or here] * len(infos)
-    l = LINKS[link]
-    round_trip = hop_ms / 1000 if hop_ms is not None else l.round_trip_s
+    hop = LINKS[link]
+    round_trip = hop_ms / 1000 if hop_ms is not None else hop.round_trip_s
     shape = header.attention_shape()
     wanted = n_ctx or min(header.context_length or 2048, 4096)
     attempts = [(wanted, "f16"), (wanted, "q8_0")]
@@ -146,7 +146,7 @@ def recommend_cluster(model: Any = None, device: str = "auto", *,
                                  part.layers, part.output, part.fits, round(t, 6)))
     hops = sum(1 for p in s.parts[1:] if p.units > 0)
     payload = hops * shape.n_embd * 4 * 2 + (shape.n_vocab * 4 if any(p.output for p in s.parts[1:]) else 0)
-    network_s = hops * round_trip + payload / l.bandwidth_bytes_s
+    network_s = hops * round_trip + payload / hop.bandwidth_bytes_s
     per_token = device_s + network_s + PER_TOKEN_OVERHEAD_S
     notes = list(s.notes)
     if ctx < wanted:
@@ -158,7 +158,7 @@ def recommend_cluster(model: Any = None, device: str = "auto", *,
         notes.append("Does not fit: " + "; ".join(f"{p.device} needs {human_bytes(p.bytes)}, has "
                                                   f"{human_bytes(p.budget or 0)}" for p in short)
                      + ". Add workers, use boards with more memory, or a smaller quantization.")
-    notes.append(f"Network: {hops} round trip(s) per token at {round_trip * 1000:.1f} ms ({link}: {l.note}) and "
+    notes.append(f"Network: {hops} round trip(s) per token at {round_trip * 1000:.1f} ms ({link}: {hop.note}) and "
                  f"{payload / 1024:.0f} KB of activations and logits per token.")
     if hops and network_s > device_s:
         notes.append("The network costs more than the computation: a faster link, or fewer workers, helps more than "

@@ -4,8 +4,6 @@ report and budgets, Hub resolution offline, and nothing half-written on failure.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest

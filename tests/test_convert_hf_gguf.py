@@ -3,7 +3,6 @@ quantizer: tiny random checkpoints of each architecture family, the real SmolLM2
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess

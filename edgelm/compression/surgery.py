@@ -7,7 +7,6 @@ or stop early; attention is causal over the whole window (windows are never long
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
