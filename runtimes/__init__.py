@@ -36,10 +36,10 @@ ALIASES = {
     "llama.cpp": "llamacpp", "llama_cpp": "llamacpp", "llama-cpp": "llamacpp", "gguf": "llamacpp",
     "onnx": "onnxruntime", "ort": "onnxruntime",
 }
-_registered: dict[str, Callable[[], type]] = {}
+_registered: dict[str, Callable[[], type[Backend]]] = {}
 
 
-def register_backend(name: str, cls: type) -> None:
+def register_backend(name: str, cls: type[Backend]) -> None:
     """Make ``cls`` available as ``backend=name`` (and to backend="auto" through ``cls.accepts``)."""
     _registered[name] = lambda: cls
 
@@ -59,7 +59,7 @@ def canonical_name(name: str) -> str:
     return ALIASES.get(key, key)
 
 
-def get_backend(name: str) -> type:
+def get_backend(name: str) -> type[Backend]:
     """The backend class called ``name``; typed errors for unknown names and missing extras."""
     key = canonical_name(name)
     if key in _registered:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Generator, Iterator, Protocol, Sequence, TYPE_CHECKING, runtime_checkable
 
 from edgelm.errors import BackendError, InvalidParameterError
 from edgelm.params import GenerationParams
@@ -123,7 +123,7 @@ class Backend(Protocol):
     def prepare(self, seq: Seq, tokens: Sequence[int]) -> int:
         """Bring ``seq`` to ``tokens``, reusing their longest common prefix; return the number reused."""
 
-    def generate(self, seq: Seq, tokens: Sequence[int], params: GenerationParams) -> Iterator[int]:
+    def generate(self, seq: Seq, tokens: Sequence[int], params: GenerationParams) -> Generator[int, None, None]:
         """Bring ``seq`` to ``tokens`` and yield sampled token ids until the caller stops iterating."""
 
     def score(self, seq: Seq, tokens: Sequence[int], *, argmax: bool = False) -> "np.ndarray":
@@ -205,6 +205,20 @@ class BackendBase:
     def token_bytes(self, token: int) -> bytes:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # --- what each backend provides (the Backend protocol) --------------------------------------------------
+
+    def extend(self, seq: Seq, tokens: Sequence[int]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rewind(self, seq: Seq, n: int) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sampler(self, params: GenerationParams, history: Sequence[int]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample(self, seq: Seq, sampler: Any) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     # --- embeddings (capabilities.embeddings) ---------------------------------------------------------------
 
     def embed_limit(self) -> int:
@@ -227,14 +241,14 @@ class BackendBase:
         seq.reused = n
         return n
 
-    def generate(self, seq: Seq, tokens: Sequence[int], params: GenerationParams) -> Iterator[int]:
+    def generate(self, seq: Seq, tokens: Sequence[int], params: GenerationParams) -> Generator[int, None, None]:
         """The plain loop: sample, yield, evaluate the sampled token, until the caller stops or the sequence is
         full.  The sampler is built first, so a bad grammar leaves the cache as it was."""
         sampler = self.sampler(params, tokens)
         self.prepare(seq, tokens)
         return self._loop(seq, sampler)
 
-    def _loop(self, seq: Seq, sampler: Any) -> Iterator[int]:
+    def _loop(self, seq: Seq, sampler: Any) -> Generator[int, None, None]:
         n_ctx = self.n_ctx
         try:
             while True:

@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Iterator as _IteratorABC
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 from edgelm.errors import BackendError, EdgelmError
 
@@ -230,7 +230,7 @@ class IsolatedBackend:
     def detokenize(self, tokens: Any) -> str:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
-    def generate(self, seq: Seq, tokens: Any, params: Any) -> Iterator[int]:
+    def generate(self, seq: Seq, tokens: Any, params: Any) -> Generator[int, None, None]:
         return self._call("generate", seq, list(tokens), params)
 
     def describe(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Generator, Iterator, Sequence
 
 from edgelm.errors import BackendError, InvalidParameterError, StateMismatchError, UnsupportedModelError
 from edgelm.formats import gguf, kv_state
@@ -376,7 +376,7 @@ class LlamaCppBackend(BackendBase):
 
     # --- generation -----------------------------------------------------------------------------------------
 
-    def generate(self, seq: Seq, tokens: Sequence[int], params: GenerationParams) -> Iterator[int]:
+    def generate(self, seq: Seq, tokens: Sequence[int], params: GenerationParams) -> Generator[int, None, None]:
         mode = self._speculation_mode(params)
         self.speculation_stats = {}
         if mode is not None:
@@ -393,7 +393,7 @@ class LlamaCppBackend(BackendBase):
             raise
         return self._decode_loop(seq, smpl)
 
-    def _decode_loop(self, seq: Seq, smpl: _Sampler) -> Iterator[int]:
+    def _decode_loop(self, seq: Seq, smpl: _Sampler) -> Generator[int, None, None]:
         """The plain loop with the per-token work inlined (this is the path every streamed token takes)."""
         sample, decode = llama_cpp.llama_sampler_sample, llama_cpp.llama_decode
         chain, ctx, n_ctx = smpl.chain, self._ctx.ctx, self.n_ctx

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -48,8 +48,8 @@ def _greedy_only(params: GenerationParams) -> bool:
 class OnnxBackend(OnnxFolderBackend):
 
     def __init__(self) -> None:  # use load()
-        self._gen = None
-        self._model = None
+        self._gen: Any = None  # onnxruntime_genai.Generator
+        self._model: Any = None  # onnxruntime_genai.Model
         self._pending = False  # the generator picked a token (native greedy) that it has not evaluated
         self.capabilities = Capabilities(max_sequences=1)
         self._make_sequences(1)
@@ -158,7 +158,7 @@ class OnnxBackend(OnnxFolderBackend):
         sampler.accept(token)
         return token
 
-    def generate(self, seq: Seq, tokens: Sequence[int], params: GenerationParams) -> Iterator[int]:
+    def generate(self, seq: Seq, tokens: Sequence[int], params: GenerationParams) -> Generator[int, None, None]:
         self._check_open()
         sampler = self.sampler(params, tokens)
         self.prepare(seq, tokens)

@@ -90,7 +90,7 @@ class _KV:
 class OnnxSessionBackend(OnnxFolderBackend):
 
     def __init__(self) -> None:  # use load()
-        self.session = None
+        self.session: Any = None  # onnxruntime.InferenceSession
         self.capabilities = Capabilities(max_sequences=1)
         self._make_sequences(1)
         self._last: np.ndarray | None = None  # logits of the last evaluated token

@@ -23,7 +23,7 @@ from edgelm.platforms import available_memory
 from edgelm.rpc import protocol, split
 from edgelm.rpc.protocol import part_name
 
-from .base import resolve_n_ctx
+from .base import Backend, resolve_n_ctx
 from .isolated import IsolatedBackend
 
 log = logging.getLogger("edgelm.rpc")
@@ -55,7 +55,7 @@ def preflight(path: Path, options: Any, *, timeout: float = protocol.CONNECT_TIM
     return exact, plan
 
 
-def load_with_workers(cls: type, path: Path, options: Any) -> Any:
+def load_with_workers(cls: type[Backend], path: Path, options: Any) -> Any:
     """The backend of a model split across ``options.workers``, running in a child process."""
     exact, plan = preflight(path, options)
     endpoints = protocol.parse_workers(exact.workers)

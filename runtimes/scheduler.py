@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Generator, Protocol, Sequence
 
 from edgelm.errors import BackendError, ModelClosedError
 
@@ -112,7 +112,7 @@ class _DirectSource(TokenSource):
     def __init__(self, engine: "Direct", tokens: list[int], params: Any) -> None:
         self.engine, self.tokens, self.params = engine, tokens, params
         self._cancelled = threading.Event()
-        self._source: Iterator[int] | None = None
+        self._source: Generator[int, None, None] | None = None
         self._holding = False
         self._finished = False
 
@@ -406,7 +406,7 @@ class Scheduler:
         sequences 0, 1 and 3 cost two passes over the weights per step, 0, 1 and 2 one); then any cached prefix;
         then the longest unused (its cache is the least likely to be asked for again)."""
         shared = reusable_prefix(slot.tokens, prompt)
-        ids = {r.slot.id for r in self._active} | {slot.id}
+        ids = {r.slot.id for r in self._active if r.slot is not None} | {slot.id}
         runs = sum(1 for i in ids if i - 1 not in ids)
         return (shared if shared >= REUSE_MIN else 0), -runs, shared, -self._used_at[id(slot)]
 
@@ -467,6 +467,7 @@ class Scheduler:
             s.tokens += 1
             self._recent.append((now, 1))
             r.queue.put(token)
+            assert r.slot is not None  # an active request holds a slot
             if self.backend.is_eog(token) or r.generated >= r.limit or len(r.slot.tokens) >= self.backend.n_ctx:
                 self._finish(r, None)
             else:
@@ -475,6 +476,7 @@ class Scheduler:
     def _finish(self, r: Request, error: BaseException | None) -> None:
         if r in self._active:
             self._active.remove(r)
+            assert r.slot is not None  # an active request holds a slot
             with self._cond:
                 self._free.append(r.slot)
                 self._used_at[id(r.slot)] = time.monotonic()
@@ -500,6 +502,7 @@ class _SchedulerExclusive:
 
     def __exit__(self, *exc: Any) -> None:
         s = self.s
+        assert self.seq is not None  # entered
         with s._cond:
             s._free.append(self.seq)
             s._used_at[id(self.seq)] = time.monotonic()

@@ -8,7 +8,7 @@ implements :class:`Verifier` (the llama.cpp backend does).
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Generator, Protocol, Sequence
 
 from .base import Seq
 
@@ -86,7 +86,7 @@ class DraftModel:
         return out
 
 
-def speculative_loop(v: Verifier, seq: Seq, drafter: Any, max_draft: int, stats: dict[str, Any]) -> Iterator[int]:
+def speculative_loop(v: Verifier, seq: Seq, drafter: Any, max_draft: int, stats: dict[str, Any]) -> Generator[int, None, None]:
     """Greedy decoding of ``seq`` (already holding the prompt) that evaluates [token, *draft] in one batch."""
     k = max_draft
     stats.update(rounds=0, drafted=0, accepted=0)

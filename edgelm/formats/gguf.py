@@ -92,7 +92,7 @@ def estimate_file_bytes(quant: str, parameters: int, *, row_size: int | None = N
     ``output_parameters`` of the output matrix (vocabulary x hidden size) at OUTPUT_TYPE where that is larger."""
     q = quant.upper()
     bpw = file_type_bpw(q)
-    odd = bool(row_size) and row_size % 256 != 0
+    odd = row_size is not None and row_size % 256 != 0
     family = q[:4] if q[:4] in KQUANT_FALLBACK and (len(q) == 4 or q[4] == "_") else None
     if odd and family:
         bpw = max(bpw, 8 * type_bytes(KQUANT_FALLBACK[family]))
@@ -204,7 +204,7 @@ class GGUFHeader:
         by_type: dict[str, int] = {}
         for t in self.tensors:
             by_type[t.type_name] = by_type.get(t.type_name, 0) + (t.n_bytes or 0)
-        return max(by_type, key=by_type.get) if by_type else "unknown"
+        return max(by_type, key=lambda name: by_type[name]) if by_type else "unknown"
 
     @property
     def chat_template(self) -> str | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import InvalidModelFileError, ModelNotFoundError, UnsupportedModelError
+from edgelm.optional import available
 
 from .gguf import AttentionShape
 
@@ -94,7 +95,7 @@ def make_manifest(folder: Path, config: dict[str, Any], *, name: str, quant: str
         "graph_target": graph_target,
         "parameters": parameters,
         "context_length": int(model.get("context_length") or text_cfg.get("max_position_embeddings") or 2048),
-        "vocab_size": int(model.get("vocab_size") or text_cfg.get("vocab_size")),
+        "vocab_size": int(model.get("vocab_size") or text_cfg["vocab_size"]),
         "bos_token_id": model.get("bos_token_id", config.get("bos_token_id")),
         "eos_token_ids": eos,
         "pad_token_id": model.get("pad_token_id"),
@@ -196,11 +197,11 @@ def manifest_from_genai(folder: Path) -> dict[str, Any]:
 
 def graph_quantization(model_file: Path) -> tuple[str, dict[str, Any] | None, int]:
     """(quantization, its options, parameter count) read from the graph's initializers, without the weights."""
-    try:
-        import onnx
-        from onnx import helper
-    except ImportError:
+    if not available("onnx"):
         return "unknown", None, 0
+    import onnx
+    from onnx import helper
+
     try:
         proto = onnx.load(str(model_file), load_external_data=False)
     except Exception:
@@ -242,11 +243,9 @@ def check_folder(folder: Path) -> dict[str, Any]:
             raise ModelNotFoundError(f"{folder} has no {name}; the folder is incomplete.",
                                      fix="Copy the whole folder written by `edgelm convert --to onnx`, or convert "
                                      "again.", path=str(folder / name))
-    try:
+    if available("onnx"):
         import onnx
-    except ImportError:
-        onnx = None
-    if onnx is not None:
+
         try:
             proto = onnx.load(str(model_file), load_external_data=False)
         except Exception as exc:
@@ -311,7 +310,7 @@ def inspect(path: Path) -> dict[str, Any]:
     m = check_folder(folder)
     size = disk_size(folder)
     q = m.get("quantization_options") or {}
-    bits = q.get("bits") or {"fp16": 16, "fp32": 32}.get(m.get("quantization"), None)
+    bits = q.get("bits") or {"fp16": 16, "fp32": 32}.get(str(m.get("quantization")), None)
     return {
         "path": str(folder),
         "format": "onnx",
