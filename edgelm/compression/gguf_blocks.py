@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from edgelm.formats.gguf import _ARRAY, _NUMPY, _Reader, read_header
+from edgelm.formats.gguf import _ARRAY, _SCALARS, _Reader, read_header
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _UINT32, _ALIGN_KEY = 4, "general.alignment"
@@ -52,11 +52,11 @@ def drop_blocks(src: str | os.PathLike[str], dst: str | os.PathLike[str], drop: 
             value = r.value(type_id)
             if key == f"{arch}.block_count":
                 kv += _string(key) + struct.pack("<I", type_id) + struct.pack(_scalar(type_id), len(kept))
-            elif (type_id == _ARRAY and hasattr(value, "dtype") and len(value) == n
-                  and struct.unpack_from("<I", buf, value_at)[0] in _NUMPY):
+            elif (type_id == _ARRAY and isinstance(value, tuple) and len(value) == n
+                  and struct.unpack_from("<I", buf, value_at)[0] in _SCALARS):
                 item = struct.unpack_from("<I", buf, value_at)[0]  # a per-block array (e.g. head counts)
-                kept_values = value[kept].astype(_NUMPY[item])
-                kv += (_string(key) + struct.pack("<IIQ", type_id, item, len(kept)) + kept_values.tobytes())
+                kept_values = struct.pack(f"<{len(kept)}{_SCALARS[item][1:]}", *(value[i] for i in kept))
+                kv += (_string(key) + struct.pack("<IIQ", type_id, item, len(kept)) + kept_values)
             else:
                 kv += buf[start:r.pos]
         infos = bytearray()
