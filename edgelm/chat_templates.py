@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .chat import _compile, render
 from .errors import EdgelmError, InvalidParameterError
 
 # The formats of the model families edgelm is used with, written the way their own templates render a conversation
@@ -98,8 +99,6 @@ def resolve(value: Any) -> tuple[str, str]:
     if "{{" not in value and "{%" not in value:
         raise InvalidParameterError(f"Unknown chat template name {value!r:.80}.", fix=_FIX,
                                     parameter="chat_template", value=value)
-    from .chat import _compile
-
     try:
         _compile(value)
     except EdgelmError as exc:
@@ -110,8 +109,6 @@ def resolve(value: Any) -> tuple[str, str]:
 
 def special_tokens(template: str, *, bos_token: str = "", eos_token: str = "") -> list[str]:
     """The special-token markers ``template`` writes for a sample conversation, in order of first appearance."""
-    from .chat import render
-
     last: Exception | None = None
     for sample in _SAMPLES:
         try:

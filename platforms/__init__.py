@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgelm.errors import BackendError
+
+from . import darwin, linux, windows
 from .detect import Host, detect
 from .probes import Probes
 from .profiles import Device, device_names, profiles, resolve, this_machine
@@ -29,8 +32,6 @@ DEVICES = ("auto", "cpu", "gpu", "metal", "cuda", "vulkan", "npu", "coreml", "qn
 
 def default_threads(probes: Probes | None = None) -> int:
     """Performance cores (physical, not SMT siblings) this process may run on."""
-    from . import darwin, linux, windows
-
     p = probes or Probes()
     module = {"Darwin": darwin, "Windows": windows}.get(p.system, linux)
     cpu = module.cpu(p)
@@ -40,8 +41,6 @@ def default_threads(probes: Probes | None = None) -> int:
 
 def available_memory(probes: Probes | None = None) -> int | None:
     """Bytes of memory this machine can give a new allocation now (MemAvailable on Linux), or None if unknown."""
-    from . import darwin, linux, windows
-
     p = probes or Probes()
     module = {"Darwin": darwin, "Windows": windows}.get(p.system, linux)
     return module.memory(p).get("available")
@@ -49,8 +48,6 @@ def available_memory(probes: Probes | None = None) -> int | None:
 
 def preferred_providers(probes: Probes | None = None) -> list[str] | None:
     """onnxruntime execution providers worth trying here, best first (None: CPU)."""
-    from . import linux
-
     p = probes or Probes()
     if p.system == "Darwin":
         return ["CoreMLExecutionProvider"] if p.machine == "arm64" else None
@@ -77,8 +74,6 @@ def runtime_defaults(backend: str, device: str = "auto", *, gpu_offload: bool | 
         if device == "auto":
             return RuntimeDefaults("gpu" if gpu_offload else "cpu", threads, -1 if gpu_offload else 0)
         if not gpu_offload:
-            from edgelm.errors import BackendError
-
             raise BackendError(
                 f"device={device!r} was asked for, but this llama.cpp build has no GPU offload.",
                 fix="Reinstall llama-cpp-python with GPU support (e.g. CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install "

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from edgelm.optional import available
+
 
 def _llama_caps() -> dict[str, Any] | None:
-    try:
-        import llama_cpp
-    except ImportError:
+    if not available("llama_cpp"):
         return None
+    from edgelm.native.llamacpp import llama_cpp  # loads llama.cpp, with edgelm's OpenMP set-up
+
     info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
     return {
         "version": getattr(llama_cpp, "__version__", "unknown"),
@@ -29,21 +31,21 @@ def _llama_caps() -> dict[str, Any] | None:
 
 def _rpc_caps() -> dict[str, Any] | None:
     """llama.cpp's RPC backend: built into llama-cpp-python, or a module `edgelm install-rpc` made for it."""
-    try:
-        from edgelm.native import rpc
-    except ImportError:
+    if not available("llama_cpp"):
         return None
     try:
+        from edgelm.native import rpc  # loads llama.cpp
+
         return rpc.availability().to_dict()
     except Exception as exc:  # a broken install must not break doctor
         return {"available": False, "built_in": False, "module": None, "loaded": False, "error": str(exc)}
 
 
 def _onnx_providers() -> dict[str, Any] | None:
-    try:
-        import onnxruntime
-    except ImportError:
+    if not available("onnxruntime"):
         return None
+    import onnxruntime
+
     return {"version": onnxruntime.__version__, "providers": list(onnxruntime.get_available_providers())}
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from edgelm.errors import UnknownDeviceError
 
+from .detect import detect
+
 GB = 1024**3
 MB = 1024**2
 
@@ -106,8 +108,6 @@ def resolve(name: str) -> Device:
 
 def this_machine(host: Any = None, bandwidth_gbs: float | None = None) -> Device:
     """This machine as a Device: detected facts, memory bandwidth measured (a few hundred ms) unless given."""
-    from .detect import detect
-
     h = host or detect()
     total = h.memory.get("total") or 0
     available = h.memory.get("available") or total

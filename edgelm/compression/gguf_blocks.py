@@ -100,6 +100,4 @@ def drop_blocks(src: str | os.PathLike[str], dst: str | os.PathLike[str], drop: 
 
 
 def _scalar(type_id: int) -> str:
-    from edgelm.formats.gguf import _SCALARS
-
     return _SCALARS.get(type_id, "<I")

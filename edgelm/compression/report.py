@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgelm.optional import require
+
 PERPLEXITY_METHOD = ("llama.cpp (edgelm.measure.evaluate) on a q8_0 GGUF of each model, 4 windows of 512 tokens, "
                      "second half of each window scored")
 
@@ -116,16 +118,9 @@ def _f(value: float | None) -> str:
 
 def plot(report: CompressionReport, path: str) -> None:
     """Perplexity on the built-in text against layers removed (needs matplotlib: edgelm[bench])."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        from edgelm.errors import BackendNotInstalledError
-
-        raise BackendNotInstalledError("--plot needs matplotlib, which is not installed.",
-                                       fix='Install it with: pip install "edgelm[bench]"') from exc
+    matplotlib = require("matplotlib", extra="bench", purpose="--plot (the curve of perplexity against layers removed)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     curve = sorted(report.curve, key=lambda c: c["layers_removed"])
     if curve:

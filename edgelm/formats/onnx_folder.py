@@ -22,6 +22,7 @@ from typing import Any
 from edgelm.errors import InvalidModelFileError, ModelNotFoundError, UnsupportedModelError
 from edgelm.optional import available
 
+from . import disk_size
 from .gguf import AttentionShape
 
 MANIFEST = "edgelm.json"
@@ -304,8 +305,6 @@ def attention_shape(manifest: dict[str, Any]) -> AttentionShape:
 
 def inspect(path: Path) -> dict[str, Any]:
     """A folder's facts from its manifest alone, after checking its files (no onnxruntime session)."""
-    from . import disk_size
-
     folder = folder_of(Path(path))
     m = check_folder(folder)
     size = disk_size(folder)
