@@ -87,7 +87,7 @@ def recommend_cluster(model: Any = None, device: str = "auto", *,
     (asked for their memory; their speed is taken from ``worker_device``).  Never raises for lack of memory: the plan
     says ``fits`` and what each device would need."""
     from edgelm.formats.gguf import GGUFHeader, read_header
-    from edgelm.loader import resolve_model_path
+    from edgelm.sources import resolve_model_path
     from edgelm.platforms.profiles import resolve, this_machine
 
     if link not in LINKS:
