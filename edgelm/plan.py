@@ -1,11 +1,14 @@
-"""`edgelm.recommend`: a deployment plan for a model on a device, from the model's header and the device's facts.
+"""A deployment plan for a model on a device, from the model's header and the device's facts (`edgelm.recommend`).
 
 The model is a GGUF file, an ONNX model folder, or a Hugging Face checkpoint folder (or facts already read, e.g.
 from the Hub by :mod:`edgelm.hub.checkpoint`): only headers are read (GGUF metadata, edgelm.json /
-genai_config.json, config.json and safetensors headers), never the weights.  This module neither loads models nor
-resolves names; :mod:`edgelm.sources` turns the default model and Hub names into paths or facts, then plans here
-(``edgelm.recommend`` is :func:`edgelm.sources.recommend`).  For a checkpoint the plan lists every quantization it could be converted
-to, with its size, memory, fit and speed, and recommends one with the `edgelm convert` command that makes it.
+genai_config.json, config.json and safetensors headers), never the weights.  For a checkpoint the plan lists every
+quantization it could be converted to, with its size, memory, fit and speed, and recommends one with the `edgelm
+convert` command that makes it.
+
+This module neither loads models nor resolves names, so the Hub's file choice can plan with it:
+:mod:`edgelm.sources` turns the default model and Hub names into paths or facts, then plans here
+(``edgelm.recommend`` is :func:`edgelm.sources.recommend`).
 
 Memory = weights + KV cache at the planned n_ctx + runtime overhead (compute buffers, logits, the runtime itself),
 and it must fit the device's usable memory with head-room.  Decode speed is estimated from what one token costs:
@@ -308,9 +311,10 @@ def recommend(model: str | os.PathLike[str] | ModelFacts, device: str = "auto", 
         smallest = min(tried, key=lambda r: r["memory_bytes"])
         raise DoesNotFitError(
             f"{Path(f.path).name} does not fit {dev.title}: it needs "
-            f"{human_bytes(f.weight_bytes + parallel * f.kv_bytes(512) + _overhead(f, 512))} at its own {own} with n_ctx 512"
-            f"{f' for {parallel} sequences' if parallel > 1 else ''}, and the device has {human_bytes(dev.usable_bytes)} usable "
-            f"({human_bytes(dev.ram_bytes)} RAM); the smallest option, {smallest['quant']} with a {smallest['kv_cache']} "
+            f"{human_bytes(f.weight_bytes + parallel * f.kv_bytes(512) + _overhead(f, 512))} at its own {own} "
+            f"with n_ctx 512{f' for {parallel} sequences' if parallel > 1 else ''}, and the device has "
+            f"{human_bytes(dev.usable_bytes)} usable ({human_bytes(dev.ram_bytes)} RAM); the smallest option, "
+            f"{smallest['quant']} with a {smallest['kv_cache']} "
             f"KV cache at n_ctx {smallest['n_ctx']}, needs {human_bytes(smallest['memory_bytes'])}.",
             fix="Use a smaller model (fewer parameters), fewer parallel sequences, or a device with more memory.",
             device=dev.name, needed=smallest["memory_bytes"], available=dev.usable_bytes,
@@ -380,7 +384,8 @@ def recommend_cap(parameters: int) -> str:
 
 def quantization_rows(f: ModelFacts, t: _Target) -> tuple[list[dict[str, Any]], list[_Fit]]:
     """One row per quantization a checkpoint could be converted to: GGUF (PLAN_QUANTS, sizes from
-    edgelm.formats.gguf.estimate_file_bytes) and ONNX (PLAN_ONNX_QUANTS, bytes per parameter from edgelm.formats.onnx_folder)."""
+    edgelm.formats.gguf.estimate_file_bytes) and ONNX (PLAN_ONNX_QUANTS, bytes per parameter from
+    edgelm.formats.onnx_folder)."""
     source = f.source or f.path
     rows, fits = [], []
     output = f.shape.n_vocab * f.shape.n_embd  # the output matrix (the token embedding, when tied)
@@ -412,7 +417,8 @@ def _plan_checkpoint(f: ModelFacts, t: _Target) -> Plan:
         smallest = min((fit for r, fit in zip(rows, fits) if r["format"] == "gguf"), key=lambda x: x.memory_bytes)
         raise DoesNotFitError(
             f"{f.source or f.path} ({f.parameters / 1e6:.0f} M parameters) does not fit {t.dev.title} at any "
-            f"quantization: even {smallest.quant} ({human_bytes(smallest.weight_bytes)}) with a {smallest.kv} KV cache at "
+            f"quantization: even {smallest.quant} ({human_bytes(smallest.weight_bytes)}) with a {smallest.kv} KV "
+            "cache at "
             f"n_ctx {smallest.n_ctx} needs {human_bytes(smallest.memory_bytes)}, and the device has "
             f"{human_bytes(t.dev.usable_bytes)} usable ({human_bytes(t.dev.ram_bytes)} RAM).",
             fix="Use a smaller model (fewer parameters) or a device with more memory.",

@@ -29,8 +29,9 @@ INDEX_VERSION = 1
 INDEX_NAME = "store.json"
 MAX_LAST_USED = 2000  # entries kept in the "last used" table (oldest dropped first)
 
-# hidden temporaries of conversions: tempfile.mkdtemp/mkstemp(prefix=".{name}.", suffix=...) -> .out.gguf.k2j4_x9a.convert,
-# and the fp32 reference an ONNX conversion scores against (TemporaryDirectory(prefix=".edgelm-ref-"))
+# hidden temporaries of conversions: tempfile.mkdtemp/mkstemp(prefix=".{name}.", suffix=...) ->
+# .out.gguf.k2j4_x9a.convert, and the fp32 reference an ONNX conversion scores against
+# (TemporaryDirectory(prefix=".edgelm-ref-")); the store removes them, and their use is never recorded
 STALE_NAME = re.compile(r"^\.(?:.+\.[a-z0-9_]{6,12}\.(?:convert|part|partial)|edgelm-ref-[a-z0-9_]{6,12})$")
 
 

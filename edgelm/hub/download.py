@@ -113,7 +113,8 @@ def _download(url: str, partial: Path, size: int | None, headers: dict[str, str]
     except (httpx2.HTTPError, HfHubHTTPError, OSError) as exc:
         have = partial.stat().st_size if partial.exists() else 0
         raise HubError(
-            f"Downloading {filename} from {repo_id} stopped at {human_bytes(have)} of {human_bytes(size or 0)} ({exc}).",
+            f"Downloading {filename} from {repo_id} stopped at {human_bytes(have)} of {human_bytes(size or 0)} "
+            f"({exc}).",
             fix="The part already downloaded is kept: run the same command again to resume.", repo=repo_id,
             file=filename, downloaded=have) from exc
     return (size or partial.stat().st_size) - resume
