@@ -412,7 +412,7 @@ def _plan_checkpoint(f: ModelFacts, t: _Target) -> Plan:
     usable = [i for i, (r, fit) in enumerate(zip(rows, fits))
               if r["format"] == "gguf" and fit.fits and file_type_bpw(fit.quant) <= cap]  # best quality first
     roomy = [i for i in usable if fits[i].n_ctx >= min(t.wanted_ctx, RECOMMEND_MIN_CTX)]
-    best = (roomy or usable or [None])[0]
+    best = (roomy or usable)[0] if usable else None  # roomy is a part of usable
     if best is None:
         smallest = min((fit for r, fit in zip(rows, fits) if r["format"] == "gguf"), key=lambda x: x.memory_bytes)
         raise DoesNotFitError(

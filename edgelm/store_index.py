@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock between processes (flock; msvcrt on Windows), held for one read-modify-write."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if os.name == "nt":
+        if sys.platform == "win32":
             import msvcrt
 
             msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # retries for ~10 s, then raises OSError
@@ -109,7 +110,7 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        if os.name == "nt":
+        if sys.platform == "win32":
             with contextlib.suppress(OSError):
                 import msvcrt
 

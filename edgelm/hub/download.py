@@ -101,9 +101,8 @@ def _download(url: str, partial: Path, size: int | None, headers: dict[str, str]
     resume = partial.stat().st_size if partial.exists() else 0
     if size is not None and resume > size:
         resume = 0
-    mode = "r+b" if resume else "wb"
     try:
-        with open(partial, mode) as fh:
+        with open(partial, "r+b" if resume else "wb") as fh:
             fh.truncate(resume)
             fh.seek(resume)
             if resume:

@@ -39,15 +39,13 @@ def parse_reference(text: Any) -> Reference | None:
         if s.lower().startswith(prefix):
             s = s[len(prefix):]
             break
-    repo, sep, quant = s.partition(":")
+    repo, sep, tag = s.partition(":")
     if not _REPO.match(repo) or repo.lower().endswith(_NOT_A_REPO) or ".." in repo:
         return None
-    if sep and (not quant or not _QUANT.match(quant) or ".." in quant):
+    if sep and (not tag or not _QUANT.match(tag) or ".." in tag):
         return None
-    quant = quant or None
-    if quant is not None and quant.lower() == "latest":  # Ollama's default tag: the best that fits
-        quant = None
-    return Reference(repo, quant)
+    # no tag, or Ollama's default tag "latest": the best that fits
+    return Reference(repo, tag if tag and tag.lower() != "latest" else None)
 
 
 def as_reference(ref: Reference | str) -> Reference:
