@@ -17,6 +17,7 @@ from .hub import pull
 from .plan import Plan
 from .sources import recommend
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
+from .version import __version__
 
 
 def convert(src, **kwargs):
@@ -54,13 +55,6 @@ def serve(*args, **kwargs):
 
     return _serve(*args, **kwargs)
 
-
-try:
-    from importlib.metadata import version as _version
-
-    __version__ = _version("edgelm")
-except Exception:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",

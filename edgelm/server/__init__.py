@@ -21,11 +21,13 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from edgelm.errors import InsecureBindError, InvalidParameterError
+from edgelm.errors import InsecureBindError, InvalidParameterError, ModelNotFoundError
+from edgelm.hub import served_reference
 
 from .errors import RequestError, ollama_error, openai_error, status_for
 from .metrics import Metrics
 from .registry import DEFAULT_NAME, Registry
+from .ui import ui_routes
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -53,14 +55,10 @@ def model_names(paths: list[str] | None) -> dict[str, Path | None]:
         if not sep:
             path, name = item, Path(item).name.removesuffix(".gguf")
         # --- models by name (edgelm.hub): ORG/REPO[:QUANT] pulled (or taken from the cache), served as typed ---
-        from edgelm.hub import served_reference
-
         path, name = served_reference(path, name if sep else None) or (path, name)
         # --- end of models by name ---
         p = Path(path).expanduser().resolve()
         if not p.exists():
-            from edgelm.errors import ModelNotFoundError
-
             raise ModelNotFoundError(f"Model to serve not found: {p}.", fix="Check the path.", path=str(p))
         if name in out:
             raise InvalidParameterError(f"Two models would be served as {name!r}.", fix="Name them: NAME=PATH.",
@@ -126,8 +124,6 @@ def create_app(models: dict[str, Any] | list[str] | None = None, *, api_key: str
 
     async def root(request: Request) -> Response:
         return PlainTextResponse("edgelm is running")
-
-    from .ui import ui_routes  # the chat page: "/" and "/ui/{name}", no API key needed
 
     routes = [
         *(ui_routes() if ui else [Route("/", root, methods=["GET", "HEAD"])]),

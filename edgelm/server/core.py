@@ -154,6 +154,7 @@ def embed_inputs(model: Any, inputs: Any, *, param: str, truncate: bool, normali
 
 def json_grammar(kind: str, schema: Any = None) -> str:
     """A GBNF grammar whose every output parses as JSON (matching ``schema`` when given)."""
+    from edgelm.native.llamacpp import llama_cpp  # noqa: F401  (llama.cpp through its one doorway)
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
     if kind == "json_object":

@@ -12,10 +12,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-import edgelm
 from edgelm.chat import validate_messages
+from edgelm.chat_templates import resolve
+from edgelm.formats.gguf import read_header
+from edgelm.loader import inspect
 from edgelm.params import GenerationParams
 from edgelm.settings import field_table, generation
+from edgelm.version import __version__
 
 from . import core
 from .errors import RequestError, ollama_error
@@ -195,8 +198,6 @@ def _details(facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _facts(entry: Any) -> dict[str, Any]:
-    from edgelm.loader import inspect
-
     return inspect(entry.path)
 
 
@@ -219,12 +220,8 @@ async def show(request: Request, body: dict[str, Any]) -> Response:
     if entry.model is not None and not entry.model.closed:
         template = entry.model.chat_template or ""
     elif chosen is not None:
-        from edgelm.chat_templates import resolve
-
         template = resolve(chosen)[1]
     elif facts.get("format") == "gguf":
-        from edgelm.formats.gguf import read_header
-
         template = read_header(facts["path"]).chat_template or ""
     info = {f"general.{k}": v for k, v in facts.items() if isinstance(v, (str, int, float, bool))}
     return JSONResponse({"modelfile": f"FROM {facts['path']}", "parameters": "", "template": template,
@@ -246,4 +243,4 @@ async def ps(request: Request) -> Response:
 
 
 async def version(request: Request) -> Response:
-    return JSONResponse({"version": edgelm.__version__})
+    return JSONResponse({"version": __version__})

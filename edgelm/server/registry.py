@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import edgelm
+from edgelm import runtimes
 from edgelm.errors import UnknownModelNameError
+from edgelm.loader import load, options_for
+from edgelm.plan import default_parallel
+from edgelm.sources import resolve_model_path
 
 DEFAULT_NAME = "smollm2-135m-instruct"
 
@@ -71,24 +74,19 @@ class Registry:
                 e.model.close()  # an RPC worker went away (edgelm.rpc): load again, which checks the workers first
             if e.model is None or e.model.closed:
                 t = time.perf_counter()
-                e.model = edgelm.load(e.path, **self.options_for(e))
+                e.model = load(e.path, **self.options_for(e))
                 e.load_seconds = time.perf_counter() - t
             self.touch(e)
             return e.model
 
     def options_for(self, e: Entry) -> dict[str, Any]:
         """The load options that apply to this entry's backend (one set of options serves GGUF and ONNX models)."""
-        from edgelm import runtimes
-        from edgelm.loader import options_for, resolve_model_path
-
         path = resolve_model_path(e.path)
         backend = self.load_kwargs.get("backend")
         name = runtimes.canonical_name(backend) if backend not in (None, "auto") else runtimes.detect_backend(path)
         options = options_for(name, self.load_kwargs) if name else dict(self.load_kwargs)
         if name == "llamacpp" and "parallel" not in options and not options.get("workers"):
             # a server batches: as many sequences as memory allows
-            from edgelm.plan import default_parallel
-
             options["parallel"] = default_parallel(path, n_ctx=options.get("n_ctx"), kv_cache=options.get("kv_cache"))
         return options
 
