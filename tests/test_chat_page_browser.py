@@ -4,7 +4,7 @@ with the embedded SmolLM2 model on a free loopback port.
 No golden answers: the tests watch the page (the answer's text growing, the stop button, the error banner, the key
 dialog, what survives a reload) and ask the server what it did (/metrics, its own error messages).
 
-Chromium must be installed (`sudo apt-get install -y chromium`; `.ci/run` does it); set EDGELM_CHROMIUM to use
+Chromium must be installed (`bash tests/setup.sh` installs it, as `sudo apt-get install -y chromium` does); set EDGELM_CHROMIUM to use
 another binary.  A missing browser fails these tests with that instruction; `-m "not browser"` deselects them.
 """
 
@@ -89,7 +89,7 @@ def _need_chromium():
     """Before anything starts: a missing browser or Playwright fails the tests with the fix, never skips them."""
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
         pytest.fail(f"The chat page's browser tests need Chromium at {CHROMIUM}, which is not installed. "
-                    f"Install it with `{INSTALL}` (Debian/Ubuntu; .ci/run does this), point EDGELM_CHROMIUM at "
+                    f"Install it with `{INSTALL}` (Debian/Ubuntu; `bash tests/setup.sh` does this), point EDGELM_CHROMIUM at "
                     "another Chromium binary, or deselect these tests with -m 'not browser'.", pytrace=False)
     try:
         import playwright.sync_api  # noqa: F401
