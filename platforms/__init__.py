@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgelm.settings import DEVICES  # declared with the device setting, a layer below
+
 from .detect import Host, detect
 from .probes import Probes
 from .profiles import Device, device_names, profiles, resolve, this_machine
@@ -22,9 +24,6 @@ class RuntimeDefaults:
     n_gpu_layers: int
     providers: list[str] | None = None  # onnxruntime execution providers, best first
     notes: list[str] = field(default_factory=list)
-
-
-DEVICES = ("auto", "cpu", "gpu", "metal", "cuda", "vulkan", "npu", "coreml", "qnn", "nnapi", "directml", "xnnpack")
 
 
 def default_threads(probes: Probes | None = None) -> int:
