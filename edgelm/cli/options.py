@@ -63,9 +63,9 @@ class Ints(click.ParamType):
             self.fail(f"{value!r}: use a number (4) or numbers separated by commas (12,14,17).", param, ctx)
 
 
-def _option(s: Setting) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    help_text = s.help if "[default:" in s.help else f"{s.help} [default: {s.default_text()}]"
-    kwargs: dict[str, Any] = {"default": None, "help": help_text}
+def _option(s: Setting, required: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    help_text = s.help if "[default:" in s.help or required else f"{s.help} [default: {s.default_text()}]"
+    kwargs: dict[str, Any] = {"default": None, "help": help_text, "required": required or None}
     if s.kind == "int":
         kwargs["type"] = int
     elif s.kind == "float":
@@ -91,20 +91,22 @@ def _option(s: Setting) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(*s.cli, s.name, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
 
 
-def _decorate(settings: tuple[Setting, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _decorate(settings: tuple[Setting, ...], required: tuple[str, ...] = ()
+              ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         for s in reversed(settings):
             if s.cli:
-                func = _option(s)(func)
+                func = _option(s, s.name in required)(func)
         return func
 
     return decorate
 
 
-def table_options(settings: tuple[Setting, ...], *, skip: tuple[str, ...] = ()
+def table_options(settings: tuple[Setting, ...], *, skip: tuple[str, ...] = (), required: tuple[str, ...] = ()
                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A click option for each setting of ``settings`` that has a flag, but ``skip``, in the table's order."""
-    return _decorate(tuple(s for s in settings if s.name not in skip))
+    """A click option for each setting of ``settings`` that has a flag, but ``skip``, in the table's order;
+    ``required``: those the command line must give (the library refuses their default)."""
+    return _decorate(tuple(s for s in settings if s.name not in skip), required)
 
 
 def generation_options(func: Callable[..., Any]) -> Callable[..., Any]:
