@@ -11,7 +11,7 @@ import click
 from edgelm.compression.api import COMPRESS, compress
 from edgelm.compression.report import plot as plot_report
 
-from . import handle_errors, with_progress
+from .common import handle_errors, with_progress
 from .options import pop_given, table_options
 
 
