@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import os as _os
+from pathlib import Path
+from typing import Any
 
 # llama.cpp (OPENMP = 1 in llama-cpp-python's build) syncs its threads at every operation of a forward pass with an
 # OpenMP barrier, and how a thread waits there decides the speed: libgomp's default spins for about 300,000 rounds
@@ -25,64 +27,28 @@ import os as _os
 if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+from .compression import compress
+from .conversion import convert
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the public API)
 from .errors import EdgelmError
+from .hub import pull as _hub_pull
 from .loader import default_model_path, load
 from .model import Model, collect
 from .params import GenerationParams
-from .plan import Plan, recommend
+from .plan import RECOMMEND_DEFAULTS, Plan, recommend
+from .rpc.cluster import recommend_cluster
+from .rpc.worker import serve_worker as worker
+from .server import serve
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
+from .version import __version__
 
 
-def convert(src, **kwargs):
-    """Convert a model to GGUF or ONNX and measure its quality; see edgelm.conversion.convert."""
-    from .conversion import convert as _convert
+def pull(reference: str, revision: str | None = None, *, profile: str = RECOMMEND_DEFAULTS.profile,
+         **kwargs: Any) -> Path:
+    """Download ORG/REPO[:QUANT] from the Hugging Face Hub into its cache; the largest quantization that fits the
+    device ``profile`` ("auto": this machine) unless QUANT names one; see edgelm.hub.pull."""
+    return _hub_pull(reference, revision, device=profile, **kwargs)
 
-    return _convert(src, **kwargs)
-
-
-def compress(src, output, **kwargs):
-    """Remove decoder blocks / MLP neurons from a Hugging Face checkpoint, heal, measure; see
-    edgelm.compression.api.compress."""
-    from .compression import compress as _compress
-
-    return _compress(src, output, **kwargs)
-
-
-def pull(reference, revision=None, **kwargs):
-    """Download ORG/REPO[:QUANT] from the Hugging Face Hub into its cache; see edgelm.hub.pull."""
-    from .hub import pull as _pull
-
-    return _pull(reference, revision, **kwargs)
-
-
-def worker(*args, **kwargs):
-    """Run a llama.cpp RPC worker that other machines split models onto (blocking); see edgelm.rpc.serve_worker."""
-    from .rpc import serve_worker
-
-    return serve_worker(*args, **kwargs)
-
-
-def recommend_cluster(*args, **kwargs):
-    """Plan a model over a device and N RPC workers; see edgelm.rpc.cluster.recommend_cluster."""
-    from .rpc.cluster import recommend_cluster as _recommend
-
-    return _recommend(*args, **kwargs)
-
-
-def serve(*args, **kwargs):
-    """Serve models over the OpenAI- and Ollama-compatible API (blocking); see edgelm.server.serve."""
-    from .server import serve as _serve
-
-    return _serve(*args, **kwargs)
-
-
-try:
-    from importlib.metadata import version as _version
-
-    __version__ = _version("edgelm")
-except Exception:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",

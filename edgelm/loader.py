@@ -6,13 +6,16 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import DefaultModelMissingError, InvalidParameterError, ModelNotFoundError, UnsupportedModelError
 from .model import Model
 from .params import GenerationParams
-from .settings import Setting, load_settings
+from .settings import LoadKwargs, Setting, load_settings
 from .types import ModelInfo
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; type checkers ship typing_extensions
 
 log = logging.getLogger("edgelm")
 
@@ -123,7 +126,7 @@ def options_for(backend: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(model: str | os.PathLike[str] | None = None, *,
-         defaults: GenerationParams | dict[str, Any] | None = None, **options: Any) -> Model:
+         defaults: GenerationParams | dict[str, Any] | None = None, **options: Unpack[LoadKwargs]) -> Model:
     """Load a model for inference.
 
     model: a .gguf file, an ONNX model folder, or None / "default" for the embedded SmolLM2-135M-Instruct.
