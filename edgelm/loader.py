@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import DefaultModelMissingError, InvalidParameterError, ModelNotFoundError, UnsupportedModelError
 from .model import Model
 from .params import GenerationParams
-from .settings import LoadKwargs, Setting, load_settings
+from .settings import BACKEND, LoadKwargs, Setting, load_settings
 from .types import ModelInfo
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def load(model: str | os.PathLike[str] | None = None, *,
 
     path = resolve_model_path(model)
     check_load_options(options)
-    name = _backend_for(path, options.pop("backend", "auto"))
+    name = _backend_for(path, options.pop("backend", BACKEND.default))
     cls = runtimes.get_backend(name)
     check_load_options(options, name if name in runtimes.BUILTIN else None)
     values = {s.name: options.get(s.name, s.default) for s in load_settings() if s.name != "backend"}

@@ -202,3 +202,41 @@ def test_get_type_hints_of_the_typed_dicts_resolve():
     """The TypedDicts are real types at run time too (an editor or a validator may evaluate them)."""
     for typed in (GenerationKwargs, LoadKwargs, CompressKwargs, ConvertKwargs, AppKwargs):
         assert get_type_hints(typed)
+
+
+TYPOS = '''
+import edgelm
+
+m = edgelm.load("x.gguf", n_ctxx=512)
+m.generate("hi", max_token=5)
+m.generate("hi", max_tokens="5")
+edgelm.compress("a", "b", drop_layer=3)
+edgelm.convert("a", quantt="q8_0")
+edgelm.serve(keep_alivee=3)
+'''
+FINE = '''
+import edgelm
+
+m = edgelm.load("x.gguf", n_ctx=512, device="cpu", kv_cache="q8_0")
+m.generate("hi", max_tokens=5, temperature=0.2, stop=["\\n"])
+m.stream_chat([{"role": "user", "content": "hi"}], top_k=5)
+edgelm.compress("a", "b", drop_layers=[2, 3], heal="linear", budget="200k")
+edgelm.convert("a", to="onnx", quant="int4", output="o", algo="gptq", mixed_precision=True)
+edgelm.serve(port=0, keep_alive=3.0, ui=False)
+edgelm.recommend("m.gguf", profile="raspberry-pi-5-8gb", parallel=2)
+'''
+
+
+@pytest.mark.slow
+def test_a_type_checker_catches_a_misspelt_keyword(tmp_path):
+    """What the TypedDicts are for: mypy names each misspelt or mistyped keyword, and passes the right ones."""
+    api = pytest.importorskip("mypy.api", reason="mypy is not installed")
+    (tmp_path / "typos.py").write_text(TYPOS)
+    (tmp_path / "fine.py").write_text(FINE)
+    args = ["--ignore-missing-imports", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache")]
+    out, _, status = api.run([*args, str(tmp_path / "typos.py"), str(tmp_path / "fine.py")])
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert all("typos.py" in line for line in errors), out
+    for word in ("n_ctxx", "max_token", '"max_tokens"', "drop_layer", "quantt", "keep_alivee"):
+        assert any(word in line for line in errors), (word, out)
+    assert status == 1
