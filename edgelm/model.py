@@ -17,6 +17,7 @@ from . import chat as chat_templates
 from .errors import (BackendError, ContextLengthExceededError, InvalidParameterError, ModelClosedError,
                      ModelNotFoundError, NoChatTemplateError, UnsupportedModelError)
 from .params import GenerationKwargs, GenerationParams
+from .runtimes.scheduler import Direct, Scheduler
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ class Model:
     """
 
     def __init__(self, backend: Any, info: ModelInfo, defaults: GenerationParams | None = None) -> None:
-        from .runtimes.scheduler import Direct, Scheduler
-
         self._backend = backend
         self.info = info
         self.defaults = defaults or GenerationParams()

@@ -23,8 +23,11 @@ from typing import Any
 
 from .declarations import from_dataclass, setting
 from .errors import DoesNotFitError, HubError, UnsupportedModelError
-from .formats.gguf import AttentionShape, estimate_file_bytes, file_type_bpw
-from .platforms.profiles import resolve, this_machine
+from .formats import hf, onnx_folder
+from .formats.gguf import AttentionShape, estimate_file_bytes, file_type_bpw, is_gguf, read_header
+from .formats.onnx_folder import BYTES_PER_PARAMETER
+from .platforms import detect
+from .platforms.profiles import DECODE_GFLOPS_PER_CORE, SIMD_TITLES, resolve, this_machine
 from .units import human_bytes
 
 MB = 1024**2
@@ -107,8 +110,6 @@ def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
     """Read what a plan needs from the model's header, manifest or config, without loading it: a GGUF file, an
     ONNX folder, a Hugging Face checkpoint folder (config.json + *.safetensors) or a Hub id (from the HF cache; a
     GGUF or ONNX repository is pulled as `edgelm.load` would)."""
-    from .formats import hf, onnx_folder
-    from .formats.gguf import is_gguf, read_header
     from .loader import DEFAULT_MODEL_NAMES, resolve_model_path
 
     source = None
@@ -141,7 +142,6 @@ def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
 
 
 def _not_a_model(path: Path) -> UnsupportedModelError:
-    from .formats import hf
 
     what = "a file" if path.is_file() else "a folder"
     why = ""
@@ -158,7 +158,6 @@ def _not_a_model(path: Path) -> UnsupportedModelError:
 
 def checkpoint_facts(folder: str | os.PathLike[str], *, source: str | None = None) -> ModelFacts:
     """A Hugging Face checkpoint folder's facts from config.json and its safetensors headers."""
-    from .formats import hf
 
     folder = Path(folder)
     config = hf.read_config(folder)
@@ -166,7 +165,6 @@ def checkpoint_facts(folder: str | os.PathLike[str], *, source: str | None = Non
 
 
 def _checkpoint_facts(path: str, config: dict[str, Any], tensors: Any, source: str | None) -> ModelFacts:
-    from .formats import hf
 
     if tensors.parameters <= 0:
         raise UnsupportedModelError(f"{path}'s safetensors headers describe no tensors.",
@@ -180,7 +178,6 @@ def _checkpoint_facts(path: str, config: dict[str, Any], tensors: Any, source: s
 
 
 def _onnx_facts(folder: Path, source: str | None) -> ModelFacts:
-    from .formats import onnx_folder
 
     m = onnx_folder.check_folder(folder)
     model_file = m.get("model_file", "model.onnx")
@@ -210,7 +207,6 @@ def _hub_checkpoint(name: str) -> Path | ModelFacts | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    from .formats import hf
 
     cached = try_to_load_from_cache(ref.repo_id, hf.CONFIG, cache_dir=str(hf_cache_dir()))
     if isinstance(cached, str):
@@ -231,7 +227,6 @@ def _runnable_files(snapshot: Path) -> bool:
 def _remote_checkpoint(repo_id: str, endpoint: str, cache: str) -> ModelFacts | None:
     from huggingface_hub import HfApi, hf_hub_download
 
-    from .formats import hf
 
     api = HfApi(endpoint=endpoint, library_name="edgelm")
     try:
@@ -317,7 +312,6 @@ def _fit(f: ModelFacts, t: _Target, quant: str, wbytes: int, kv_types: tuple[str
 
 
 def _notes(f: ModelFacts, t: _Target, fit: _Fit) -> list[str]:
-    from .platforms.profiles import DECODE_GFLOPS_PER_CORE, SIMD_TITLES
 
     notes = []
     if fit.n_ctx < t.wanted_ctx:
@@ -474,7 +468,6 @@ def recommend_cap(parameters: int) -> str:
 def quantization_rows(f: ModelFacts, t: _Target) -> tuple[list[dict[str, Any]], list[_Fit]]:
     """One row per quantization a checkpoint could be converted to: GGUF (PLAN_QUANTS, sizes from
     edgelm.formats.gguf.estimate_file_bytes) and ONNX (PLAN_ONNX_QUANTS, bytes per parameter from edgelm.formats.onnx_folder)."""
-    from .formats.onnx_folder import BYTES_PER_PARAMETER
 
     source = f.source or f.path
     rows, fits = [], []
@@ -533,7 +526,6 @@ def default_parallel(model: str | os.PathLike[str] | None, *, n_ctx: int | None 
                      available: int | None = None, most: int = 4) -> int:
     """How many sequences a server should batch for ``model``: up to ``most``, as long as their KV caches (n_ctx
     tokens each) take at most a quarter of the available memory.  1 for models other than GGUF."""
-    from .platforms import detect
 
     try:
         f = model_facts(model)

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypedDict
 
-from edgelm.errors import InsecureBindError, InvalidParameterError
+from edgelm.errors import InsecureBindError, InvalidParameterError, ModelNotFoundError
+from edgelm.hub import served_reference
 
 from .errors import RequestError, ollama_error, openai_error, status_for
 from .metrics import Metrics
@@ -57,14 +58,10 @@ def model_names(paths: list[str] | None) -> dict[str, Path | None]:
         if not sep:
             path, name = item, Path(item).name.removesuffix(".gguf")
         # --- models by name (edgelm.hub): ORG/REPO[:QUANT] pulled (or taken from the cache), served as typed ---
-        from edgelm.hub import served_reference
-
         path, name = served_reference(path, name if sep else None) or (path, name)
         # --- end of models by name ---
         p = Path(path).expanduser().resolve()
         if not p.exists():
-            from edgelm.errors import ModelNotFoundError
-
             raise ModelNotFoundError(f"Model to serve not found: {p}.", fix="Check the path.", path=str(p))
         if name in out:
             raise InvalidParameterError(f"Two models would be served as {name!r}.", fix="Name them: NAME=PATH.",
