@@ -210,7 +210,8 @@ def convert(src: str | os.PathLike[str], *, progress: Progress | None = None,
                                 path=str(out))
     if out.parent.is_dir():
         remove_stale(out.parent)  # what a killed conversion left there (hidden temporary files and folders)
-    job = _Job(target, opts, out, given.overwrite, eval, budget_ppl, budget_size, progress or (lambda message, fraction: None))
+    job = _Job(target, opts, out, given.overwrite, eval, budget_ppl, budget_size,
+               progress or (lambda message, fraction: None))
     name = source.name if Path(src).expanduser().exists() else str(src)  # a Hub id, not its snapshot hash
     with target.stage(source, name, quant, out, opts, allow_pickle=given.allow_pickle, progress=job.report) as staged:
         job.staged = staged

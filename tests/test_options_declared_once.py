@@ -17,7 +17,7 @@ import click
 import pytest
 
 import edgelm
-from edgelm import converters, server
+from edgelm import converters
 from edgelm.cli import main
 from edgelm.cli.platforms import CLUSTER_FLAGS
 from edgelm.cli.store import PULL
@@ -117,8 +117,9 @@ def _unpacked(func: Any) -> str | None:
 
 @pytest.mark.parametrize("func, typed", [
     (edgelm.load, "LoadKwargs"), (Model.generate, "GenerationKwargs"), (Model.stream, "GenerationKwargs"),
-    (Model.chat, "GenerationKwargs"), (Model.stream_chat, "GenerationKwargs"), (Model.stream_tokens, "GenerationKwargs"),
-    (Model.generate_batch, "GenerationKwargs"), (Model.chat_batch, "GenerationKwargs"),
+    (Model.chat, "GenerationKwargs"), (Model.stream_chat, "GenerationKwargs"),
+    (Model.stream_tokens, "GenerationKwargs"), (Model.generate_batch, "GenerationKwargs"),
+    (Model.chat_batch, "GenerationKwargs"),
     (edgelm.convert, "ConvertKwargs"), (edgelm.compress, "CompressKwargs"), (edgelm.serve, "AppKwargs"),
 ], ids=lambda x: getattr(x, "__qualname__", str(x)))
 def test_public_functions_keep_their_keyword_names(func, typed):

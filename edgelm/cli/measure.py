@@ -92,8 +92,8 @@ def eval_command(model: str | None, text_file: Any, window: int, windows: int, k
       edgelm eval --kv-cache f16 --kv-cache q8_0 --kv-cache q4_0
     """
     text = text_file.read() if text_file else None
-    results = measure.evaluate(model, text=text, window=window, windows=windows or None, kv_caches=list(kv_caches) or [None],
-                       **pop_load(kwargs))
+    results = measure.evaluate(model, text=text, window=window, windows=windows or None,
+                               kv_caches=list(kv_caches) or [None], **pop_load(kwargs))
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return

@@ -11,8 +11,7 @@ import click
 
 from edgelm.rpc import protocol
 from edgelm.rpc.build import install_rpc
-from edgelm.rpc.worker import (INSECURE_WARNING, InsecureWorkerWarning, default_cache_dir, print_banner,
-                               serve_worker)
+from edgelm.rpc.worker import INSECURE_WARNING, InsecureWorkerWarning, default_cache_dir, print_banner, serve_worker
 
 from .common import handle_errors
 
