@@ -6,15 +6,19 @@ Each benchmarked configuration runs in a fresh child process, so load time and p
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .errors import InvalidParameterError
+from . import errors, loader
+from .errors import EdgelmError, InvalidParameterError
 from .platforms.process import peak_rss_bytes
+from .quality import eval_text, perplexity
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,8 @@ class BenchResult:
 
 def _bench_one(model: str | None, runs: int, prompt_tokens: int, gen_tokens: int, load_kwargs: dict[str, Any],
                speculative: str | None, prompt: str | None) -> dict[str, Any]:
-    import edgelm
-    from edgelm.quality import eval_text
-
     t0 = time.perf_counter()
-    m = edgelm.load(model, **load_kwargs)
+    m = loader.load(model, **load_kwargs)
     load_seconds = time.perf_counter() - t0
     with m:
         if prompt is None:
@@ -136,11 +137,6 @@ def bench(
 
 def _in_child(job: tuple[Any, ...]) -> dict[str, Any]:
     """Run one benchmark in a fresh interpreter (a plain subprocess: no re-import of the caller's __main__)."""
-    import json
-    import subprocess
-
-    from . import errors
-
     code = "from edgelm.measure import _child_main; _child_main()"
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
@@ -155,10 +151,6 @@ def _in_child(job: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def _child_main() -> None:
-    import json
-
-    from .errors import EdgelmError
-
     try:
         out = _bench_one(*json.load(sys.stdin))
     except EdgelmError as exc:
@@ -185,13 +177,10 @@ class EvalResult:
 def evaluate(model: str | None = None, *, text: str | None = None, window: int = 512, windows: int | None = 4,
              kv_caches: Iterable[str | None] = (None,), **load_kwargs: Any) -> list[EvalResult]:
     """Perplexity of ``model`` on ``text`` (default: the built-in evaluation text), per KV cache type."""
-    import edgelm
-    from edgelm.quality import perplexity
-
     out = []
     for kv in kv_caches:
         t0 = time.perf_counter()
-        with edgelm.load(model, kv_cache=kv, **{"n_ctx": max(window, 512), **load_kwargs}) as m:
+        with loader.load(model, kv_cache=kv, **{"n_ctx": max(window, 512), **load_kwargs}) as m:
             r = perplexity(m, text, window=window, windows=windows)
             out.append(EvalResult(
                 model=m.info.name or os.path.basename(m.info.path), kv_cache=str(m.info.extra.get("kv_cache", "f16")),

@@ -12,10 +12,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-import edgelm
 from edgelm.chat import validate_messages
 from edgelm.params import GenerationParams
 from edgelm.settings import field_table, generation
+from edgelm.version import __version__
 
 from . import core
 from .errors import RequestError, ollama_error
@@ -246,4 +246,4 @@ async def ps(request: Request) -> Response:
 
 
 async def version(request: Request) -> Response:
-    return JSONResponse({"version": edgelm.__version__})
+    return JSONResponse({"version": __version__})

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import edgelm
+from edgelm import loader
 from edgelm.errors import UnknownModelNameError
 
 DEFAULT_NAME = "smollm2-135m-instruct"
@@ -71,7 +71,7 @@ class Registry:
                 e.model.close()  # an RPC worker went away (edgelm.rpc): load again, which checks the workers first
             if e.model is None or e.model.closed:
                 t = time.perf_counter()
-                e.model = edgelm.load(e.path, **self.options_for(e))
+                e.model = loader.load(e.path, **self.options_for(e))
                 e.load_seconds = time.perf_counter() - t
             self.touch(e)
             return e.model
