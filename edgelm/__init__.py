@@ -8,52 +8,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from .cluster import recommend_cluster
+from .compression import compress
+from .conversion import convert
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the public API)
 from .errors import EdgelmError
+from .hub import pull as _hub_pull
 from .loader import default_model_path, load
 from .model import Model, collect
 from .params import GenerationParams
-from .hub import pull
-from .plan import Plan
+from .plan import RECOMMEND_DEFAULTS, Plan
+from .rpc.worker import serve_worker as worker
+from .server import serve
 from .sources import recommend
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
 from .version import __version__
 
 
-def convert(src, **kwargs):
-    """Convert a model to GGUF or ONNX and measure its quality; see edgelm.conversion.convert."""
-    from .conversion import convert as _convert
-
-    return _convert(src, **kwargs)
-
-
-def compress(src, output, **kwargs):
-    """Remove decoder blocks / MLP neurons from a Hugging Face checkpoint, heal, measure; see
-    edgelm.compression.api.compress."""
-    from .compression import compress as _compress
-
-    return _compress(src, output, **kwargs)
-
-
-def worker(*args, **kwargs):
-    """Run a llama.cpp RPC worker that other machines split models onto (blocking); see edgelm.rpc.serve_worker."""
-    from .rpc import serve_worker
-
-    return serve_worker(*args, **kwargs)
-
-
-def recommend_cluster(*args, **kwargs):
-    """Plan a model over a device and N RPC workers; see edgelm.cluster.recommend_cluster."""
-    from .cluster import recommend_cluster as _recommend
-
-    return _recommend(*args, **kwargs)
-
-
-def serve(*args, **kwargs):
-    """Serve models over the OpenAI- and Ollama-compatible API (blocking); see edgelm.server.serve."""
-    from .server import serve as _serve
-
-    return _serve(*args, **kwargs)
+def pull(reference: str, revision: str | None = None, *, profile: str = RECOMMEND_DEFAULTS.profile,
+         **kwargs: Any) -> Path:
+    """Download ORG/REPO[:QUANT] from the Hugging Face Hub into its cache; the largest quantization that fits the
+    device ``profile`` ("auto": this machine) unless QUANT names one; see edgelm.hub.pull."""
+    return _hub_pull(reference, revision, device=profile, **kwargs)
 
 
 __all__ = [

@@ -7,14 +7,30 @@ text, and runs a short generation in a child process for decode speed and peak m
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
-from .errors import InvalidParameterError, OutputExistsError, QualityBudgetError
+from .converters import TARGETS, option_record
+from .converters import target as find_target
+from .converters.source import resolve
+from .declarations import Setting, from_dataclass, setting
+from .errors import ConversionError, EdgelmError, InvalidParameterError, OutputExistsError, QualityBudgetError
+from .formats import disk_size
+from .loader import inspect, load
+from .measure import bench, evaluate
+from .runtimes import detect_backend
+from .store import record_output, remove_stale
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; type checkers ship typing_extensions
 
 Progress = Callable[[str, float], None]
 
@@ -73,52 +89,131 @@ def parse_size(value: str | int | None) -> int | None:
     return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit])
 
 
-def convert(src: str, *, to: str = "gguf", quant: str = "q4_k_m", output: str | None = None, overwrite: bool = False,
-            revision: str | None = None, eval: bool = True, max_ppl_increase: str | float | None = None,
-            max_size: str | int | None = None, allow_pickle: bool = False, progress: Progress | None = None,
-            **options: Any) -> ConversionReport:
+@dataclass(frozen=True, kw_only=True)
+class ConvertOptions:
+    """convert()'s own options, each declared once (type, default, help, flag); `edgelm convert` derives its flags
+    from them.  The target's options (threads, algo, ...) are declared on its record (``target(to).options``)."""
+
+    to: str = setting("gguf", "The format written.", kind="choice", choices=tuple(TARGETS), cli=("--to",),
+                      example="onnx")
+    quant: str = setting(
+        "q4_k_m", "GGUF: any llama.cpp type (q8_0, q6_k, q5_k_m, q4_k_m, q4_0, f16, ...); ONNX: int4, int8, fp16, "
+        "fp32; or auto (with --max-size / --max-ppl-increase).", kind="str", cli=("-q", "--quant"), example="q8_0")
+    output: str | os.PathLike[str] | None = setting(
+        None, "Output .gguf file, or folder for ONNX.", kind="path", cli=("-o", "--output"), example="out.gguf")
+    overwrite: bool = setting(False, "Replace an existing output.", kind="bool", cli=("--overwrite",), example=True)
+    revision: str | None = setting(None, "Hub revision (branch, tag or commit) when SRC is a Hub id.", kind="str",
+                                   cli=("--revision",), example="main")
+    eval: bool = setting(True, "Measure the output's quality and speed (--no-eval skips it).", kind="bool",
+                         cli=("--eval/--no-eval",), example=False)
+    max_ppl_increase: str | float | None = setting(
+        None, 'Fail (and keep no output) when perplexity rises more than this, e.g. "5%".', kind="str",
+        cli=("--max-ppl-increase",), example="5%")
+    max_size: str | int | None = setting(
+        None, 'Largest acceptable output, e.g. "120MB" (with --quant auto).', kind="str", cli=("--max-size",),
+        example="120MB")
+    allow_pickle: bool = setting(
+        False, "Accept *.bin pickle weights. They can run code when loaded: only for sources you trust.",
+        kind="bool", cli=("--allow-pickle",), example=True)
+
+
+CONVERT = from_dataclass(ConvertOptions)
+
+# the target options `edgelm convert` has flags for; their defaults are the target's (GGUFOptions, OnnxOptions),
+# so none is given here: a flag left out leaves the target's default
+TARGET_FLAGS = (
+    Setting("threads", "int", None, "GGUF: threads for llama.cpp's quantizer [default: all cores].",
+            cli=("--threads",), example=2),
+    Setting("algo", "str", None, "ONNX int4/int8: how weights are rounded: gptq (int4, calibrated: better quality at "
+            "the same speed, slower to convert), default (round to nearest), k_quant, k_quant_mixed [default: gptq "
+            "for int4 when the fp32 model fits easily in memory, else round to nearest].", cli=("--algo",),
+            example="gptq"),
+    Setting("calibration", "path", None, "ONNX --algo gptq: a UTF-8 text file like what the model will see "
+            "[default: Python's docstrings].", cli=("--calibration",), example="calibration.txt"),
+    Setting("mixed_precision", "bool", None, "ONNX int4 with GPTQ: keep the input embedding and the late MLP down "
+            "projections at 8 bits (better on text unlike the calibration: SmolLM2 1.16x -> 1.11x fp32 perplexity "
+            "on licence prose; larger: 128 vs 92 MB) [default: off].", cli=("--mixed-precision",), example=True),
+    Setting("exporter", "choice", None, "ONNX: who writes the graph: genai (onnxruntime-genai's builder), optimum "
+            "(optimum-onnx, for GPT-2, GPT-NeoX, OPT, BLOOM, Falcon, ...: `edgelm install-converter --optimum` "
+            "once) [default: auto, the builder where it supports the architecture, optimum otherwise].",
+            choices=("auto", "genai", "optimum"), cli=("--exporter",), example="optimum"),
+)
+
+
+class ConvertKwargs(TypedDict, total=False):
+    """The keyword arguments of :func:`convert`: :class:`ConvertOptions`' fields, then the targets' options
+    (GGUFOptions, OnnxOptions); a test checks they match."""
+
+    to: str
+    quant: str
+    output: str | os.PathLike[str] | None
+    overwrite: bool
+    revision: str | None
+    eval: bool
+    max_ppl_increase: str | float | None
+    max_size: str | int | None
+    allow_pickle: bool
+    # GGUF and ONNX
+    threads: int | None
+    timeout: float | None
+    # ONNX
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    algo: str
+    calibration: str | None
+    mixed_precision: bool
+    execution_provider: str
+    builder_options: dict[str, Any] | None
+    exporter: str
+
+
+def convert(src: str | os.PathLike[str], *, progress: Progress | None = None,
+            **options: Unpack[ConvertKwargs]) -> ConversionReport:
     """Convert ``src`` (a Hugging Face folder or Hub id; for GGUF output also a .gguf to re-quantize).
 
+    The options are :class:`ConvertOptions`' fields and the target's.
     to: "gguf" or "onnx" (edgelm.converters.TARGETS).  quant: a llama.cpp type (q4_k_m, q8_0, f16, ...) or
     int4/int8/fp16/fp32 for ONNX, or "auto" to keep the smallest that meets ``max_size`` / ``max_ppl_increase``.
-    options: the target's options (GGUF: threads, timeout; ONNX: see edgelm.converters.onnx_options.OnnxOptions).
+    The target's options: GGUF: threads, timeout; ONNX: see ``edgelm.converters.target("onnx").options``
+    (an unknown name raises InvalidParameterError naming the valid ones).
 
     A Hugging Face checkpoint becomes GGUF in two steps: llama.cpp's converter writes a 16-bit GGUF (bf16 for bf16
     checkpoints, f16 otherwise; f32/bf16 when asked for), then llama.cpp's quantizer writes ``quant`` from it; that
     16-bit file is the reference the quality report compares against, and is removed at the end.
     allow_pickle: accept *.bin pickle weights (they can run code when loaded).
     """
-    from .converters import option_record, target as find_target
-    from .converters.source import resolve
-
+    own = {s.name for s in CONVERT}
+    given = ConvertOptions(**{k: v for k, v in options.items() if k in own})
+    target_options = {k: v for k, v in options.items() if k not in own}
+    to, quant, output, eval = given.to, given.quant, given.output, given.eval
     target = find_target(to)
-    budget_ppl = parse_fraction(max_ppl_increase)
-    budget_size = parse_size(max_size)
+    budget_ppl = parse_fraction(given.max_ppl_increase)
+    budget_size = parse_size(given.max_size)
     if budget_ppl is not None and not eval:
         raise InvalidParameterError("max_ppl_increase needs the quality evaluation, but eval=False.",
                                     fix="Drop --no-eval.", parameter="eval", value=False)
-    opts = option_record(target.options, options, f"{target.name.upper()} conversion")
+    opts = option_record(target.options, target_options, f"{target.name.upper()} conversion")
     quant = str(quant).lower()
     if quant == "auto" and budget_ppl is None and budget_size is None:
         raise InvalidParameterError('quant="auto" needs a budget.', fix="Add max_size and/or max_ppl_increase.",
                                     parameter="quant", value="auto")
     if quant != "auto":
         quant = target.check_quant(quant)  # an unknown type is refused before minutes of conversion
-    source = resolve(src, revision=revision)
+    source = resolve(src, revision=given.revision)
     if output is None:
         raise InvalidParameterError("No output path given.", fix="Pass output= (-o on the command line).",
                                     parameter="output", value=None)
     out = Path(output).expanduser()
-    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+    if out.exists() and not given.overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise OutputExistsError(f"The output {out} already exists.", fix="Choose another path or pass --overwrite.",
                                 path=str(out))
-    from .store import record_output, remove_stale
-
     if out.parent.is_dir():
         remove_stale(out.parent)  # what a killed conversion left there (hidden temporary files and folders)
-    job = _Job(target, opts, out, overwrite, eval, budget_ppl, budget_size, progress or (lambda message, fraction: None))
+    job = _Job(target, opts, out, given.overwrite, eval, budget_ppl, budget_size,
+               progress or (lambda message, fraction: None))
     name = source.name if Path(src).expanduser().exists() else str(src)  # a Hub id, not its snapshot hash
-    with target.stage(source, name, quant, out, opts, allow_pickle=allow_pickle, progress=job.report) as staged:
+    with target.stage(source, name, quant, out, opts, allow_pickle=given.allow_pickle, progress=job.report) as staged:
         job.staged = staged
         result = job.auto() if quant == "auto" else job.one(quant)
     record_output(out)  # `edgelm list` shows it
@@ -168,9 +263,6 @@ class _Job:
         return result
 
     def _describe(self, quant: str, seconds: float) -> ConversionReport:
-        from .formats import disk_size
-        from .loader import inspect
-
         facts = inspect(self.out)
         params = facts.get("parameters") or 0
         size = disk_size(self.out)
@@ -221,14 +313,10 @@ def _remove(path: Path) -> None:
 
 
 def _perplexity(path: Path) -> float:
-    from .measure import evaluate
-
     return evaluate(str(path))[0].perplexity
 
 
 def _measure(result: ConversionReport, reference: tuple[str, float], report: Progress) -> None:
-    from .measure import bench
-
     report("measuring perplexity, speed and memory", 0.8)
     result.reference, result.reference_perplexity = reference
     result.perplexity = _perplexity(Path(result.output))
@@ -250,14 +338,6 @@ def check_runs(path: Path, timeout: float = 300) -> None:
     """Load the model at ``path`` (a temporary output) and decode a few tokens in a child process (llama.cpp aborts
     the process on some bad files).  A model this machine's runtime cannot load or run is a ConversionError that
     says why; the caller then removes it."""
-    import json
-    import subprocess
-    import sys
-
-    from .errors import ConversionError
-    from .loader import inspect
-    from .runtimes import detect_backend
-
     code = "from edgelm.conversion import _check_child; _check_child()"
     try:
         proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
@@ -281,12 +361,6 @@ def check_runs(path: Path, timeout: float = 300) -> None:
 
 
 def _check_child() -> None:
-    import json
-    import sys
-
-    from .errors import EdgelmError
-    from .loader import load
-
     try:
         with load(sys.argv[1], n_ctx=64, threads=1) as model:
             model.generate("Hello", max_tokens=2, temperature=0)

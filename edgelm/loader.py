@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import runtimes
 from .chat_templates import apply as apply_chat_template
@@ -21,10 +21,13 @@ from .model import Model
 from .params import GenerationParams
 from .platforms import DEVICES, runtime_defaults
 from .runtimes.remote import load_with_workers
-from .settings import Setting, load_settings
+from .settings import BACKEND, LoadKwargs, Setting, load_settings
 from .sources import resolve_model_path
 from .store import touch
 from .types import ModelInfo
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; type checkers ship typing_extensions
 
 log = logging.getLogger("edgelm")
 
@@ -81,7 +84,7 @@ def options_for(backend: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(model: str | os.PathLike[str] | None = None, *,
-         defaults: GenerationParams | dict[str, Any] | None = None, **options: Any) -> Model:
+         defaults: GenerationParams | dict[str, Any] | None = None, **options: Unpack[LoadKwargs]) -> Model:
     """Load a model for inference.
 
     model: a .gguf file, an ONNX model folder, or None / "default" for the embedded SmolLM2-135M-Instruct.
@@ -90,7 +93,7 @@ def load(model: str | os.PathLike[str] | None = None, *,
     """
     path = resolve_model_path(model)
     check_load_options(options)
-    name = _backend_for(path, options.pop("backend", "auto"))
+    name = _backend_for(path, options.pop("backend", BACKEND.default))
     cls = runtimes.get_backend(name)
     check_load_options(options, name if name in runtimes.BUILTIN else None)
     values = {s.name: options.get(s.name, s.default) for s in load_settings() if s.name != "backend"}

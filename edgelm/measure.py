@@ -15,9 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
-from . import errors
+from . import errors, loader
 from .errors import EdgelmError, InvalidParameterError
-from .loader import load
 from .optional import require
 from .platforms.process import peak_rss_bytes
 from .quality import eval_text, perplexity
@@ -50,7 +49,7 @@ class BenchResult:
 def _bench_one(model: str | None, runs: int, prompt_tokens: int, gen_tokens: int, load_kwargs: dict[str, Any],
                speculative: str | None, prompt: str | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    m = load(model, **load_kwargs)
+    m = loader.load(model, **load_kwargs)
     load_seconds = time.perf_counter() - t0
     with m:
         if prompt is None:
@@ -182,7 +181,7 @@ def evaluate(model: str | None = None, *, text: str | None = None, window: int =
     out = []
     for kv in kv_caches:
         t0 = time.perf_counter()
-        with load(model, kv_cache=kv, **{"n_ctx": max(window, 512), **load_kwargs}) as m:
+        with loader.load(model, kv_cache=kv, **{"n_ctx": max(window, 512), **load_kwargs}) as m:
             r = perplexity(m, text, window=window, windows=windows)
             out.append(EvalResult(
                 model=m.info.name or os.path.basename(m.info.path), kv_cache=str(m.info.extra.get("kv_cache", "f16")),

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from . import chat as chat_templates
 from .errors import (BackendError, ContextLengthExceededError, InvalidParameterError, ModelClosedError,
                      ModelNotFoundError, NoChatTemplateError, UnsupportedModelError)
-from .params import GenerationParams
+from .params import GenerationKwargs, GenerationParams
 from .runtimes.scheduler import Direct, Scheduler
 from .types import Chunk, Completion, ModelInfo, Timings, Usage
 
 if TYPE_CHECKING:
     import numpy as np
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; type checkers ship typing_extensions
 
 
 class Model:
@@ -110,11 +111,11 @@ class Model:
 
     # --- generation -----------------------------------------------------------------------------------------
 
-    def params(self, **overrides: Any) -> GenerationParams:
+    def params(self, **overrides: Unpack[GenerationKwargs]) -> GenerationParams:
         """This model's defaults with ``overrides`` applied and validated."""
         return self.defaults.merged(**overrides)
 
-    def stream(self, prompt: str, **params: Any) -> "ChunkStream":
+    def stream(self, prompt: str, **params: Unpack[GenerationKwargs]) -> "ChunkStream":
         """Stream a completion of raw ``prompt`` text (no chat template)."""
         if not isinstance(prompt, str):
             raise InvalidParameterError(f"Invalid prompt: {prompt!r:.80}.", fix="Pass the prompt as a str.",
@@ -123,7 +124,7 @@ class Model:
         tokens = self.tokenize(prompt, add_special=True, parse_special=False)
         return self._stream_tokens(tokens, p)
 
-    def stream_chat(self, messages: Any, **params: Any) -> "ChunkStream":
+    def stream_chat(self, messages: Any, **params: Unpack[GenerationKwargs]) -> "ChunkStream":
         """Stream the assistant's reply to ``messages``, formatted by the model's own chat template."""
         p = self.params(**params)
         return self._stream_tokens(self.chat_tokens(messages), p)
@@ -135,22 +136,24 @@ class Model:
         add_special = not (bos and text.startswith(bos))
         return self.backend.tokenize(text, add_special=add_special, parse_special=True)
 
-    def generate(self, prompt: str, **params: Any) -> Completion:
+    def generate(self, prompt: str, **params: Unpack[GenerationKwargs]) -> Completion:
         return collect(self.stream(prompt, **params))
 
-    def chat(self, messages: Any, **params: Any) -> Completion:
+    def chat(self, messages: Any, **params: Unpack[GenerationKwargs]) -> Completion:
         return collect(self.stream_chat(messages, **params))
 
-    def stream_tokens(self, tokens: Sequence[int], **params: Any) -> "ChunkStream":
+    def stream_tokens(self, tokens: Sequence[int], **params: Unpack[GenerationKwargs]) -> "ChunkStream":
         """Stream from already-tokenized input (used by the server and benchmarks)."""
         return self._stream_tokens(list(tokens), self.params(**params))
 
-    def generate_batch(self, prompts: Sequence[str], *, progress: Any = None, **params: Any) -> list[Completion]:
+    def generate_batch(self, prompts: Sequence[str], *, progress: Any = None,
+                       **params: Unpack[GenerationKwargs]) -> list[Completion]:
         """Complete every prompt; results in input order.  On a model loaded with ``parallel=N`` they run N at a
         time, batched (offline work: tagging a thousand documents); ``progress(done, total)`` after each."""
         return self._batch([lambda p=p: self.stream(p, **params) for p in prompts], progress)
 
-    def chat_batch(self, conversations: Sequence[Any], *, progress: Any = None, **params: Any) -> list[Completion]:
+    def chat_batch(self, conversations: Sequence[Any], *, progress: Any = None,
+                   **params: Unpack[GenerationKwargs]) -> list[Completion]:
         """:meth:`chat` for every conversation; results in input order (see :meth:`generate_batch`)."""
         self.require_chat_template()  # before any conversation starts
         return self._batch([lambda c=c: self.stream_chat(c, **params) for c in conversations], progress)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, TypedDict
 
+from .declarations import setting
 from .errors import InvalidParameterError
-from .settings import setting
 
 
 def _is_number(value: Any) -> bool:
@@ -20,7 +20,7 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Sampling and stopping settings, each declared once with its surfaces (see :mod:`edgelm.settings`).
+    """Sampling and stopping settings, each declared once with its surfaces (see :mod:`edgelm.declarations`).
 
     ``temperature=0`` is greedy decoding.  ``top_k=0``, ``top_p=1`` and ``min_p=0`` switch those filters off.
     ``max_tokens=None`` generates until an end-of-generation token or the end of the context window.
@@ -150,3 +150,22 @@ def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None 
 
 
 PARAMETER_NAMES = tuple(f.name for f in fields(GenerationParams))
+
+
+class GenerationKwargs(TypedDict, total=False):
+    """The keyword arguments of Model.generate/stream/chat/stream_chat: the fields of :class:`GenerationParams`
+    (written out for editors and type checkers; ``tests/test_options_declared_once.py`` checks they match)."""
+
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int | None
+    stop: str | Iterable[str] | None
+    grammar: str | None
+    speculative: str | None

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .declarations import from_dataclass, setting
 from .errors import DoesNotFitError, ModelNotFoundError, UnsupportedModelError
 from .formats import hf, onnx_folder
 from .formats.gguf import AttentionShape, estimate_file_bytes, file_type_bpw, is_gguf, read_header
@@ -268,10 +269,30 @@ def _notes(f: ModelFacts, t: _Target, fit: _Fit) -> list[str]:
     return notes
 
 
-def recommend(model: str | os.PathLike[str] | ModelFacts, device: str = "auto", *, n_ctx: int | None = None,
-              parallel: int = 1, host: Any = None, bandwidth_gbs: float | None = None) -> Plan:
-    """Plan how to run ``model`` (its facts, or a file or folder on disk) on ``device`` ("auto" = this machine, or a
-    profile name from `edgelm devices`, e.g. "raspberry-pi-5-8gb").  Raises :class:`DoesNotFitError` when no option
+@dataclass(frozen=True, kw_only=True)
+class RecommendOptions:
+    """recommend()'s options, each declared once (type, default, help, flag): `edgelm recommend` derives its flags
+    from these fields, and recommend()'s signature takes its defaults from :data:`RECOMMEND_DEFAULTS`."""
+
+    profile: str = setting(
+        "auto", "A device profile from `edgelm devices` (e.g. raspberry-pi-5-8gb), or auto for this machine.",
+        kind="str", cli=("--profile",), example="raspberry-pi-5-8gb")
+    n_ctx: int | None = setting(None, "Context window wanted [default: the model's, up to 4096].", kind="int",
+                                cli=("--n-ctx",), example=512)
+    parallel: int = setting(
+        1, "Sequences generated at the same time (a server's concurrent requests), each with its own KV cache.",
+        kind="int", cli=("--parallel", "-np"), example=4)
+
+
+RECOMMEND = from_dataclass(RecommendOptions)
+RECOMMEND_DEFAULTS = RecommendOptions()
+
+
+def recommend(model: str | os.PathLike[str] | ModelFacts, profile: str = RECOMMEND_DEFAULTS.profile, *,
+              n_ctx: int | None = RECOMMEND_DEFAULTS.n_ctx, parallel: int = RECOMMEND_DEFAULTS.parallel,
+              host: Any = None, bandwidth_gbs: float | None = None) -> Plan:
+    """Plan how to run ``model`` (its facts, or a file or folder on disk) on the device ``profile`` ("auto" = this
+    machine, or a profile name from `edgelm devices`, e.g. "raspberry-pi-5-8gb").  Raises :class:`DoesNotFitError` when no option
     fits.  ``parallel``: sequences generated at the same time (a server's concurrent requests), each with its own
     KV cache of n_ctx tokens.  (The default model and Hub names: :func:`edgelm.sources.recommend`.)
 
@@ -279,10 +300,10 @@ def recommend(model: str | os.PathLike[str] | ModelFacts, device: str = "auto", 
     ``plan.quantizations`` lists every GGUF and ONNX quantization it could be converted to (size, memory, fits,
     tokens/s) and ``plan.convert_command`` makes the recommended one.
 
-    ``host`` (a detected :class:`edgelm.platforms.Host`) and ``bandwidth_gbs`` may be injected for device="auto".
+    ``host`` (a detected :class:`edgelm.platforms.Host`) and ``bandwidth_gbs`` may be injected for profile="auto".
     """
     f = model if isinstance(model, ModelFacts) else file_facts(model)
-    dev = this_machine(host, bandwidth_gbs) if device == "auto" else resolve(device)
+    dev = this_machine(host, bandwidth_gbs) if profile == "auto" else resolve(profile)
     threads = max(1, dev.performance_cores)
     t = _Target(dev=dev, threads=threads, gflops=dev.gflops_per_core * threads, gpu=dev.gpu_offload is not None,
                 budget=int(dev.usable_bytes * HEADROOM), wanted_ctx=n_ctx or min(f.context_length, 4096),

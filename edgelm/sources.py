@@ -20,7 +20,7 @@ from typing import Any
 from .default_model import DEFAULT_MODEL_NAMES, default_model_path, is_default
 from .errors import InvalidParameterError, ModelNotFoundError
 from .hub import hub_checkpoint, resolve_reference
-from .plan import ModelFacts, Plan, file_facts
+from .plan import RECOMMEND_DEFAULTS, ModelFacts, Plan, file_facts
 from .plan import recommend as plan_for
 
 
@@ -63,11 +63,11 @@ def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
     return file_facts(resolve_model_path(model))  # the default model, or a GGUF / ONNX repository by name
 
 
-def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: str = "auto", *,
-              n_ctx: int | None = None, parallel: int = 1, host: Any = None,
-              bandwidth_gbs: float | None = None) -> Plan:
-    """Plan how to run ``model`` (default: the embedded one) on ``device`` ("auto" = this machine, or a profile
-    name from `edgelm devices`, e.g. "raspberry-pi-5-8gb").  Raises :class:`DoesNotFitError` when no option fits.
+def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, profile: str = RECOMMEND_DEFAULTS.profile,
+              *, n_ctx: int | None = RECOMMEND_DEFAULTS.n_ctx, parallel: int = RECOMMEND_DEFAULTS.parallel,
+              host: Any = None, bandwidth_gbs: float | None = None) -> Plan:
+    """Plan how to run ``model`` (default: the embedded one) on the device ``profile`` ("auto" = this machine, or a
+    profile name from `edgelm devices`, e.g. "raspberry-pi-5-8gb").  Raises :class:`DoesNotFitError` when no option fits.
     ``parallel``: sequences generated at the same time (a server's concurrent requests), each with its own KV cache
     of n_ctx tokens.
 
@@ -75,8 +75,8 @@ def recommend(model: str | os.PathLike[str] | ModelFacts | None = None, device: 
     cache; offline works): for a checkpoint, ``plan.quantizations`` lists every GGUF and ONNX quantization it could
     be converted to (size, memory, fits, tokens/s) and ``plan.convert_command`` makes the recommended one.
 
-    ``host`` (a detected :class:`edgelm.platforms.Host`) and ``bandwidth_gbs`` may be injected for device="auto".
+    ``host`` (a detected :class:`edgelm.platforms.Host`) and ``bandwidth_gbs`` may be injected for profile="auto".
     The estimate itself is :func:`edgelm.plan.recommend`'s.
     """
     facts = model if isinstance(model, ModelFacts) else model_facts(model)
-    return plan_for(facts, device, n_ctx=n_ctx, parallel=parallel, host=host, bandwidth_gbs=bandwidth_gbs)
+    return plan_for(facts, profile, n_ctx=n_ctx, parallel=parallel, host=host, bandwidth_gbs=bandwidth_gbs)

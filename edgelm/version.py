@@ -1,10 +1,10 @@
-"""edgelm's version, as installed (one place: the package, the CLI's --version and the server's /api/version)."""
+"""The installed distribution's version (``edgelm.__version__``), read once from its metadata."""
 
 from __future__ import annotations
 
-from importlib import metadata
+from importlib.metadata import PackageNotFoundError, version
 
 try:
-    __version__ = metadata.version("edgelm")
-except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = version("edgelm")
+except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgelm.errors import BackendError
+from edgelm.settings import DEVICES  # declared with the device setting, a layer below
 
 from . import darwin, linux, windows
 from .detect import Host, detect
@@ -25,9 +26,6 @@ class RuntimeDefaults:
     n_gpu_layers: int
     providers: list[str] | None = None  # onnxruntime execution providers, best first
     notes: list[str] = field(default_factory=list)
-
-
-DEVICES = ("auto", "cpu", "gpu", "metal", "cuda", "vulkan", "npu", "coreml", "qnn", "nnapi", "directml", "xnnpack")
 
 
 def default_threads(probes: Probes | None = None) -> int:

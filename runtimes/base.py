@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Generator, Iterator, Protocol, Sequence, TYPE_
 
 from edgelm.errors import BackendError, InvalidParameterError
 from edgelm.params import GenerationParams
+from edgelm.settings import LoadOptions  # the load settings' record, declared with them (edgelm.settings)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,30 +51,6 @@ class Seq:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-
-@dataclass
-class LoadOptions:
-    """What :func:`edgelm.load` resolved before handing a model to a backend (see edgelm.settings.LOAD)."""
-
-    threads: int
-    n_ctx: int | None = None  # None: the model's own context length, capped at DEFAULT_MAX_CTX
-    device: str = "cpu"  # resolved device: cpu | metal | cuda | vulkan | gpu | npu | coreml | ...
-    n_gpu_layers: int = 0  # -1 = all
-    use_mmap: bool = True
-    flash_attn: bool | None = None  # None = backend decides
-    kv_cache: str | None = None  # KV cache element type (formats.gguf.KV_CACHE_TYPES); None = f16
-    n_batch: int = 512
-    parallel: int = 1  # sequences generated at the same time (continuous batching), each with n_ctx tokens
-    providers: Sequence[str] | None = None  # onnxruntime execution providers, in order of preference
-    speculative: str | None = None  # default drafting for greedy generation: prompt-lookup | draft
-    draft_model: str | None = None  # a smaller GGUF with the same tokenizer (speculative="draft")
-    max_draft: int = 8  # most tokens drafted per verification step
-    extra_buffers: bool | None = None  # llama.cpp's repacked weight buffers (None: on unless AMX is present)
-    workers: Sequence[str] = ()  # llama.cpp RPC workers "host:port" to split the layers across (edgelm.rpc)
-    tensor_split: Any = None  # shares of layers for [this machine, worker 1, ...]; None: by reported memory
-    chat_template: str | None = None  # a known name or Jinja text; edgelm.load applies it (edgelm.chat_templates)
-    extra: dict[str, Any] = field(default_factory=dict)  # options of third-party backends
 
 
 @runtime_checkable

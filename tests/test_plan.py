@@ -103,8 +103,8 @@ def test_plan_for_this_machine_uses_injected_detection(default_gguf, tmp_path):
 
 
 def test_recommend_cli(default_gguf):
-    r = run_cli("recommend", str(default_gguf), "--device", "raspberry-pi-4-2gb")
+    r = run_cli("recommend", str(default_gguf), "--profile", "raspberry-pi-4-2gb")
     assert r.returncode == 0, r.stderr
     assert "Raspberry Pi 4" in r.stdout and "tokens/s" in r.stdout
-    r = run_cli("recommend", "--device", "toaster")
+    r = run_cli("recommend", "--profile", "toaster")
     assert r.returncode == 2 and "toaster" in r.stderr

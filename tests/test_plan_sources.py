@@ -268,7 +268,7 @@ def test_hub_id_from_a_prefilled_cache_offline(hub_env, tmp_path, monkeypatch):
     assert [r["size_bytes"] for r in plan.quantizations] == [r["size_bytes"] for r in local.quantizations]
     assert plan.convert_command.startswith("edgelm convert org/tiny-llama --to gguf --quant ")
     assert plan.convert_command.endswith("-o tiny-llama-q8_0.gguf")
-    r = run_cli("recommend", "org/tiny-llama", "--device", "raspberry-pi-4-2gb", "--json",
+    r = run_cli("recommend", "org/tiny-llama", "--profile", "raspberry-pi-4-2gb", "--json",
                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub_env.endpoint})
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
@@ -332,7 +332,7 @@ def test_onnx_folder_plan(tmp_path):
     with pytest.raises(DoesNotFitError, match="int4"):
         recommend(onnx_folder(tmp_path / "big", parameters=1_500_000_000), "raspberry-pi-zero-2-w")
     assert default_parallel(int4) == 1
-    r = run_cli("recommend", str(int4), "--device", "raspberry-pi-5-8gb")
+    r = run_cli("recommend", str(int4), "--profile", "raspberry-pi-5-8gb")
     assert r.returncode == 0, r.stderr
     assert "onnxruntime (onnx)" in r.stdout and "int4" in r.stdout
 
@@ -347,7 +347,7 @@ def test_a_folder_that_is_neither_gets_a_clear_error(tmp_path):
         recommend(junk, "raspberry-pi-5-8gb")
     msg = str(err.value)
     assert str(junk) in msg and "GGUF" in msg and "config.json" in msg and "ONNX" in msg
-    r = run_cli("recommend", str(junk), "--device", "raspberry-pi-5-8gb")
+    r = run_cli("recommend", str(junk), "--profile", "raspberry-pi-5-8gb")
     assert r.returncode == 4 and str(junk) in r.stderr
     half = tmp_path / "half"
     half.mkdir()
@@ -371,7 +371,7 @@ def test_incomplete_config_and_corrupt_safetensors_are_named(tmp_path):
 
 
 def test_cli_prints_the_table_and_the_convert_command(smol):
-    r = run_cli("recommend", str(smol), "--device", "raspberry-pi-zero-2-w")
+    r = run_cli("recommend", str(smol), "--profile", "raspberry-pi-zero-2-w")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     lines = [line for line in out.splitlines() if line.startswith("* ")]

@@ -207,7 +207,7 @@ def test_cluster_plan_says_when_the_boards_are_too_small(header):
 def test_recommend_cli_with_workers(default_gguf):
     from tests.conftest import run_cli
 
-    r = run_cli("recommend", str(default_gguf), "--device", "raspberry-pi-5-4gb", "--workers", "3", timeout=120)
+    r = run_cli("recommend", str(default_gguf), "--profile", "raspberry-pi-5-4gb", "--workers", "3", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "worker 3" in r.stdout and "tokens/s" in r.stdout and "round trip" in r.stdout
 

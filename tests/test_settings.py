@@ -90,14 +90,15 @@ def test_generation_setting_on_the_command_line(s, command, fake_model):
 @pytest.mark.parametrize("s", [s for s in LOAD if s.cli], ids=lambda s: s.name)
 def test_load_setting_on_the_command_line(s, command, fake_model, monkeypatch):
     seen = {}
+    import edgelm.loader
     import edgelm.measure
     import edgelm.server
 
     monkeypatch.setattr(edgelm.server, "serve", lambda names, **kw: seen.update(kw["load_kwargs"]))
     monkeypatch.setattr(edgelm.measure, "bench", lambda models, **kw: seen.update(kw) or [])
     monkeypatch.setattr(edgelm.measure, "evaluate", lambda model, **kw: seen.update(kw) or [])
-    real_load = edgelm.load
-    monkeypatch.setattr(edgelm, "load", lambda model, **kw: seen.update(kw) or real_load(model, backend="fake"))
+    real_load = edgelm.loader.load
+    monkeypatch.setattr(edgelm.loader, "load", lambda model, **kw: seen.update(kw) or real_load(model, backend="fake"))
     args = _command_args(command, fake_model)
     r = CliRunner().invoke(main, [*args, *_cli_args(s)], input="")
     if s.name == "kv_cache" and command in ("bench", "eval"):  # these compare several: --kv-cache is repeatable

@@ -1,98 +1,21 @@
 """The `edgelm` command: a thin layer over the library API.
 
-Each command lives in its own module and calls `edgelm.*`; errors are mapped to messages and exit codes
-through :data:`EXIT_CODES` (set EDGELM_DEBUG=1 to see the traceback instead).
+Each command lives in its own module and calls the library's defining modules; errors are mapped to messages and
+exit codes through :data:`EXIT_CODES` (edgelm.cli.common; set EDGELM_DEBUG=1 to see the traceback instead).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
-from typing import Any, Callable
-
 import click
 
-from edgelm import errors
+from edgelm.version import __version__
 
-# error type -> exit code; the first matching entry (in order) wins
-EXIT_CODES: list[tuple[type[BaseException], int]] = [
-    (errors.InvalidParameterError, 2),
-    (errors.UnknownBackendError, 2),
-    (errors.UnknownQuantizationError, 2),
-    (errors.UnknownDeviceError, 2),
-    (errors.ModelNotFoundError, 3),
-    (errors.InvalidSourceError, 3),
-    (errors.DownloadCorruptError, 4),  # a download that does not match its sha256 (deleted)
-    (errors.HubError, 3),
-    (errors.InvalidModelFileError, 4),
-    (errors.NoChatTemplateError, 4),  # chat asked of a model without a chat template (--chat-template, or run)
-    (errors.UnsupportedModelError, 4),
-    (errors.BackendNotInstalledError, 5),
-    (errors.ExecutionProviderError, 5),  # an onnxruntime execution provider's package is not installed
-    (errors.ContextLengthExceededError, 6),
-    (errors.QualityBudgetError, 7),
-    (errors.DoesNotFitError, 8),
-    (errors.OutputExistsError, 9),
-    (errors.InsecureBindError, 10),
-    (errors.WorkerUnreachableError, 11),  # an RPC worker unreachable at load, or lost during generation
-    (errors.WorkerStartError, 12),
-    (errors.EdgelmError, 1),
-]
-
-
-def exit_code_for(exc: BaseException) -> int:
-    for cls, code in EXIT_CODES:
-        if isinstance(exc, cls):
-            return code
-    return 1
-
-
-def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn edgelm's typed errors into a one-line message and the exit code from EXIT_CODES."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except errors.EdgelmError as exc:
-            if os.environ.get("EDGELM_DEBUG"):
-                raise
-            click.secho(f"Error: {exc}", fg="red", err=True)
-            sys.exit(exit_code_for(exc))
-        except KeyboardInterrupt:
-            click.echo("\nInterrupted.", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def with_progress(label: str, work: Callable[[Callable[[str, float], None]], Any]) -> Any:
-    """Run ``work(progress)`` under a progress bar on stderr (reports go to stdout); ``progress(message,
-    fraction)`` is the library's progress callback: the bar follows the fraction done and shows the message."""
-    steps = 1000
-    with click.progressbar(length=steps, label=label, file=sys.stderr, show_eta=False,
-                           item_show_func=lambda s: s) as bar:
-        state = {"done": 0}
-
-        def progress(message: str, fraction: float) -> None:
-            target = int(max(0.0, min(1.0, fraction)) * steps)
-            bar.update(max(0, target - state["done"]), message)
-            state["done"] = max(state["done"], target)
-
-        result = work(progress)
-        bar.update(steps - state["done"], "done")
-    return result
-
-
-def _version() -> str:
-    from edgelm import __version__
-
-    return __version__
+from . import batch, compress, convert, generate, measure, platforms, rpc, serve, store
+from .common import EXIT_CODES, exit_code_for, handle_errors, with_progress
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(_version(), "-V", "--version", prog_name="edgelm")
+@click.version_option(__version__, "-V", "--version", prog_name="edgelm")
 def main() -> None:
     """edgelm: run language models on edge devices.
 
@@ -106,12 +29,8 @@ def main() -> None:
     """
 
 
-def _register() -> None:
-    from . import batch, compress, convert, generate, measure, platforms, rpc, serve, store
+for _module in (generate, batch, convert, compress, measure, platforms, serve, rpc, store):
+    for _command in _module.COMMANDS:
+        main.add_command(_command)
 
-    for module in (generate, batch, convert, compress, measure, platforms, serve, rpc, store):
-        for command in module.COMMANDS:
-            main.add_command(command)
-
-
-_register()
+__all__ = ["main", "EXIT_CODES", "exit_code_for", "handle_errors", "with_progress"]

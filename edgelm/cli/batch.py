@@ -7,7 +7,12 @@ from typing import Any
 
 import click
 
-from . import handle_errors
+from edgelm import loader
+from edgelm.batch import run_file
+from edgelm.loader import resolve_model_path
+from edgelm.plan import default_parallel
+
+from .common import handle_errors
 from .options import generation_options, load_options, pop_generation, pop_load
 
 
@@ -34,11 +39,6 @@ def batch_command(input_path: str, output: str, model: str | None, overwrite: bo
       edgelm batch notes.jsonl -o tags.jsonl -t 0 -n 32
       edgelm batch questions.jsonl -o answers.jsonl -m model.gguf --parallel 8 --n-ctx 2048
     """
-    import edgelm
-    from edgelm.batch import run_file
-    from edgelm.loader import resolve_model_path
-    from edgelm.plan import default_parallel
-
     params = pop_generation(kwargs)
     load = pop_load(kwargs)
     if "parallel" not in load and load.get("backend", "auto") in ("auto", "llamacpp"):
@@ -46,7 +46,7 @@ def batch_command(input_path: str, output: str, model: str | None, overwrite: bo
                                             kv_cache=load.get("kv_cache"))
         if load["parallel"] == 1:
             load.pop("parallel")
-    with edgelm.load(model, **load) as m, click.progressbar(length=1, label="answering",
+    with loader.load(model, **load) as m, click.progressbar(length=1, label="answering",
                                                             file=sys.stderr) as bar:
         state = {"done": 0}
 

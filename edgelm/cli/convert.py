@@ -8,45 +8,21 @@ from typing import Any
 
 import click
 
-from . import handle_errors, with_progress
+from edgelm.conversion import CONVERT, TARGET_FLAGS, convert
+from edgelm.converters.hf_gguf import CONVERTER, CONVERTER_VERSION, install_converter
+from edgelm.converters.optimum_onnx import OPTIMUM_ONNX_VERSION, install_optimum
+
+from .common import handle_errors, with_progress
+from .options import pop_given, table_options
 
 
 @click.command("convert")
 @click.argument("src")
-@click.option("--to", "to", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True)
-@click.option("-q", "--quant", default="q4_k_m", show_default=True,
-              help="GGUF: any llama.cpp type (q8_0, q6_k, q5_k_m, q4_k_m, q4_0, f16, ...); ONNX: int4, int8, fp16, "
-                   "fp32; or auto (with --max-size / --max-ppl-increase).")
-@click.option("-o", "--output", required=True, help="Output .gguf file, or folder for ONNX.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a Hub id.")
-@click.option("--max-ppl-increase", default=None,
-              help='Fail (and keep no output) when perplexity rises more than this, e.g. "5%".')
-@click.option("--max-size", default=None, help='Largest acceptable output, e.g. "120MB" (with --quant auto).')
-@click.option("--no-eval", is_flag=True, help="Skip the quality and speed measurements.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Accept *.bin pickle weights. They can run code when loaded: only for sources you trust.")
-@click.option("--threads", type=int, default=None, help="GGUF: threads for llama.cpp's quantizer (default: all cores).")
-@click.option("--algo", default=None,
-              help="ONNX int4/int8: how weights are rounded: gptq (int4, calibrated: better quality at the same "
-                   "speed, slower to convert), default (round to nearest), k_quant, k_quant_mixed. Unset: gptq for "
-                   "int4 when the fp32 model fits easily in memory, else round to nearest.")
-@click.option("--calibration", default=None, type=click.Path(dir_okay=False),
-              help="ONNX --algo gptq: a UTF-8 text file like what the model will see (default: Python's docstrings).")
-@click.option("--mixed-precision", "mixed", is_flag=True,
-              help="ONNX int4 with GPTQ: keep the input embedding and the late MLP down projections at 8 bits (better "
-                   "on text unlike the calibration: SmolLM2 1.16x -> 1.11x fp32 perplexity on licence prose; larger: "
-                   "128 vs 92 MB).")
-@click.option("--exporter", type=click.Choice(["auto", "genai", "optimum"]), default=None,
-              help="ONNX: who writes the graph: genai (onnxruntime-genai's builder), optimum (optimum-onnx, for "
-                   "GPT-2, GPT-NeoX, OPT, BLOOM, Falcon, ...: `edgelm install-converter --optimum` once). Unset: "
-                   "auto, the builder where it supports the architecture, optimum otherwise.")
+@table_options(CONVERT, required=("output",))  # --to, --quant, -o, ... (edgelm.conversion.ConvertOptions)
+@table_options(TARGET_FLAGS)  # the targets' options with a flag: --threads, --algo, ...
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool, revision: str | None,
-                    max_ppl_increase: str | None, max_size: str | None, no_eval: bool, allow_pickle: bool,
-                    threads: int | None, algo: str | None, calibration: str | None, mixed: bool,
-                    exporter: str | None, as_json: bool) -> None:
+def convert_command(src: str, as_json: bool, **kwargs: Any) -> None:
     """Convert SRC to GGUF or quantized ONNX and report what it cost in quality.
 
     SRC is a Hugging Face model folder or Hub id (HF cache used; HF_HUB_OFFLINE=1 for cache only), or for GGUF
@@ -67,15 +43,10 @@ def convert_command(src: str, to: str, quant: str, output: str, overwrite: bool,
       edgelm convert ./my-hf-model --to onnx --exporter optimum --quant int8 -o model-onnx/
       edgelm convert ./my-hf-model --quant auto --max-size 120MB --max-ppl-increase 8% -o small.gguf
     """
-    import edgelm.conversion as conv
-
-    options = {k: v for k, v in (("threads", threads), ("algo", algo), ("calibration", calibration),
-                                 ("exporter", exporter), ("mixed_precision", True if mixed else None))
-               if v is not None}
-    report = with_progress(f"converting to {to} {quant}", lambda progress: conv.convert(
-        src, to=to, quant=quant, output=output, overwrite=overwrite, revision=revision, eval=not no_eval,
-        max_ppl_increase=max_ppl_increase, max_size=max_size, allow_pickle=allow_pickle, progress=progress,
-        **options))
+    options = {**pop_given(kwargs, CONVERT), **pop_given(kwargs, TARGET_FLAGS)}
+    defaults = {s.name: s.default for s in CONVERT}
+    label = f"converting to {options.get('to', defaults['to'])} {options.get('quant', defaults['quant'])}"
+    report = with_progress(label, lambda progress: convert(src, progress=progress, **options))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -134,8 +105,6 @@ def install_converter_command(target: str | None, version: str | None, force: bo
       EDGELM_GGUF_CONVERTER=/opt/tools/c2g edgelm install-converter --gguf
       EDGELM_OPTIMUM=/opt/tools/optimum edgelm install-converter --optimum
     """
-    from edgelm.converters.hf_gguf import CONVERTER, CONVERTER_VERSION, install_converter
-
     named = [flag for flag in (gguf, optimum) if flag]
     if gguf if gguf is not None else not (named and optimum):
         script = install_converter(Path(target) if target and not optimum else None,
@@ -143,8 +112,6 @@ def install_converter_command(target: str | None, version: str | None, force: bo
                                    progress=lambda message, fraction: click.echo(message, err=True))
         click.echo(f"{CONVERTER} {version or CONVERTER_VERSION}: {script}")
     if optimum if optimum is not None else not (named and gguf):
-        from edgelm.converters.optimum_onnx import OPTIMUM_ONNX_VERSION, install_optimum
-
         home = install_optimum(Path(target) if target and optimum and not gguf else None, force=force,
                                progress=lambda message, fraction: click.echo(message, err=True))
         click.echo(f"optimum-onnx {OPTIMUM_ONNX_VERSION}: {home}")

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from . import handle_errors
+from edgelm import loader
+from edgelm.model import Model
+
+from .common import handle_errors
 from .options import generation_options, load_options, pop_generation, pop_load
 
 
-def load_model(model: str | None, kwargs: dict[str, Any]):
-    import edgelm
-
-    return edgelm.load(model, **pop_load(kwargs))
+def load_model(model: str | None, kwargs: dict[str, Any]) -> Model:
+    return loader.load(model, **pop_load(kwargs))
 
 
 def _print_stats(last: Any) -> None:
@@ -171,9 +172,7 @@ def info_command(model: str | None, as_json: bool) -> None:
       edgelm info model.gguf
       edgelm info model.gguf --json | jq .quantization
     """
-    from edgelm.loader import inspect
-
-    facts = inspect(model)
+    facts = loader.inspect(model)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return

@@ -7,7 +7,9 @@ from typing import Any
 
 import click
 
-from . import handle_errors
+from edgelm import measure
+
+from .common import handle_errors
 from .options import load_options, pop_generation, pop_load, some_generation_options
 
 
@@ -43,8 +45,6 @@ def bench_command(models: tuple[str, ...], kv_caches: tuple[str, ...], as_json: 
 
     Load options as for `edgelm run`; --n-ctx defaults to 2048 here.
     """
-    import edgelm.measure as measure
-
     speculative = pop_generation(kwargs).get("speculative")
     load = pop_load(kwargs)
     load.setdefault("n_ctx", 2048)
@@ -91,11 +91,9 @@ def eval_command(model: str | None, text_file: Any, window: int, windows: int, k
       edgelm eval model.gguf --text my_corpus.txt --windows 0
       edgelm eval --kv-cache f16 --kv-cache q8_0 --kv-cache q4_0
     """
-    from edgelm.measure import evaluate
-
     text = text_file.read() if text_file else None
-    results = evaluate(model, text=text, window=window, windows=windows or None, kv_caches=list(kv_caches) or [None],
-                       **pop_load(kwargs))
+    results = measure.evaluate(model, text=text, window=window, windows=windows or None,
+                               kv_caches=list(kv_caches) or [None], **pop_load(kwargs))
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import sys
 from typing import Any
 
 import click
 
-from . import handle_errors
+from edgelm.converters.hf_gguf import converter_home, find_converter
+from edgelm.converters.optimum_onnx import find_optimum, optimum_home
+from edgelm.declarations import Setting, resolve
+from edgelm.plan import RECOMMEND
+from edgelm.sources import recommend
+from edgelm.platforms import detect
+from edgelm.platforms.profiles import profiles
+from edgelm.cluster import LINKS, print_plan, recommend_cluster
+
+from .common import handle_errors
+from .options import pop_given, table_options
+
+_CLUSTER = inspect.signature(recommend_cluster).parameters
+# `edgelm recommend --workers ...` plans with recommend_cluster: its flags, with its defaults
+CLUSTER_FLAGS = (
+    Setting("workers", "str", None, "Plan a cluster: this device and N more boards (or these running workers) "
+            "holding the layers (llama.cpp RPC; see `edgelm worker`).", cli=("--workers",), metavar="N|HOST:PORT,...",
+            example="3"),
+    Setting("worker_profile", "str", _CLUSTER["worker_device"].default, "The workers' board, a profile [default: "
+            "the same as --profile].", cli=("--worker-profile",), example="raspberry-pi-5-4gb"),
+    Setting("link", "choice", _CLUSTER["link"].default, "The network between the boards (sets the per-token "
+            "round-trip estimate).", choices=tuple(LINKS), cli=("--link",), example="wifi"),
+    Setting("hop_ms", "float", _CLUSTER["hop_ms"].default, "Round trip per worker per token, in ms [default: the "
+            "link's].", cli=("--hop-ms",), example=2.0),
+)
 
 
 def _gb(n: int | None) -> str:
@@ -30,16 +56,10 @@ def doctor_command(as_json: bool) -> None:
       edgelm doctor
       edgelm doctor --json | jq .backends
     """
-    from edgelm.platforms import detect
-
-    from edgelm.converters.hf_gguf import converter_home, find_converter
-
     h = detect()
     found = find_converter()
     converter = {"installed": found is not None, "path": str(found[0]) if found else None,
                  "install": "edgelm install-converter", "default_folder": str(converter_home())}
-    from edgelm.converters.optimum_onnx import find_optimum, optimum_home
-
     home = find_optimum()
     optimum = {"installed": home is not None, "path": str(home or optimum_home()),
                "install": "edgelm install-converter --optimum"}
@@ -89,12 +109,10 @@ def doctor_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
 @handle_errors
 def devices_command(as_json: bool) -> None:
-    """List the device profiles `edgelm recommend --device NAME` plans for.
+    """List the device profiles `edgelm recommend --profile NAME` (and pull, --profile) plans for.
 
     Add a RAM size to a name to pick a variant, e.g. raspberry-pi-5-8gb or apple-m2-24gb.
     """
-    from edgelm.platforms.profiles import profiles
-
     table = profiles()
     if as_json:
         click.echo(json.dumps(list(table.values()), indent=2))
@@ -110,22 +128,11 @@ def devices_command(as_json: bool) -> None:
 
 @click.command("recommend")
 @click.argument("model", required=False)
-@click.option("--device", default="auto", show_default=True,
-              help="A profile from `edgelm devices` (e.g. raspberry-pi-5-8gb), or auto for this machine.")
-@click.option("--n-ctx", type=int, default=None, help="Context window wanted [default: the model's, up to 4096].")
-@click.option("--parallel", "-np", type=int, default=1, show_default=True,
-              help="Sequences generated at the same time (a server's concurrent requests), each with its own KV cache.")
+@table_options(RECOMMEND)  # --profile, --n-ctx, --parallel (edgelm.plan.RecommendOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("--workers", default=None, metavar="N|HOST:PORT,...",
-              help="Plan a cluster: this device and N more boards (or these running workers) holding the layers "
-                   "(llama.cpp RPC; see `edgelm worker`).")
-@click.option("--worker-device", default=None, help="The workers' board, a profile [default: the same as --device].")
-@click.option("--link", type=click.Choice(["ethernet", "wifi", "loopback"]), default="ethernet", show_default=True,
-              help="The network between the boards (sets the per-token round-trip estimate).")
-@click.option("--hop-ms", type=float, default=None, help="Round trip per worker per token, in ms [default: the link's].")
+@table_options(CLUSTER_FLAGS)  # --workers, --worker-profile, --link, --hop-ms (edgelm.cluster.recommend_cluster)
 @handle_errors
-def recommend_command(model: str | None, device: str, n_ctx: int | None, parallel: int, as_json: bool,
-                      workers: str | None, worker_device: str | None, link: str, hop_ms: float | None) -> None:
+def recommend_command(model: str | None, as_json: bool, **kwargs: Any) -> None:
     """Plan how to run MODEL on a device: backend, quantization, n_ctx, threads, memory and expected speed.
 
     MODEL is a .gguf file, an ONNX folder, or a Hugging Face checkpoint (a folder with config.json and
@@ -139,21 +146,21 @@ def recommend_command(model: str | None, device: str, n_ctx: int | None, paralle
 
     \b
     Examples:
-      edgelm recommend ./SmolLM2-135M-Instruct --device raspberry-pi-zero-2-w   # which quant to convert to
-      edgelm recommend HuggingFaceTB/SmolLM2-135M-Instruct --device x86-laptop-16gb --json
-      edgelm recommend model-onnx/ --device raspberry-pi-5-8gb
-      edgelm recommend model.gguf --device raspberry-pi-4-4gb
-      edgelm recommend --device raspberry-pi-zero-2-w --json
-      edgelm recommend model.gguf --device raspberry-pi-5-8gb --parallel 4
-      edgelm recommend big.gguf --device raspberry-pi-5-4gb --workers 3          # four boards, 1 GbE
+      edgelm recommend ./SmolLM2-135M-Instruct --profile raspberry-pi-zero-2-w   # which quant to convert to
+      edgelm recommend HuggingFaceTB/SmolLM2-135M-Instruct --profile x86-laptop-16gb --json
+      edgelm recommend model-onnx/ --profile raspberry-pi-5-8gb
+      edgelm recommend model.gguf --profile raspberry-pi-4-4gb
+      edgelm recommend --profile raspberry-pi-zero-2-w --json
+      edgelm recommend model.gguf --profile raspberry-pi-5-8gb --parallel 4
+      edgelm recommend big.gguf --profile raspberry-pi-5-4gb --workers 3          # four boards, 1 GbE
       edgelm recommend big.gguf --workers 192.168.1.21:50052,192.168.1.22:50052  # running workers
     """
-    if workers is not None:
-        _recommend_cluster(model, device, n_ctx, as_json, workers, worker_device, link, hop_ms)
+    options = pop_given(kwargs, RECOMMEND)
+    cluster = pop_given(kwargs, CLUSTER_FLAGS)
+    if "workers" in cluster:
+        _recommend_cluster(model, options, cluster, as_json)
         return
-    from edgelm.sources import recommend
-
-    plan = recommend(model, device, n_ctx=n_ctx, parallel=parallel)
+    plan = recommend(model, **options)
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=2))
         return
@@ -190,15 +197,13 @@ def _print_quantizations(plan: Any) -> None:
     click.echo("  (* recommended; memory = weights + KV cache at that n_ctx + runtime)\n")
 
 
-def _recommend_cluster(model: str | None, device: str, n_ctx: int | None, as_json: bool, workers: str,
-                       worker_device: str | None, link: str, hop_ms: float | None) -> None:
-    import sys
-
-    from edgelm.cluster import print_plan, recommend_cluster
-
+def _recommend_cluster(model: str | None, options: dict[str, Any], cluster: dict[str, Any], as_json: bool) -> None:
+    workers = cluster.pop("workers")
+    if "worker_profile" in cluster:
+        cluster["worker_device"] = cluster.pop("worker_profile")
     count: int | list[str] = int(workers) if workers.strip().isdigit() else [workers]
-    plan = recommend_cluster(model, device, workers=count, worker_device=worker_device, n_ctx=n_ctx, link=link,
-                             hop_ms=hop_ms)
+    planned = resolve(RECOMMEND, options, "recommend option")
+    plan = recommend_cluster(model, planned["profile"], workers=count, n_ctx=planned["n_ctx"], **cluster)
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=2))
     else:

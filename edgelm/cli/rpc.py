@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
 
-from . import handle_errors
+from edgelm.rpc import protocol
+from edgelm.rpc.build import install_rpc
+from edgelm.rpc.worker import INSECURE_WARNING, InsecureWorkerWarning, default_cache_dir, print_banner, serve_worker
+
+from .common import handle_errors
 
 
 @click.command("worker")
@@ -42,21 +47,13 @@ def worker_command(host: str, port: int, mem: str | None, threads: int | None, c
     and on the machine that runs the model:
       edgelm run model.gguf "Hello" --workers 192.168.1.21:50052,192.168.1.22:50052
     """
-    import warnings
-
-    from edgelm.rpc.worker import InsecureWorkerWarning, default_cache_dir, print_banner, serve_worker
-
     def ready(cfg: Any, facts: list[dict[str, object]]) -> None:
         print_banner(cfg, facts, click.echo)
 
     cache_dir = None if cache is None else (cache or str(default_cache_dir()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InsecureWorkerWarning)  # said below, louder
-        from edgelm.rpc import protocol
-
         if not protocol.is_loopback(host):
-            from edgelm.rpc.worker import INSECURE_WARNING
-
             click.secho("!" * 100, fg="red", err=True)
             click.secho("WARNING: " + INSECURE_WARNING.format(host=host, port=port), fg="red", bold=True, err=True)
             click.secho("!" * 100, fg="red", err=True)
@@ -87,8 +84,6 @@ def install_rpc_command(source: str | None, force: bool) -> None:
       edgelm install-rpc
       edgelm install-rpc --source llama_cpp_python-0.3.36.tar.gz   # offline
     """
-    from edgelm.rpc.build import install_rpc
-
     module = install_rpc(force=force, source=source, progress=lambda message, fraction: click.echo(message, err=True))
     click.echo(f"RPC backend: {module if module else 'built into llama-cpp-python'}")
 

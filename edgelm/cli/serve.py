@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import click
-
 from typing import Any
 
-from . import handle_errors
+import click
+
+from edgelm import server
+
+from .common import handle_errors
 from .options import generation_options, load_options, pop_generation, pop_load
 
 
@@ -48,18 +50,16 @@ def serve_command(models: tuple[str, ...], host: str, port: int, api_key: str | 
       curl localhost:8080/v1/chat/completions -d '{"model": "smollm2-135m-instruct",
            "messages": [{"role": "user", "content": "Hi"}], "stream": true}'
     """
-    from edgelm.server import check_bind, model_names, serve
-
-    check_bind(host, api_key, insecure)  # refuse before loading anything
+    server.check_bind(host, api_key, insecure)  # refuse before loading anything
     defaults = pop_generation(kwargs)
     load = pop_load(kwargs)
     if defaults:
         load["defaults"] = defaults
-    names = model_names(list(models) or None)
+    names = server.model_names(list(models) or None)
     page = "" if no_ui else f", chat page: http://{host}:{port}/"
     click.secho(f"edgelm serving {', '.join(names)} on http://{host}:{port} (OpenAI: /v1, Ollama: /api{page})",
                 err=True)
-    serve(names, host=host, port=port, api_key=api_key, insecure=insecure, keep_alive=keep_alive,
+    server.serve(names, host=host, port=port, api_key=api_key, insecure=insecure, keep_alive=keep_alive,
           cors_origins=list(cors_origins) or None, load_kwargs=load, ui=not no_ui)
 
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from typing import Any
 
 import click
 
+from edgelm import hub, store
+from edgelm.declarations import by_name
+from edgelm.plan import RECOMMEND
 from edgelm.units import human_bytes
 
-from . import handle_errors
+from .common import handle_errors
+from .options import pop_given, table_options
+
+# the device profile a pulled quantization must fit: recommend's --profile, with pull's own words
+PULL = (dataclasses.replace(by_name(RECOMMEND)["profile"], help="Choose the quantization for this device profile (see "
+                            "`edgelm devices`) instead of this machine."),)
 
 
 def _ago(ts: float | None) -> str:
@@ -26,11 +36,10 @@ def _ago(ts: float | None) -> str:
 @click.command("pull")
 @click.argument("model")
 @click.option("--revision", default=None, help="Branch, tag or commit to pull (default: main).")
-@click.option("--device", default="auto", show_default=True,
-              help="Choose the quantization for this device profile (see `edgelm devices`) instead of this machine.")
+@table_options(PULL)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the path.")
 @handle_errors
-def pull_command(model: str, revision: str | None, device: str, quiet: bool) -> None:
+def pull_command(model: str, revision: str | None, quiet: bool, **kwargs: Any) -> None:
     """Download MODEL (ORG/REPO[:QUANT]) from the Hugging Face Hub into its cache.
 
     For a GGUF repository QUANT picks the file by the quantization in its name (case-insensitive); without it the
@@ -43,13 +52,12 @@ def pull_command(model: str, revision: str | None, device: str, quiet: bool) -> 
     Examples:
       edgelm pull bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M
       edgelm pull bartowski/SmolLM2-135M-Instruct-GGUF             # the best that fits here
-      edgelm pull unsloth/Qwen3-0.6B-GGUF --device raspberry-pi-zero-2-w
+      edgelm pull unsloth/Qwen3-0.6B-GGUF --profile raspberry-pi-zero-2-w
       edgelm pull ORG/REPO:q8_0 --revision 4f3c2a1
       edgelm run bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M "Hi"  # pulls on first use, offline afterwards
     """
-    from edgelm.hub import pull_model
-
-    pulled = pull_model(model, revision, device=device, progress=not quiet)
+    profile = pop_given(kwargs, PULL).get("profile", PULL[0].default)
+    pulled = hub.pull_model(model, revision, device=profile, progress=not quiet)
     if quiet:
         click.echo(str(pulled.path))
         return
@@ -76,9 +84,7 @@ def list_command(as_json: bool) -> None:
       edgelm list
       edgelm list --json
     """
-    from edgelm.store import list_models
-
-    rows = list_models()
+    rows = store.list_models()
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
         return
@@ -116,8 +122,6 @@ def rm_command(names: tuple[str, ...], stale: bool, older_than: float | None, dr
       edgelm rm --stale
       edgelm rm --stale --older-than 5 ./models
     """
-    from edgelm import store
-
     if stale:
         seconds = store.STALE_AFTER_S if older_than is None else older_than * 60
         removed = store.remove_all_stale(list(names), seconds, dry_run=dry_run)

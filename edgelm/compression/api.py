@@ -19,9 +19,14 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypedDict
 
-from edgelm.errors import InvalidParameterError, OutputExistsError, QualityBudgetError
+from edgelm.conversion import convert
+from edgelm.converters.hf_gguf import find_converter
+from edgelm.converters.source import read_checkpoint, resolve
+from edgelm.declarations import check_names, from_dataclass, setting
+from edgelm.errors import BackendNotInstalledError, InvalidParameterError, OutputExistsError, QualityBudgetError
+from edgelm.measure import bench, evaluate
 
 from . import calibration as calib
 from .clock import now
@@ -34,6 +39,9 @@ from .scoring import LayerScore, score_layers
 from .surgery import (check_structure, count_parameters, drop_layers, load_model, max_window, prune_mlp,
                       save_checkpoint, source_dtype)
 from .work import WorkDir, source_identity
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; type checkers ship typing_extensions
 
 Progress = Callable[[str, float], None]
 HEALS = ("none", "linear", "distill")
@@ -137,18 +145,98 @@ class _Options:
                                                            if k != "checkpoint_every"}, "version": 1}
 
 
-def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
-             drop_layers: int | Sequence[int] | None = None, target_speedup: float | None = None,
-             max_ppl_increase: str | float | None = None, prune_mlp: str | float | None = None,
-             heal: str = "distill", calibration: str | os.PathLike[str] | None = None,
-             calibration_text: str | None = None, eval_text: str | os.PathLike[str] | None = None,
-             budget: str | float | Budget | None = "30m", overwrite: bool = False, resume: bool | None = None,
-             revision: str | None = None, measure: bool = True, curve: bool = False, seed: int = 0,
-             seq_len: int = 512, calibration_tokens: int = 120_000, fit_tokens: int = 16_384,
-             distill_settings: DistillSettings | None = None, threads: int | None = None,
-             progress: Progress | None = None) -> CompressionReport:
+@dataclass(frozen=True, kw_only=True)
+class CompressOptions:
+    """compress()'s options, each declared once: type, default, help and command-line flag (`edgelm compress`
+    derives its flags from these fields; :class:`CompressKwargs` spells their names for editors)."""
+
+    drop_layers: int | Sequence[int] | None = setting(
+        None, "Decoder blocks to remove: a number (the best-scored are chosen) or indices like 12,14,17.",
+        kind="ints", cli=("--drop-layers",), example=4)
+    target_speedup: float | None = setting(
+        None, "Remove the fewest blocks whose estimated decode speed-up reaches this, e.g. 1.2.", kind="float",
+        cli=("--target-speedup",), example=1.2)
+    max_ppl_increase: str | float | None = setting(
+        None, 'Remove the most blocks within this estimated perplexity increase, e.g. "10%"; checked on the result '
+        "(QualityBudgetError, exit code 7, nothing written, when over).", kind="str", cli=("--max-ppl-increase",),
+        example="10%")
+    prune_mlp: str | float | None = setting(
+        None, 'Share of MLP neurons removed in every block, e.g. "25%".', kind="str", cli=("--prune-mlp",),
+        example="25%")
+    heal: str = setting(
+        "distill", "none: just remove; linear: least-squares refit (seconds); distill: linear, then logit "
+        "distillation from the original within --budget.", kind="choice", choices=HEALS, cli=("--heal",),
+        example="linear")
+    budget: str | float | Budget | None = setting(
+        "30m", 'Time for the whole compression ("30m", "90s", "1.5h"), or distillation tokens ("200k", "1M").',
+        kind="str", cli=("--budget",), example="200k")
+    calibration: str | os.PathLike[str] | None = setting(
+        None, "UTF-8 text like what the model will see, a file [default: Python's docstrings].", kind="path",
+        cli=("--calibration",), example="calibration.txt")
+    calibration_text: str | None = setting(
+        None, "The calibration text itself instead of a file (library only).", kind="str", example="Some text.")
+    eval_text: str | os.PathLike[str] | None = setting(
+        None, "A UTF-8 text file scored besides the built-in text (use text not in --calibration).", kind="path",
+        cli=("--eval-text",), example="notes.txt")
+    overwrite: bool = setting(False, "Replace an existing output folder.", kind="bool", cli=("--overwrite",),
+                              example=True)
+    resume: bool | None = setting(
+        None, "Continue an interrupted run: --resume (True) requires one, --no-resume (False) starts afresh "
+        "[default: automatic, when its work folder has the same settings].", kind="bool",
+        cli=("--resume/--no-resume",), example=False)
+    revision: str | None = setting(None, "Hub revision when SRC is a Hub id.", kind="str", cli=("--revision",),
+                                   example="main")
+    measure: bool = setting(True, "Measure the result: q8_0 GGUFs' perplexity and speed (--no-eval skips them).",
+                            kind="bool", cli=("--eval/--no-eval",), example=False)
+    curve: bool = setting(False, "Also measure perplexity with 0..N blocks removed (the report's chart; on the "
+                          "command line --plot FILE).", kind="bool", example=True)
+    seed: int = setting(0, "Seed of the scoring windows and the distillation.", kind="int", cli=("--seed",),
+                        example=1)
+    seq_len: int = setting(512, "Tokens per calibration window.", kind="int", example=256)
+    calibration_tokens: int = setting(120_000, "Calibration tokens used (the first ones of the text).", kind="int",
+                                      example=20_000)
+    fit_tokens: int = setting(16_384, "Calibration tokens of the least-squares fit.", kind="int", example=4096)
+    distill_settings: DistillSettings | None = setting(
+        None, "The distillation's settings [default: DistillSettings(seed=seed)].", kind="object",
+        example=DistillSettings(seed=1))
+    threads: int | None = setting(
+        None, "CPU threads for torch and the llama.cpp measurements [default: the cores available].", kind="int",
+        cli=("--threads",), example=2)
+
+
+COMPRESS = from_dataclass(CompressOptions)
+
+
+class CompressKwargs(TypedDict, total=False):
+    """The keyword arguments of :func:`compress`: the fields of :class:`CompressOptions` (a test checks they match)."""
+
+    drop_layers: int | Sequence[int] | None
+    target_speedup: float | None
+    max_ppl_increase: str | float | None
+    prune_mlp: str | float | None
+    heal: str
+    budget: str | float | Budget | None
+    calibration: str | os.PathLike[str] | None
+    calibration_text: str | None
+    eval_text: str | os.PathLike[str] | None
+    overwrite: bool
+    resume: bool | None
+    revision: str | None
+    measure: bool
+    curve: bool
+    seed: int
+    seq_len: int
+    calibration_tokens: int
+    fit_tokens: int
+    distill_settings: DistillSettings | None
+    threads: int | None
+
+
+def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *, progress: Progress | None = None,
+             **options: Unpack[CompressKwargs]) -> CompressionReport:
     """Compress the Hugging Face checkpoint ``src`` (a folder or Hub id) into the folder ``output``.
 
+    The options are the fields of :class:`CompressOptions` (an unknown name raises InvalidParameterError).
     What to remove - one of:
       drop_layers: a number of decoder blocks (the best-scored are chosen) or a list of block indices;
       target_speedup: remove the fewest blocks whose estimated decode speed-up reaches this (e.g. 1.2);
@@ -165,19 +253,18 @@ def compress(src: str | os.PathLike[str], output: str | os.PathLike[str], *,
     resume: None continues a matching interrupted run, True requires one, False starts afresh.
     threads: CPU threads for torch and for the llama.cpp measurements (default: each library's own choice).
     """
-    opts = _options(src, output, drop_layers, target_speedup, max_ppl_increase, prune_mlp, heal, calibration,
-                    calibration_text, eval_text, budget, overwrite, resume, revision, measure, curve, seed, seq_len,
-                    calibration_tokens, fit_tokens, distill_settings, threads)
-    with _torch_threads(threads):
+    check_names(COMPRESS, dict(options), "compress option")
+    given = CompressOptions(**options)
+    opts = _options(src, output, given)
+    with _torch_threads(given.threads):
         return _Compression(opts, progress).run()
 
 
-def _options(src: Any, output: Any, drop_layers: Any, target_speedup: Any, max_ppl_increase: Any, prune_mlp: Any,
-             heal: str, calibration: Any, calibration_text: str | None, eval_text: Any, budget: Any, overwrite: bool,
-             resume: bool | None, revision: str | None, measure: bool, curve: bool, seed: int, seq_len: int,
-             calibration_tokens: int, fit_tokens: int, distill_settings: DistillSettings | None,
-             threads: int | None) -> _Options:
+def _options(src: Any, output: Any, given: CompressOptions) -> _Options:
     """Check every argument before anything slow happens (loading, scoring)."""
+    (drop_layers, target_speedup, max_ppl_increase, prune_mlp, heal, calibration, calibration_text, eval_text,
+     measure) = (given.drop_layers, given.target_speedup, given.max_ppl_increase, given.prune_mlp, given.heal,
+                 given.calibration, given.calibration_text, given.eval_text, given.measure)
     if heal not in HEALS:
         raise InvalidParameterError(f"Invalid heal {heal!r}.", fix="Use none, linear or distill.", parameter="heal",
                                     value=heal)
@@ -206,7 +293,7 @@ def _options(src: Any, output: Any, drop_layers: Any, target_speedup: Any, max_p
                                     "list of block indices.", parameter="drop_layers", value=drop_layers)
     if drop_layers is not None and not isinstance(drop_layers, int):
         drop_layers = sorted({int(i) for i in drop_layers})
-    the_budget = parse_budget(budget) if heal == "distill" else None
+    the_budget = parse_budget(given.budget) if heal == "distill" else None
     if heal == "distill" and the_budget is None:
         raise InvalidParameterError("heal='distill' needs a budget.", fix='Pass budget="30m" or "200k" (tokens).',
                                     parameter="budget", value=None)
@@ -218,10 +305,7 @@ def _options(src: Any, output: Any, drop_layers: Any, target_speedup: Any, max_p
         calib.read_text(calibration, "calibration") if calibration is not None else None)
     cal_name = Path(calibration).name if calibration is not None else (
         "calibration_text" if calibration_text is not None else "Python standard library docstrings")
-
-    from edgelm.converters.source import read_checkpoint, resolve
-
-    source = resolve(src, revision=revision)
+    source = resolve(src, revision=given.revision)
     config = read_checkpoint(source, tokenizer_files=("tokenizer.json", "tokenizer.model", "vocab.json"),
                              tokenizer_why="the compressed model needs the tokenizer")
     family = family_of(config, str(src))
@@ -233,7 +317,7 @@ def _options(src: Any, output: Any, drop_layers: Any, target_speedup: Any, max_p
             _check_count(drop_layers, n_layers)
     out = Path(output).expanduser()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        if not overwrite:
+        if not given.overwrite:
             raise OutputExistsError(f"The output {out} already exists.", fix="Choose another folder or pass "
                                     "--overwrite.", path=str(out))
         if not out.is_dir():
@@ -244,9 +328,10 @@ def _options(src: Any, output: Any, drop_layers: Any, target_speedup: Any, max_p
     return _Options(src=str(src), source=source, config=config, family=family, out=out, drop_layers=drop_layers,
                     target_speedup=target_speedup, ppl_budget=ppl_budget, width_cut=width_cut, heal=heal,
                     budget=the_budget, calibration=cal, calibration_name=cal_name, eval_text=extra,
-                    eval_name=Path(eval_text).name if eval_text is not None else None, resume=resume,
-                    measure=measure, curve=curve, seed=seed, seq_len=seq_len, calibration_tokens=calibration_tokens,
-                    fit_tokens=fit_tokens, distill=distill_settings or DistillSettings(seed=seed), threads=threads)
+                    eval_name=Path(eval_text).name if eval_text is not None else None, resume=given.resume,
+                    measure=measure, curve=given.curve, seed=given.seed, seq_len=given.seq_len,
+                    calibration_tokens=given.calibration_tokens, fit_tokens=given.fit_tokens,
+                    distill=given.distill_settings or DistillSettings(seed=given.seed), threads=given.threads)
 
 
 class _Compression:
@@ -466,11 +551,7 @@ class _Clock:
 
 
 def _need_converter() -> None:
-    from edgelm.converters.hf_gguf import find_converter
-
     if find_converter() is None:
-        from edgelm.errors import BackendNotInstalledError
-
         raise BackendNotInstalledError("Measuring the result needs llama.cpp's Hugging Face -> GGUF converter, which "
                                        "is not installed.", fix="Run `edgelm install-converter` once, or pass "
                                        "--no-eval (measure=False) to skip the measurements.")
@@ -560,16 +641,13 @@ def _measure(result: CompressionReport, o: _Options, compressed: Path, teacher: 
     """q8_0 GGUFs of the original, the pruned-not-healed model and the result: perplexity (llama.cpp) on the
     built-in text and the eval text, decode tokens/s each in its own process; with ``o.curve``, perplexity with
     the best-scored 0..N blocks removed (no healing, full MLP width)."""
-    import edgelm
-    from edgelm.measure import bench, evaluate
-
     load = {"threads": o.threads} if o.threads else {}
     source, family, scores = o.source, o.family, result.scores
     folder = Path(tempfile.mkdtemp(prefix=".measure.", dir=work.path))
     try:
         def gguf(checkpoint: Path, name: str) -> Path:
             path = folder / f"{name}-q8_0.gguf"
-            edgelm.convert(str(checkpoint), to="gguf", quant="q8_0", output=str(path), eval=False)
+            convert(str(checkpoint), to="gguf", quant="q8_0", output=str(path), eval=False)
             return path
 
         def plain(name: str, blocks: list[int], kept: list[list[int]] | None) -> Path:

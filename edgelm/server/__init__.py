@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypedDict
 
 from edgelm.errors import InsecureBindError, InvalidParameterError, ModelNotFoundError
 from edgelm.hub import served_reference
@@ -27,7 +27,10 @@ from edgelm.hub import served_reference
 from .errors import RequestError, ollama_error, openai_error, status_for
 from .metrics import Metrics
 from .registry import DEFAULT_NAME, Registry
-from .ui import ui_routes
+from .ui import ui_routes  # the chat page: "/" and "/ui/{name}", no API key needed
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; type checkers ship typing_extensions
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -80,7 +83,7 @@ def create_app(models: dict[str, Any] | list[str] | None = None, *, api_key: str
     from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    from . import ollama_api, openai_api
+    from . import ollama_api, openai_api  # they import starlette (the optional "serve" extra)
 
     if models is None or isinstance(models, list):
         models = model_names(models)
@@ -209,9 +212,20 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> str | None:
     return None
 
 
+class AppKwargs(TypedDict, total=False):
+    """:func:`create_app`'s keyword options that :func:`serve` passes on (a test checks they match its signature)."""
+
+    keep_alive: float
+    cors_origins: list[str] | None
+    max_body_bytes: int
+    load_kwargs: dict[str, Any] | None
+    ui: bool
+
+
 def serve(models: dict[str, Any] | list[str] | None = None, *, host: str = "127.0.0.1", port: int = 8080,
-          api_key: str | None = None, insecure: bool = False, log_level: str = "warning", **app_options: Any) -> None:
-    """Run the API in the foreground (blocking) with uvicorn."""
+          api_key: str | None = None, insecure: bool = False, log_level: str = "warning",
+          **app_options: Unpack[AppKwargs]) -> None:
+    """Run the API in the foreground (blocking) with uvicorn; ``app_options`` are :func:`create_app`'s."""
     import uvicorn
 
     warning = check_bind(host, api_key, insecure)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm import runtimes
+from edgelm import loader, runtimes
 from edgelm.errors import UnknownModelNameError
-from edgelm.loader import load, options_for
+from edgelm.loader import options_for
 from edgelm.plan import default_parallel
 from edgelm.sources import resolve_model_path
 
@@ -74,7 +74,7 @@ class Registry:
                 e.model.close()  # an RPC worker went away (edgelm.rpc): load again, which checks the workers first
             if e.model is None or e.model.closed:
                 t = time.perf_counter()
-                e.model = load(e.path, **self.options_for(e))
+                e.model = loader.load(e.path, **self.options_for(e))
                 e.load_seconds = time.perf_counter() - t
             self.touch(e)
             return e.model
