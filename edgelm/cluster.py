@@ -1,4 +1,4 @@
-"""``edgelm recommend MODEL --device raspberry-pi-5-4gb --workers 3``: a plan for a model over several boards.
+"""``edgelm recommend MODEL --profile raspberry-pi-5-4gb --workers 3``: a plan for a model over several boards.
 
 Memory: the split of :mod:`edgelm.rpc.split` over this device and the workers (each worker offering its usable
 memory, or what a live worker reports), with edgelm's head-room.  Speed: one token passes through the devices in
@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from edgelm.errors import InvalidParameterError
 from edgelm.formats.gguf import GGUFHeader, read_header
+from edgelm.plan import RECOMMEND_DEFAULTS
 from edgelm.sources import resolve_model_path
 from edgelm.platforms.profiles import resolve, this_machine
 from edgelm.rpc import protocol, split
@@ -79,13 +80,15 @@ class ClusterPlan:
         return {"n_ctx": self.n_ctx, "kv_cache": self.kv_cache, "tensor_split": list(self.tensor_split)}
 
 
-def recommend_cluster(model: Any = None, device: str = "auto", *,
-                      workers: int | Sequence[str] = 1, worker_device: str | None = None, n_ctx: int | None = None,
+def recommend_cluster(model: Any = None, profile: str = RECOMMEND_DEFAULTS.profile, *,
+                      workers: int | Sequence[str] = 1, worker_profile: str | None = None,
+                      n_ctx: int | None = RECOMMEND_DEFAULTS.n_ctx,
                       link: str = "ethernet", hop_ms: float | None = None, host: Any = None,
                       bandwidth_gbs: float | None = None) -> ClusterPlan:
-    """Plan ``model`` (a GGUF path, None for the embedded one, or a read GGUFHeader) over ``device`` (this machine: "auto", or a profile of `edgelm devices`) and ``workers``: a
-    number of boards like ``worker_device`` (default: the same as ``device``), or live workers ["host:port", ...]
-    (asked for their memory; their speed is taken from ``worker_device``).  Never raises for lack of memory: the plan
+    """Plan ``model`` (a GGUF path, None for the embedded one, or a read GGUFHeader) over the device ``profile``
+    (this machine: "auto", or a profile of `edgelm devices`) and ``workers``: a number of boards like
+    ``worker_profile`` (default: the same as ``profile``), or live workers ["host:port", ...] (asked for their
+    memory; their speed is taken from ``worker_profile``).  Never raises for lack of memory: the plan
     says ``fits`` and what each device would need."""
     if link not in LINKS:
         raise InvalidParameterError(f"Unknown link {link!r}.", fix=f"Use one of: {', '.join(LINKS)}.",
@@ -95,16 +98,16 @@ def recommend_cluster(model: Any = None, device: str = "auto", *,
     else:
         path = resolve_model_path(model)
         header = read_header(path)
-    here = this_machine(host, bandwidth_gbs) if device == "auto" else resolve(device)
-    board = resolve(worker_device) if worker_device else (here if device != "auto" else None)
+    here = this_machine(host, bandwidth_gbs) if profile == "auto" else resolve(profile)
+    board = resolve(worker_profile) if worker_profile else (here if profile != "auto" else None)
     if isinstance(workers, int) and not isinstance(workers, bool):
         if workers < 0:
             raise InvalidParameterError(f"Invalid workers: {workers}.", fix="Give a number >= 0, or addresses.",
                                         parameter="workers", value=workers)
         if board is None:
-            raise InvalidParameterError("workers=N with device='auto' needs worker_device (the workers' board).",
-                                        fix="Pass worker_device=\"raspberry-pi-5-4gb\" (a profile of `edgelm devices`).",
-                                        parameter="worker_device", value=None)
+            raise InvalidParameterError("workers=N with profile='auto' needs worker_profile (the workers' board).",
+                                        fix="Pass worker_profile=\"raspberry-pi-5-4gb\" (a profile of `edgelm devices`).",
+                                        parameter="worker_profile", value=None)
         names = [f"worker {i + 1}" for i in range(workers)]
         boards = [board] * workers
         frees = [board.usable_bytes] * workers

@@ -151,10 +151,9 @@ def test_no_signature_restates_a_default():
     assert inspect.signature(edgelm.pull).parameters["profile"].default == PULL[0].default
     # the cluster flags' defaults are recommend_cluster's own
     cluster = inspect.signature(recommend_cluster).parameters
-    spelled = {"worker_profile": "worker_device"}
     for s in CLUSTER_FLAGS:
         if s.name != "workers":
-            assert cluster[spelled.get(s.name, s.name)].default == s.default, s.name
+            assert cluster[s.name].default == s.default, s.name
 
 
 def _command(name: str) -> click.Command:

@@ -196,7 +196,7 @@ def test_cluster_plan_for_four_boards_fits_and_counts_the_network(header):
 def test_cluster_plan_says_when_the_boards_are_too_small(header):
     from edgelm.cluster import recommend_cluster
 
-    plan = recommend_cluster(header, "raspberry-pi-zero-2-w", workers=1, worker_device="raspberry-pi-zero-2-w",
+    plan = recommend_cluster(header, "raspberry-pi-zero-2-w", workers=1, worker_profile="raspberry-pi-zero-2-w",
                              n_ctx=100_000)
     assert plan.n_ctx < 100_000  # it shrinks the context before giving up
     fits = recommend_cluster(header, "raspberry-pi-zero-2-w", workers=1)

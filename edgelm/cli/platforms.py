@@ -27,7 +27,7 @@ CLUSTER_FLAGS = (
     Setting("workers", "str", None, "Plan a cluster: this device and N more boards (or these running workers) "
             "holding the layers (llama.cpp RPC; see `edgelm worker`).", cli=("--workers",), metavar="N|HOST:PORT,...",
             example="3"),
-    Setting("worker_profile", "str", _CLUSTER["worker_device"].default, "The workers' board, a profile [default: "
+    Setting("worker_profile", "str", _CLUSTER["worker_profile"].default, "The workers' board, a profile [default: "
             "the same as --profile].", cli=("--worker-profile",), example="raspberry-pi-5-4gb"),
     Setting("link", "choice", _CLUSTER["link"].default, "The network between the boards (sets the per-token "
             "round-trip estimate).", choices=tuple(LINKS), cli=("--link",), example="wifi"),
@@ -199,8 +199,6 @@ def _print_quantizations(plan: Any) -> None:
 
 def _recommend_cluster(model: str | None, options: dict[str, Any], cluster: dict[str, Any], as_json: bool) -> None:
     workers = cluster.pop("workers")
-    if "worker_profile" in cluster:
-        cluster["worker_device"] = cluster.pop("worker_profile")
     count: int | list[str] = int(workers) if workers.strip().isdigit() else [workers]
     planned = resolve(RECOMMEND, options, "recommend option")
     plan = recommend_cluster(model, planned["profile"], workers=count, n_ctx=planned["n_ctx"], **cluster)

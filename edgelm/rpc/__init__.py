@@ -5,7 +5,7 @@
     # here:
     m = edgelm.load("model.gguf", workers=["192.168.1.21:50052", "192.168.1.22:50052"])
     m.info.extra["rpc"]["parts"]          # per device: layers, bytes of weights / KV cache / compute buffers
-    edgelm.recommend_cluster("model.gguf", device="raspberry-pi-5-4gb", workers=3)   # before buying the boards
+    edgelm.recommend_cluster("model.gguf", profile="raspberry-pi-5-4gb", workers=3)   # before buying the boards
 
 Modules: :mod:`.protocol` (endpoints; asking a worker in plain Python), :mod:`.split` (where each layer goes),
 :mod:`.attach` (the llama.cpp side, in the model's process), :mod:`.worker` (``edgelm worker``), :mod:`.build`
