@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol, Sequence, runtime_checkable
 
 from edgelm.errors import BackendError, InvalidParameterError
 from edgelm.params import GenerationParams
@@ -74,6 +74,9 @@ class LoadOptions:
     tensor_split: Any = None  # shares of layers for [this machine, worker 1, ...]; None: by reported memory
     chat_template: str | None = None  # a known name or Jinja text; edgelm.load applies it (edgelm.chat_templates)
     extra: dict[str, Any] = field(default_factory=dict)  # options of third-party backends
+    # progress(fraction) while the weights load, from the loading thread (a desktop app's progress bar);
+    # edgelm.load reports 0.0 and 1.0 itself, a backend that can reports the steps between (llama.cpp)
+    progress: Callable[[float], Any] | None = None
 
 
 @runtime_checkable
