@@ -19,7 +19,8 @@ XVFB_INSTALL = "sudo apt-get install -y xvfb libxcb-cursor0 libxcb-icccm4 libxcb
 
 
 class Xvfb:
-    """An X server on a free display number (Xvfb picks it: -displayfd), stopped by :meth:`stop`."""
+    """An X server on a free display number (Xvfb picks it: -displayfd).  It exits by itself when its last client
+    disconnects (-terminate): Qt keeps its connection until the process exits, after every fixture's teardown."""
 
     def __init__(self, width: int = 1280, height: int = 800) -> None:
         exe = shutil.which("Xvfb")
@@ -27,7 +28,7 @@ class Xvfb:
             raise FileNotFoundError(f"Xvfb is not installed ({XVFB_INSTALL})")
         read, write = os.pipe()
         self.process = subprocess.Popen([exe, "-displayfd", str(write), "-screen", "0", f"{width}x{height}x24",
-                                         "-nolisten", "tcp"],
+                                         "-nolisten", "tcp", "-terminate"],
                                         pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(write)
         with os.fdopen(read) as pipe:  # Xvfb writes the display number once it accepts connections
@@ -38,6 +39,7 @@ class Xvfb:
         self.display = f":{number}"
 
     def stop(self) -> None:
+        """Stop it now (only when no client is connected: Qt would exit on a lost display)."""
         self.process.terminate()
         try:
             self.process.wait(10)

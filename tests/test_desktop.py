@@ -36,13 +36,12 @@ def xvfb_display():
     saved = {k: os.environ.get(k) for k in ("DISPLAY", "QT_QPA_PLATFORM")}
     os.environ["DISPLAY"] = server.display
     os.environ["QT_QPA_PLATFORM"] = "xcb"
-    yield server.display
+    yield server.display  # the server exits when the QApplication's connection closes, at the process's end
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    server.stop()
 
 
 @pytest.fixture(scope="module")

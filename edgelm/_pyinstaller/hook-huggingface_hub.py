@@ -3,4 +3,5 @@ import inside functions (serialization, mixins, the file system, the TensorBoard
 
 excludedimports = ["torch", "tensorflow", "keras", "fastai", "safetensors", "fsspec", "IPython", "ipywidgets",
                    "matplotlib", "PIL", "tensorboardX", "gradio", "fastapi", "pydantic", "numpy.testing", "pytest",
-                   "setuptools", "pkg_resources", "boto3", "botocore", "rich"]
+                   "setuptools", "pkg_resources", "boto3", "botocore", "rich",
+                   "starlette", "openai"]
