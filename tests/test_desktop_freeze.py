@@ -55,11 +55,16 @@ def frozen_app(tmp_path_factory) -> Path:
         "Python runtime": sum(f.stat().st_size for f in internal.glob("libpython*")) + _size(internal / "python3.11")
         + (internal / "base_library.zip").stat().st_size,
     }
+    # the ONNX backend's runtime and numpy (with its OpenBLAS) are shared libraries the app carries too
+    more = {"onnxruntime backend": sum(_size(internal / n) for n in ("onnxruntime", "onnxruntime_genai", "tokenizers")),
+            "numpy": _size(internal / "numpy") + _size(internal / "numpy.libs")}
     total = _size(dist)
     base = sum(parts.values())
+    every = base + sum(more.values())
     print(f"\nfrozen in {seconds:.0f} s: {total / 2**20:.0f} MB; "
-          + ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in parts.items())
-          + f"; the rest {(total - base) / 2**20:.0f} MB; total / (libraries + model + runtime) = {total / base:.2f}")
+          + ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in {**parts, **more}.items())
+          + f"; the rest {(total - every) / 2**20:.0f} MB; total / (llama.cpp + Qt + model + Python) = {total / base:.2f}"
+          + f", / (those + onnxruntime + numpy) = {total / every:.2f}")
     return dist
 
 
