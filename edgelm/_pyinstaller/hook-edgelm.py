@@ -18,29 +18,28 @@ from pathlib import Path
 
 from edgelm.runtimes import BUILTIN
 
-PACKAGES = ("edgelm", "edgelm.runtimes", "edgelm.converters", "edgelm.platforms", "edgelm.server",
-            "edgelm.formats", "edgelm.native", "edgelm.cli", "edgelm.rpc", "edgelm.compression")
+# edgelm, and the packages an editable install maps from top-level folders (in a regular install they lie inside
+# edgelm/ and the walk below finds them twice: the duplicates are dropped)
+PACKAGES = ("edgelm", "edgelm.runtimes", "edgelm.converters", "edgelm.platforms")
 SKIP_SUFFIXES = (".py", ".pyc", ".pyo")
 
 
 def _package_data(package):
+    """(file, folder in the bundle) for every non-Python file under ``package``'s folder, subpackages included."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return []
     root = Path(list(spec.submodule_search_locations)[0])
     dest_root = Path(*package.split("."))
     out = []
-    for path in root.rglob("*"):
+    for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if not path.is_file() or path.suffix in SKIP_SUFFIXES or "__pycache__" in rel.parts:
-            continue
-        if (root / rel.parts[0]).is_dir() and (root / rel.parts[0] / "__init__.py").is_file():
-            continue  # a subpackage: collected under its own name
-        out.append((str(path), str(dest_root / rel.parent)))
+        if path.is_file() and path.suffix not in SKIP_SUFFIXES and "__pycache__" not in rel.parts:
+            out.append((str(path), str(dest_root / rel.parent)))
     return out
 
 
-datas = [item for package in PACKAGES for item in _package_data(package)]
+datas = list(dict.fromkeys(item for package in PACKAGES for item in _package_data(package)))
 
 # the built-in backends, imported by name (their own imports are then followed as usual)
 hiddenimports = [b.target.split(":")[0] for b in BUILTIN.values()]
