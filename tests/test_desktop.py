@@ -7,7 +7,8 @@ could not run) are recorded and printed (run with -s); the assertions are hang-g
 stop, at most one more token is emitted; the answer appears over several paints.
 
 Needs: xvfb and the X client libraries Qt's xcb plugin links (tests.desktop_helpers.XVFB_INSTALL); without Xvfb
-these tests skip, saying so.
+these tests skip, saying so.  The tests start Xvfb themselves (it picks a free display: -displayfd) rather than
+through pytest-xvfb: one plugin less, and the display exists only for this module.
 """
 
 from __future__ import annotations
@@ -174,6 +175,15 @@ def test_errors_are_shown_in_the_window(window, qtbot):
     window.prompt.setText("word " * (window.model.n_ctx + 100))  # more than the context window
     qtbot.keyClick(window.prompt, Qt.Key.Key_Return)
     assert "context window" in window.status.text() and "Shorten" in window.status.text()
+    assert len(window.messages) == before and window.stream is None
+
+    backend = window.model.backend
+    template, backend.chat_template = backend.chat_template, None  # a base model: no chat template in its file
+    try:
+        send(qtbot, window, "Hello?")
+    finally:
+        backend.chat_template = template
+    assert "has no chat template" in window.status.text() and "chat_template=" in window.status.text()
     assert len(window.messages) == before and window.stream is None
 
 
