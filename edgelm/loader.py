@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import runtimes
 from .chat_templates import apply as apply_chat_template
@@ -84,14 +84,20 @@ def options_for(backend: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(model: str | os.PathLike[str] | None = None, *,
-         defaults: GenerationParams | dict[str, Any] | None = None, **options: Unpack[LoadKwargs]) -> Model:
+         defaults: GenerationParams | dict[str, Any] | None = None,
+         progress: Callable[[float], Any] | None = None, **options: Unpack[LoadKwargs]) -> Model:
     """Load a model for inference.
 
     model: a .gguf file, an ONNX model folder, or None / "default" for the embedded SmolLM2-135M-Instruct.
     defaults: generation parameters used when a call does not give them (a GenerationParams or a dict).
+    progress: called with a fraction from 0.0 to 1.0 as the model loads, in the loading thread (a desktop app
+      loads in a worker thread and forwards it to its progress bar): 0.0 first, 1.0 once the model is ready;
+      llama.cpp reports the steps between as it reads the weights.
     options: load settings (edgelm.settings.load_settings(); an unknown one raises InvalidParameterError):
     """
     path = resolve_model_path(model)
+    if progress is not None:
+        progress(0.0)
     check_load_options(options)
     name = _backend_for(path, options.pop("backend", BACKEND.default))
     cls = runtimes.get_backend(name)
@@ -105,7 +111,7 @@ def load(model: str | os.PathLike[str] | None = None, *,
                   n_gpu_layers=resolved.n_gpu_layers if values["n_gpu_layers"] is None else values["n_gpu_layers"])
     if values["draft_model"] is not None:
         values["draft_model"] = str(values["draft_model"])
-    load_options = runtimes.LoadOptions(**values, providers=resolved.providers)
+    load_options = runtimes.LoadOptions(**values, providers=resolved.providers, progress=progress)
     if isinstance(defaults, dict):
         defaults = GenerationParams().merged(**defaults)
     if load_options.workers or load_options.tensor_split is not None:  # split across RPC workers, in a child process
@@ -116,6 +122,7 @@ def load(model: str | os.PathLike[str] | None = None, *,
                 fix="Use parallel=1 with workers=, or batch on one machine.", parameter="parallel",
                 value=load_options.parallel)
 
+        load_options.progress = None  # a function does not cross into the child process: 0.0 and 1.0 only
         instance = load_with_workers(cls, path, load_options)
     else:
         instance = cls.load(path, load_options)
@@ -143,7 +150,10 @@ def load(model: str | os.PathLike[str] | None = None, *,
         instance.close()
         raise
     touch(path)  # "last used" in `edgelm list` (edgelm.store); never raises
-    return Model(instance, info, defaults)
+    loaded = Model(instance, info, defaults)
+    if progress is not None:
+        progress(1.0)
+    return loaded
 
 
 def _check_types(values: dict[str, Any]) -> None:

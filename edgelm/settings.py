@@ -13,7 +13,7 @@ texts with their defaults.  A new setting is one field here (plus its validation
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence, TypedDict
+from typing import Any, Callable, Sequence, TypedDict
 
 from .declarations import KINDS, REQUIRED, Setting, by_name, field_table, from_dataclass, setting
 from .formats.gguf import KV_CACHE_TYPES
@@ -95,6 +95,9 @@ class LoadOptions:
     # resolved only: not a user setting
     providers: Sequence[str] | None = None  # onnxruntime execution providers, in order of preference
     extra: dict[str, Any] = field(default_factory=dict)  # options of third-party backends
+    # progress(fraction) while the weights load, from the loading thread (a desktop app's progress bar);
+    # edgelm.load reports 0.0 and 1.0 itself, a backend that can reports the steps between (llama.cpp)
+    progress: Callable[[float], Any] | None = None
 
 
 GENERATION: tuple[Setting, ...] = from_dataclass(GenerationParams)

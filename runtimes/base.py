@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generator, Iterator, Protocol, Sequence, TYPE_CHECKING, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Generator, Iterator, Protocol, Sequence, runtime_checkable
 
 from edgelm.errors import BackendError, InvalidParameterError
 from edgelm.params import GenerationParams

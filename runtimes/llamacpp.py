@@ -43,6 +43,23 @@ class _Sampler:
         self._owner.close()
 
 
+def _progress_callback(progress: Any) -> Any:
+    """llama.cpp's load progress callback over ``progress(fraction)``, or None.  It always answers "go on": an
+    exception from the caller's function is logged, never raised through C."""
+    if progress is None:
+        return None
+
+    def report(fraction: float, user_data: Any) -> bool:
+        try:
+            if fraction < 1.0:  # edgelm.load reports 1.0 itself, once the model is ready
+                progress(float(fraction))
+        except Exception:  # noqa: BLE001 - never raise through C
+            native.log.exception("the load progress callback raised")
+        return True
+
+    return llama_cpp.llama_progress_callback(report)
+
+
 class LlamaCppBackend(BackendBase):
     name: ClassVar[str] = "llamacpp"
 
@@ -115,6 +132,9 @@ class LlamaCppBackend(BackendBase):
         if options.workers:  # layers on llama.cpp RPC workers (edgelm.rpc); edgelm.load runs this in a child process
             rpc = attach.prepare(header, options, n_ctx)
             rpc.apply(mp)
+        callback = _progress_callback(options.progress)
+        if callback is not None:  # the ctypes function must live until LlamaModel returns
+            mp.progress_callback = callback
         native.clear_log()
         try:
             model = internals.LlamaModel(path_model=str(path), params=mp, verbose=True)

@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian/Ubuntu packages the tests use: chromium and its fonts drive the chat page's browser tests (-m browser).
-APT_PACKAGES="chromium fonts-liberation"
+# Debian/Ubuntu packages the tests use: chromium and its fonts drive the chat page's browser tests (-m browser);
+# xvfb and the X libraries Qt's xcb plugin links run the desktop example's window (-m desktop).
+APT_PACKAGES="chromium fonts-liberation xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0"
 
 # The Python that runs the tests: pip installs into it and the edgelm commands run from it.
 PYTHON="${PYTHON:-python}"

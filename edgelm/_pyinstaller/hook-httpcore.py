@@ -1,0 +1,3 @@
+"""httpcore (under httpx) on asyncio and threads only: no trio."""
+
+excludedimports = ["trio"]
