@@ -143,7 +143,7 @@ def install_converter_command(target: str | None, version: str | None, force: bo
                                    progress=lambda message, fraction: click.echo(message, err=True))
         click.echo(f"{CONVERTER} {version or CONVERTER_VERSION}: {script}")
     if optimum if optimum is not None else not (named and gguf):
-        from edgelm.converters.optimum_onnx import OPTIMUM_ONNX_VERSION, install_optimum
+        from edgelm.converters.onnx.optimum import OPTIMUM_ONNX_VERSION, install_optimum
 
         home = install_optimum(Path(target) if target and optimum and not gguf else None, force=force,
                                progress=lambda message, fraction: click.echo(message, err=True))

@@ -38,7 +38,7 @@ def doctor_command(as_json: bool) -> None:
     found = find_converter()
     converter = {"installed": found is not None, "path": str(found[0]) if found else None,
                  "install": "edgelm install-converter", "default_folder": str(converter_home())}
-    from edgelm.converters.optimum_onnx import find_optimum, optimum_home
+    from edgelm.converters.onnx.optimum import find_optimum, optimum_home
 
     home = find_optimum()
     optimum = {"installed": home is not None, "path": str(home or optimum_home()),

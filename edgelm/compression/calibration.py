@@ -18,7 +18,7 @@ MIN_TOKENS = 4096  # 8 windows of 512: 4 to score the layers on, 4 to fit and tr
 
 
 def default_text() -> str:
-    from edgelm.converters.gptq import calibration_text
+    from edgelm.converters.onnx.gptq import calibration_text
 
     return calibration_text()
 

@@ -499,7 +499,7 @@ def fuse(model: Any, dims: dict[str, list[Any]], heads: int | None = None, *, po
          ) -> dict[str, Any]:
     """Rewrite every layer's attention of ``model`` (in place) into GroupQueryAttention; returns what was done:
     ``{"attention": "GroupQueryAttention", "layers": n}``, or ``{"attention": "as exported", "reason": ...}`` with
-    the graph unchanged.  ``dims``: the symbolic shape of every tensor (``onnx_quantize.symbolic_dims``); ``heads``:
+    the graph unchanged.  ``dims``: the symbolic shape of every tensor (``quantize.symbolic_dims``); ``heads``:
     the query head count when the graph does not tell it; ``positions``: the context length, for which a layer's
     rotary embedding (Hugging Face's, full or partial) moves into the op as cos/sin tables (None: it stays as
     exported, before the op)."""
@@ -609,7 +609,7 @@ def fuse(model: Any, dims: dict[str, list[Any]], heads: int | None = None, *, po
             new.append(helper.make_node("Transpose", [f"{pre}/out_bsnh"], [p["context"]], perm=[0, 2, 1, 3],
                                         name=f"{pre}/out/Transpose"))
         removed.update(id(n) for n in p["remove"])
-    from .onnx_quantize import drop_dead, live_nodes
+    from ..quantize import drop_dead, live_nodes
 
     try:
         nodes = _toposort([n for n in graph.node if id(n) not in removed] + new, {i.name for i in graph.input} |
@@ -748,7 +748,7 @@ def fuse_checked(model: Any, original: Any, *, heads: int | None, vocab: int, po
     """:func:`fuse`, then :func:`verify` against ``original`` (the exported graph: a path or a ModelProto); a graph
     whose logits differ is put back as it was, and tried once more with the rotary embedding left outside the op.
     Returns what :func:`fuse` did (without its undo), or why not."""
-    from .onnx_quantize import symbolic_dims
+    from ..quantize import symbolic_dims
 
     dims = symbolic_dims(model)
     problem = reference = None

@@ -10,9 +10,9 @@ folder whose ``config.json`` also carries the older names (:func:`legacy_config`
 silently build a different model (SmolLM2's rope_theta 100000 read as 10000).
 
 The export (``main_export(task="text-generation-with-past")``) writes one fp32 graph with ``past_key_values.*``
-inputs and ``present.*`` outputs; :mod:`.onnx_quantize` folds its shape arithmetic, :mod:`.onnx_attention` rewrites
+inputs and ``present.*`` outputs; :mod:`.quantize` folds its shape arithmetic, :mod:`.attention` rewrites
 each layer's attention into onnxruntime's GroupQueryAttention over a shared cache buffer (checked against the export
-on random tokens; left as exported where the pattern differs, BLOOM's ALiBi for one), :mod:`.onnx_quantize` then
+on random tokens; left as exported where the pattern differs, BLOOM's ALiBi for one), :mod:`.quantize` then
 rounds its weights to MatMulNBits int4/int8 (GPTQ for symmetric int4 where asked or chosen, round to nearest
 otherwise); edgelm's own onnxruntime loop (:mod:`edgelm.runtimes.onnx_session`) runs it.  Nothing here writes the
 final output: the caller (``convert_to_onnx``) passes a temporary folder and renames it when every check passed.
@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from edgelm.errors import BackendNotInstalledError, ConversionError, InvalidParameterError, UnsupportedModelError
 
-from .process import run_streaming
+from ..process import run_streaming
 
 log = logging.getLogger("edgelm.converters.onnx")
 
@@ -271,7 +271,7 @@ def export(source_dir: Path, out: Path, config: dict[str, Any], *, timeout: floa
 
 def resolve_algo(quant: str, opts: Any) -> Any:
     """How the weights of an optimum export are rounded: GPTQ for symmetric int4 under "auto" or by name (the
-    Hessians of the calibration windows are taken from the fp32 graph; ``converters.onnx_quantize``), round to
+    Hessians of the calibration windows are taken from the fp32 graph; ``converters.onnx.quantize``), round to
     nearest otherwise.  The builder's other methods (k_quant, *_last) are not available here."""
     if quant not in ("int4", "int8", "fp32"):
         raise InvalidParameterError(f"The optimum exporter writes fp32, int8 or int4 graphs, not {quant}.",
@@ -305,7 +305,7 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
 
     from edgelm.formats import hf, onnx_plain
 
-    from . import onnx_quantize as oq
+    from . import quantize as oq
 
     export_dir = tmp / ".optimum-export"
     export_dir.mkdir()
@@ -352,19 +352,19 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
 
 
 def fuse_attention(model: Any, exported: Path, config: dict[str, Any], vocab: int) -> dict[str, Any]:
-    """Every layer's attention as one GroupQueryAttention sharing its cache buffer (:mod:`.onnx_attention`), checked
+    """Every layer's attention as one GroupQueryAttention sharing its cache buffer (:mod:`.attention`), checked
     against the exported graph; the graph as exported (and why, in the record) where that does not apply."""
     from edgelm.formats import onnx_plain
 
-    from . import onnx_attention
+    from . import attention
 
     try:
-        done = onnx_attention.fuse_checked(model, exported, heads=onnx_plain.query_heads(config), vocab=vocab,
+        done = attention.fuse_checked(model, exported, heads=onnx_plain.query_heads(config), vocab=vocab,
                                            positions=_context_length(config))
     except Exception as exc:  # an analysis the graph defeats must not fail the conversion: it runs as exported
         log.warning("Attention rewrite failed (%s: %s)", type(exc).__name__, exc)
         done = {"attention": "as exported", "reason": f"{type(exc).__name__}: {exc}"}
-    if done["attention"] != onnx_attention.FUSED_OP:
+    if done["attention"] != attention.FUSED_OP:
         log.info("Attention kept as exported (%s): each step copies the KV cache once.", done.get("reason"))
     return done
 
@@ -373,8 +373,8 @@ def _quantized(model: Any, quant: str, opts: Any, tokenizer_dir: Path, context_l
                report: Progress) -> tuple[Any, int]:
     """``model`` (prepared fp32) with int4/int8 MatMulNBits weights (GPTQ'd when ``opts.algo`` is gptq), and the
     number of weights GPTQ rounded; fp32 is returned as it is."""
-    from . import onnx_quantize as oq
-    from .onnx_options import read_calibration
+    from . import quantize as oq
+    from .options import read_calibration
 
     if quant not in ("int4", "int8"):
         return model, 0
@@ -407,8 +407,8 @@ def quantize_folder(folder: Path, out: Path, quant: str, opts: Any | None = None
 
     from edgelm.formats import onnx_folder
 
-    from . import onnx_quantize as oq
-    from .onnx_options import OnnxOptions
+    from . import quantize as oq
+    from .options import OnnxOptions
 
     report = progress or (lambda message, fraction: None)
     manifest = onnx_folder.check_folder(folder)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from edgelm.errors import ConversionError
 
-from . import Progress
-from .onnx_options import OnnxOptions
-from .process import run_streaming
+from .. import Progress
+from ..process import run_streaming
+from .options import OnnxOptions
 
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
 

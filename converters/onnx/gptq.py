@@ -99,7 +99,7 @@ def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, sy
     text: the calibration text (default: :func:`calibration_text`); ``samples`` windows of ``seq_len`` tokens spread
     over it.  mixed: the MLP down projections of the last INT8_DOWN_SHARE of the layers at 8 bits
     (:func:`int8_modules`); they are written in the checkpoint as 4-bit placeholders (the builder imports one bit
-    width) and, 8-bit, in ``onnx_mixed.INT8_FILE``, for ``onnx_mixed.apply_int8`` to put in the exported graph."""
+    width) and, 8-bit, in ``mixed.INT8_FILE``, for ``mixed.apply_int8`` to put in the exported graph."""
     import torch
 
     report = progress or (lambda message, fraction: None)
@@ -370,7 +370,7 @@ def _write(model: Any, source_dir: Path, out_dir: Path, codes: dict[str, Quantiz
     import torch
     from safetensors.torch import save_file
 
-    from .onnx_mixed import INT8_FILE
+    from .mixed import INT8_FILE
 
     tensors: dict[str, Any] = {}
     eight: dict[str, Any] = {}
@@ -379,7 +379,7 @@ def _write(model: Any, source_dir: Path, out_dir: Path, codes: dict[str, Quantiz
         base = name[: -len(".weight")] if name.endswith(".weight") else None
         if base in codes:
             q = codes[base]
-            if q.bits == 8:  # an int4 placeholder for the builder; onnx_mixed.apply_int8 puts the 8-bit one in
+            if q.bits == 8:  # an int4 placeholder for the builder; mixed.apply_int8 puts the 8-bit one in
                 eight[base + ".codes"] = q.codes.to(torch.uint8)
                 eight[base + ".scales"] = q.scales.float()
                 q = _rtn4(dequantize(q, block_size), block_size, symmetric)

@@ -12,7 +12,7 @@ Three steps, all on the ``onnx`` protobuf in this process:
    symmetric or not, ``accuracy_level``).
 3. With ``algo="gptq"`` (int4, symmetric), each MatMulNBits weight is then replaced by GPTQ's: the inputs of every
    quantized MatMul are captured while the fp32 graph runs the calibration windows (one run per window, all
-   inputs at once), their Hessians accumulated, and each weight rounded by :func:`edgelm.converters.gptq.quantize`
+   inputs at once), their Hessians accumulated, and each weight rounded by :func:`edgelm.converters.onnx.gptq.quantize`
    with the block scales of round-to-nearest ("static groups"), so the graph, the kernels and the speed are those of
    step 2.  onnxruntime's own GPTQ config re-runs the whole model once per distinct MatMul input (121 times per
    window for SmolLM2), which is impractical on a CPU; the Hessians here come from the fp32 model rather than from

@@ -15,13 +15,13 @@ from edgelm.formats.onnx_folder import QUANTS
 log = logging.getLogger("edgelm.converters.onnx")
 
 # weight quantization methods (MatMulNBits): the builder's round-to-nearest or llama.cpp-style k-quant search (the
-# *_last variants keep the output projection at 8 bits), or edgelm's GPTQ (converters/gptq.py)
+# *_last variants keep the output projection at 8 bits), or edgelm's GPTQ (converters/onnx/gptq.py)
 ALGOS = ("auto", "default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed", "gptq")
 # auto: GPTQ for int4 when the fp32 model fits comfortably in this machine's memory, round-to-nearest otherwise
 DEFAULT_ALGO = "auto"
 EXECUTION_PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
-# who writes the graph: onnxruntime-genai's model builder, optimum-onnx (converters/optimum_onnx.py), or auto: the
-# builder for the architectures it supports (converters/onnx.py ARCHITECTURES), optimum for the others
+# who writes the graph: onnxruntime-genai's model builder, optimum-onnx (converters/onnx/optimum.py), or auto: the
+# builder for the architectures it supports (converters/onnx/export.py ARCHITECTURES), optimum for the others
 EXPORTERS = ("auto", "genai", "optimum")
 
 
