@@ -1,7 +1,8 @@
 """The ONNX target: Hugging Face checkpoint -> self-contained, quantized ONNX model folder.
 
 The exporter is onnxruntime-genai's model builder (:mod:`.builder`), which writes the graph and
-``genai_config.json`` that edgelm's onnxruntime backend runs; int4 weights are rounded by GPTQ (:mod:`.gptq`) by
+``genai_config.json`` that edgelm's onnxruntime backend runs (optimum-onnx, :mod:`.optimum`, for the architectures
+the builder lacks); int4 weights are rounded by GPTQ (:mod:`.gptq`) by
 default; :mod:`.graph` rewrites what the builder's options cannot ask for; the folder's format (manifest,
 checks) is :mod:`edgelm.formats.onnx_folder`.
 
@@ -26,8 +27,11 @@ from edgelm.errors import (BackendNotInstalledError, ConversionError, InvalidSou
 from edgelm.formats import ensure_free_space, hf, onnx_folder
 
 from .. import Progress, Staged, Verify, as_is, option_record
+from ..source import read_checkpoint
+from . import gptq, optimum  # gptq.gptq_checkpoint is looked up when called (a test replaces it)
 from .builder import builder_target, run_builder
 from .graph import embed_from_head, embed_int8
+from .mixed import apply_int8, read_int8
 from .options import OnnxOptions, read_calibration, resolve_algo
 
 log = logging.getLogger("edgelm.converters.onnx")
@@ -84,8 +88,6 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     exporter = choose_exporter(source_dir, config, opts.exporter)
     chosen_by_auto = opts.algo == "auto"
     if exporter == "optimum":
-        from . import optimum
-
         opts = optimum.resolve_algo(quant, opts)
     else:
         opts = resolve_algo(source_dir, quant, opts)
@@ -104,8 +106,6 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         if exporter == "optimum":
-            from . import optimum
-
             report(f"Exporting {arch} to ONNX ({quant}) with optimum-onnx", 0.0)
             manifest = optimum.write_folder(source_dir, tmp, config, quant, opts, report)
             smoke_test = optimum.smoke_test
@@ -171,13 +171,11 @@ def _manifest(source_dir: Path, folder: Path, config: dict[str, Any], quant: str
 def _export_gptq(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str, opts: OnnxOptions,
                  report: Progress) -> None:
     """GPTQ weights into a GPTQ-format checkpoint (first 30 % of the progress bar), then the builder imports it."""
-    from .gptq import gptq_checkpoint
-
     try:
-        checkpoint = gptq_checkpoint(source_dir, tmp / ".gptq-checkpoint", block_size=opts.block_size,
-                                     symmetric=opts.symmetric, text=read_calibration(opts.calibration),
-                                     mixed=opts.mixed_precision,
-                                     progress=lambda message, fraction: report(message, 0.3 * fraction))
+        checkpoint = gptq.gptq_checkpoint(source_dir, tmp / ".gptq-checkpoint", block_size=opts.block_size,
+                                          symmetric=opts.symmetric, text=read_calibration(opts.calibration),
+                                          mixed=opts.mixed_precision,
+                                          progress=lambda message, fraction: report(message, 0.3 * fraction))
     except (ImportError, RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"GPTQ could not load or quantize {source_dir}: {first}",
@@ -188,9 +186,7 @@ def _export_gptq(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     export_report(f"Exporting {config['architectures'][0]} to ONNX ({quant}) with onnxruntime-genai's model builder",
                   0.0)
     run_builder(checkpoint, tmp, quant, opts, export_report)
-    from .mixed import apply_int8, read_int8  # issue 18: the matrices GPTQ kept at 8 bits
-
-    int8 = read_int8(checkpoint)
+    int8 = read_int8(checkpoint)  # issue 18: the matrices GPTQ kept at 8 bits
     shutil.rmtree(checkpoint, ignore_errors=True)
     tied = (config.get("text_config") or config).get("tie_word_embeddings", config.get("tie_word_embeddings"))
     if opts.mixed_precision and opts.symmetric:
@@ -206,8 +202,6 @@ def _export_gptq(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
 
 def check_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """The source's config.json, after checking that the folder is a checkpoint this exporter can convert."""
-    from ..source import read_checkpoint
-
     config = read_checkpoint(source_dir, tokenizer_files=("tokenizer.json",), allow_pickle=allow_pickle,
                              tokenizer_why="the ONNX runtime needs the fast (Rust) tokenizer file")
     return config
@@ -217,8 +211,6 @@ def choose_exporter(source_dir: Path, config: dict[str, Any], requested: str = "
     """"genai" or "optimum" for ``requested`` (auto: the builder where it supports the architecture, optimum-onnx
     otherwise).  UnsupportedModelError listing what each exporter supports; BackendNotInstalledError naming the
     install command when optimum-onnx is asked for by name and is not installed."""
-    from . import optimum
-
     arch, model_type = config["architectures"][0], config.get("model_type")
     where = source_dir / "config.json"
     genai_list = f"onnxruntime-genai's builder supports {', '.join(ARCHITECTURES)}"

@@ -14,17 +14,18 @@ or any text given.  The quantized model is written as a GPTQ-format Hugging Face
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import re
 import shutil
-import warnings
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-Progress = Callable[[str, float], None]
+from .. import Progress
+from ..calibration import calibration_text
+from .mixed import INT8_FILE
+
 DEFAULT_SAMPLES = 16  # calibration windows
 # each block's scale: the fraction of its largest weight's that rounds with the least energy-weighted error (False: 1.0)
 CLIP_SEARCH = True
@@ -36,13 +37,6 @@ CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 # ~0.85-0.9x the speed, o_proj of every layer 1.176x.
 INT8_DOWN_SHARE = 1 / 3
 _DOWN = re.compile(r"\.(\d+)\.mlp\.down_proj$")
-
-# modules whose docstrings make the default calibration text (the evaluation text comes from pydoc_data instead)
-CALIBRATION_MODULES = ("os", "re", "json", "collections", "itertools", "functools", "pathlib", "subprocess",
-                       "argparse", "logging", "threading", "asyncio", "typing", "dataclasses", "random", "statistics",
-                       "datetime", "email", "http.client", "urllib.request", "unittest", "csv", "sqlite3", "zipfile",
-                       "tarfile", "shutil", "tempfile", "textwrap", "string", "decimal")
-
 
 # the tensor names onnxruntime-genai's GPTQ import reads (its loaders/base.py, 0.18); it passes over others, so a
 # checkpoint with different names (Phi-1/2's dense/fc1/final_layernorm, InternLM2's wqkv, ...) would lose weights
@@ -58,8 +52,6 @@ IMPORTABLE = re.compile(
 def unimportable_tensor(source_dir: Path) -> str | None:
     """The first tensor of the checkpoint whose name onnxruntime-genai's GPTQ import would not read, or None
     (from the safetensors headers: no weights are loaded)."""
-    import struct
-
     for f in sorted(source_dir.glob("*.safetensors")):
         with open(f, "rb") as fh:
             header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
@@ -73,19 +65,6 @@ def unimportable_tensor(source_dir: Path) -> str | None:
 
 class _Caught(Exception):
     """Stops the model once the first decoder layer's inputs are captured."""
-
-
-def calibration_text() -> str:
-    parts: list[str] = []
-    with warnings.catch_warnings():  # some members are deprecated aliases (typing.re, ...): reading them warns
-        warnings.simplefilter("ignore")
-        for name in CALIBRATION_MODULES:
-            module = importlib.import_module(name)
-            for _, obj in inspect.getmembers(module):
-                doc = inspect.getdoc(obj)
-                if doc and len(doc) > 200:
-                    parts.append(doc)
-    return "\n\n".join(dict.fromkeys(parts))
 
 
 def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, symmetric: bool = True,
@@ -369,8 +348,6 @@ def _write(model: Any, source_dir: Path, out_dir: Path, codes: dict[str, Quantiz
            symmetric: bool) -> None:
     import torch
     from safetensors.torch import save_file
-
-    from .mixed import INT8_FILE
 
     tensors: dict[str, Any] = {}
     eight: dict[str, Any] = {}

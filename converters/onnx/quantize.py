@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
+
+from .. import Progress
+from ..calibration import calibration_text
+from .gptq import quantize as gptq_quantize
 
 log = logging.getLogger("edgelm.converters.onnx")
-
-Progress = Callable[[str, float], None]
 
 
 def prepare(model: Any) -> dict[str, int]:
@@ -99,8 +101,6 @@ def gptq_weights(fp32: Any, quantized: Any, windows: Sequence[Sequence[int]], *,
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
-
-    from .gptq import quantize as gptq_quantize
 
     report = progress or (lambda message, fraction: None)
     inits = {t.name: t for t in fp32.graph.initializer}
@@ -180,8 +180,6 @@ def calibration_windows(folder: Path, text: str | None, context_length: int, sam
                         seq_len: int = 512) -> list[list[int]]:
     """``samples`` windows of token ids spread over the calibration text (GPTQ's built-in text unless ``text``)."""
     from tokenizers import Tokenizer
-
-    from .gptq import calibration_text
 
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     ids = tok.encode(text or calibration_text(), add_special_tokens=False).ids
