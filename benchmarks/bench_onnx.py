@@ -23,8 +23,8 @@ from pathlib import Path
 
 import edgelm
 from edgelm.converters.onnx import convert_to_onnx
-from edgelm.converters.onnx_builder import BUILDER_MODULE
-from edgelm.converters.onnx_options import DEFAULT_ALGO
+from edgelm.converters.onnx.builder import BUILDER_MODULE
+from edgelm.converters.onnx.options import DEFAULT_ALGO
 from edgelm.platforms import default_threads
 
 from checkpoints import default_checkpoint  # benchmarks/checkpoints.py

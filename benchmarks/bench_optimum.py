@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 
 import edgelm
-from edgelm.converters import optimum_onnx
+from edgelm.converters.onnx import optimum as optimum_onnx
 from edgelm.converters.onnx import convert_to_onnx
-from edgelm.converters.onnx_options import OnnxOptions
+from edgelm.converters.onnx.options import OnnxOptions
 from edgelm.platforms import default_threads
 from checkpoints import default_checkpoint  # benchmarks/checkpoints.py
 

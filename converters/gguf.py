@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from edgelm.errors import (BackendNotInstalledError, ConversionError, InvalidParameterError, InvalidSourceError,
-                           OutputExistsError, UnknownQuantizationError)
+from edgelm.errors import (ConversionError, InvalidParameterError, InvalidSourceError, OutputExistsError,
+                           UnknownQuantizationError)
 from edgelm.formats import ensure_free_space, hf
 from edgelm.formats.gguf import FILE_TYPES, file_type_bpw, is_gguf, read_header
+from edgelm.optional import require
 
 from . import Progress, Staged, Verify, as_is
+from .hf_gguf import check_hf_source, hf_to_gguf
 
 # output types by name (llama_ftype ids), as users type them: q4_k_m, Q8_0, f16, ...
 QUANTS: dict[str, int] = {name.lower(): ftype for ftype, name in FILE_TYPES.items() if name not in ("MXFP4_MOE",)}
@@ -53,13 +55,9 @@ def requantize(source: Path, output: Path, quant: str, *, overwrite: bool = Fals
     nothing at ``output``."""
     ftype = quant_id(quant)
     header = read_header(source)  # a malformed source is refused before llama.cpp sees it
-    try:
-        import llama_cpp
+    llama_cpp = require("llama_cpp", extra="llamacpp", purpose="GGUF quantization")
+    from edgelm.native import llamacpp as native  # here, not at the top: it imports llama_cpp
 
-        from edgelm.native import llamacpp as native
-    except ImportError as exc:
-        raise BackendNotInstalledError("GGUF quantization needs llama-cpp-python.",
-                                       fix='pip install "edgelm[llamacpp]"') from exc
     native.init()  # llama.cpp's log goes to `logging`, not the terminal
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
@@ -117,8 +115,6 @@ class GGUFTarget:
             raise InvalidSourceError(f"{source} is neither a GGUF file nor a Hugging Face folder (no config.json).",
                                      fix="Pass a model folder with config.json, or a .gguf to re-quantize.",
                                      path=str(source))
-        from .hf_gguf import check_hf_source, hf_to_gguf
-
         check_hf_source(source, allow_pickle=allow_pickle)
         out.parent.mkdir(parents=True, exist_ok=True)
         params = hf.count_parameters(source) or sum(f.stat().st_size for f in source.glob("*.bin")) // 2

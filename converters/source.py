@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edgelm.errors import BackendNotInstalledError, HubError, InvalidSourceError, UnsafeWeightsError
+from edgelm.errors import HubError, InvalidSourceError, UnsafeWeightsError
+from edgelm.optional import require
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -28,20 +29,16 @@ def resolve(src: str | os.PathLike[str], *, revision: str | None = None) -> Path
         raise InvalidSourceError(f"Conversion source not found: {path} does not exist and is not a Hub id.",
                                  fix="Pass a Hugging Face model folder, a .gguf file, or an id like org/name.",
                                  path=str(path))
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-    except ImportError as exc:
-        raise BackendNotInstalledError("Hub ids need huggingface-hub, which is not installed.",
-                                       fix='pip install "edgelm[convert]"') from exc
+    hub = require("huggingface_hub", extra="convert", purpose="Converting from a Hub id")
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
     offline = hub_offline()
     # read the cache location now, not when huggingface_hub was first imported (the environment may have changed)
     cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub") if "HF_HOME" in os.environ
                                                 else None)
     try:
-        folder = snapshot_download(text, revision=revision, local_files_only=offline, cache_dir=cache,
-                                   allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.gguf",
-                                                   "*.py", "*.bin"])
+        folder = hub.snapshot_download(text, revision=revision, local_files_only=offline, cache_dir=cache,
+                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                       "*.gguf", "*.py", "*.bin"])
     except LocalEntryNotFoundError as exc:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
         raise HubError(f"{text}{'@' + revision if revision else ''} is not in the Hugging Face cache and {why}.",

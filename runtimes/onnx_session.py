@@ -7,7 +7,7 @@ present is ``Concat(past, new)`` along the sequence axis.  :class:`OnnxSessionBa
 binding and no copy of the cache through numpy:
 
 * A graph whose attention edgelm rewrote into onnxruntime's GroupQueryAttention at conversion
-  (:mod:`edgelm.converters.onnx_attention`; ``session_io(...)["shared_buffer"]``) keeps each cache tensor in one
+  (:mod:`edgelm.converters.onnx.attention`; ``session_io(...)["shared_buffer"]``) keeps each cache tensor in one
   buffer ``[1, heads, n_ctx, head_size]``, bound once at load as both past and present: the op writes the new
   positions in place and reads only the first ``len(seq) + n`` (from ``attention_mask``).  A step binds only
   input_ids, attention_mask, position_ids and logits; rewinding is forgetting the tail.

@@ -32,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
     rpc_module = rpc_build.installed_module()  # `edgelm install-rpc` put it under the real cache
     if rpc_module is not None:
         os.environ[rpc_build.ENV_VAR] = str(rpc_module)
-    from edgelm.converters import optimum_onnx
+    from edgelm.converters.onnx import optimum as optimum_onnx
 
     optimum_dir = optimum_onnx.find_optimum()  # `edgelm install-converter` put optimum-onnx there too
     if optimum_dir is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import edgelm
-from edgelm.converters.gptq import INT8_DOWN_SHARE, _pack, quantize
+from edgelm.converters.onnx.gptq import INT8_DOWN_SHARE, _pack, quantize
 from edgelm.converters.onnx import convert_to_onnx
 from edgelm.errors import InvalidParameterError
 
@@ -144,7 +144,7 @@ def test_tied_checkpoint_looks_its_embedding_up_in_the_int4_head(tmp_path, monke
     import numpy as np
     import onnx
 
-    import edgelm.converters.onnx as exporter  # embed_from_head is looked up there at call time
+    import edgelm.converters.onnx.export as exporter  # embed_from_head is looked up there at call time
 
     src = tiny_checkpoint("llama", tmp_path / "tied", tied=True)
     out = convert_to_onnx(src, tmp_path / "shared", "int4", algo="gptq", mixed_precision=False)
@@ -188,7 +188,7 @@ def test_smollm2_gptq_int4_within_ten_percent_of_fp32(tmp_path):
 
 
 def test_auto_uses_gptq_for_int4_when_the_model_fits_in_memory(tmp_path, caplog):
-    from edgelm.converters.onnx_options import OnnxOptions, resolve_algo
+    from edgelm.converters.onnx.options import OnnxOptions, resolve_algo
 
     src = tiny_checkpoint("llama", tmp_path / "tiny")  # 0.43 M parameters: 1.7 MB in fp32
     assert resolve_algo(src, "int4", OnnxOptions(), memory=8 * 2**30).algo == "gptq"
@@ -204,7 +204,7 @@ def test_auto_uses_gptq_for_int4_when_the_model_fits_in_memory(tmp_path, caplog)
 
 @pytest.mark.slow
 def test_auto_falls_back_to_rounding_when_gptq_fails(tmp_path, monkeypatch, caplog):
-    import edgelm.converters.gptq as gptq
+    import edgelm.converters.onnx.gptq as gptq
 
     def broken(*args, **kwargs):
         raise RuntimeError("no GPTQ today")
@@ -240,7 +240,7 @@ def test_gptq_is_not_used_for_weights_the_builder_would_not_import(tmp_path, cap
 
 
 def test_int8_node_names_follow_the_builder():
-    from edgelm.converters.onnx_mixed import group, node_name
+    from edgelm.converters.onnx.mixed import group, node_name
 
     assert node_name("model.layers.3.mlp.down_proj") == "/model/layers.3/mlp/down_proj/MatMulNBits"
     assert node_name("model.layers.0.self_attn.k_proj") == "/model/layers.0/attn/qkv_proj/MatMulNBits"

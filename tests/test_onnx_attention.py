@@ -1,4 +1,4 @@
-"""The attention rewrite of plain decoder graphs into onnxruntime's GroupQueryAttention (converters/onnx_attention.py)
+"""The attention rewrite of plain decoder graphs into onnxruntime's GroupQueryAttention (converters/onnx/attention/)
 and the session loop's shared cache buffer (runtimes/onnx_session.py), on a small decoder graph written here the way
 optimum exports attention: ``present = Concat(past, new)``, the keys and values repeated per query head
 (Unsqueeze / Expand / Reshape), scaled scores, an additive causal + padding mask built from ``attention_mask``,
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import edgelm
-from edgelm.converters import onnx_attention, onnx_quantize
+from edgelm.converters.onnx import attention as onnx_attention
+from edgelm.converters.onnx import quantize as onnx_quantize
 from edgelm.formats import onnx_plain
 
 from .helpers import raw_greedy

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import edgelm
-from edgelm.converters import optimum_onnx
+from edgelm.converters.onnx import optimum as optimum_onnx
 from edgelm.converters.onnx import ARCHITECTURES, choose_exporter, convert_to_onnx
-from edgelm.converters.onnx_options import OnnxOptions
+from edgelm.converters.onnx.options import OnnxOptions
 from edgelm.errors import BackendNotInstalledError, InvalidParameterError, UnsupportedModelError
 from edgelm.formats import onnx_folder, onnx_plain
 
@@ -199,7 +199,7 @@ def test_prepare_rewrites_gemm_and_folds_transposed_weights():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgelm.converters import onnx_quantize
+    from edgelm.converters.onnx import quantize as onnx_quantize
 
     rng = np.random.default_rng(0)
     w1 = rng.normal(size=(6, 4)).astype(np.float32)  # Gemm with transB: [N, K]

@@ -10,7 +10,7 @@ import click
 
 from edgelm.conversion import CONVERT, TARGET_FLAGS, convert
 from edgelm.converters.hf_gguf import CONVERTER, CONVERTER_VERSION, install_converter
-from edgelm.converters.optimum_onnx import OPTIMUM_ONNX_VERSION, install_optimum
+from edgelm.converters.onnx.optimum import OPTIMUM_ONNX_VERSION, install_optimum
 
 from .common import handle_errors, with_progress
 from .options import pop_given, table_options

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from edgelm.converters.hf_gguf import converter_home, find_converter
-from edgelm.converters.optimum_onnx import find_optimum, optimum_home
+from edgelm.converters.onnx.optimum import find_optimum, optimum_home
 from edgelm.declarations import Setting, resolve
 from edgelm.plan import RECOMMEND
 from edgelm.sources import recommend

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgelm.converters.gptq import calibration_text
+from edgelm.converters.calibration import calibration_text
 from edgelm.errors import InvalidParameterError, ModelNotFoundError
 
 MIN_TOKENS = 4096  # 8 windows of 512: 4 to score the layers on, 4 to fit and train on

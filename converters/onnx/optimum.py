@@ -10,9 +10,9 @@ folder whose ``config.json`` also carries the older names (:func:`legacy_config`
 silently build a different model (SmolLM2's rope_theta 100000 read as 10000).
 
 The export (``main_export(task="text-generation-with-past")``) writes one fp32 graph with ``past_key_values.*``
-inputs and ``present.*`` outputs; :mod:`.onnx_quantize` folds its shape arithmetic, :mod:`.onnx_attention` rewrites
+inputs and ``present.*`` outputs; :mod:`.quantize` folds its shape arithmetic, :mod:`.attention` rewrites
 each layer's attention into onnxruntime's GroupQueryAttention over a shared cache buffer (checked against the export
-on random tokens; left as exported where the pattern differs, BLOOM's ALiBi for one), :mod:`.onnx_quantize` then
+on random tokens; left as exported where the pattern differs, BLOOM's ALiBi for one), :mod:`.quantize` then
 rounds its weights to MatMulNBits int4/int8 (GPTQ for symmetric int4 where asked or chosen, round to nearest
 otherwise); edgelm's own onnxruntime loop (:mod:`edgelm.runtimes.onnx_session`) runs it.  Nothing here writes the
 final output: the caller (``convert_to_onnx``) passes a temporary folder and renames it when every check passed.
@@ -29,16 +29,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgelm.errors import BackendNotInstalledError, ConversionError, InvalidParameterError, UnsupportedModelError
+from edgelm.formats import hf, onnx_folder, onnx_plain
 
-from .process import run_streaming
+from .. import Progress
+from ..process import run_streaming
+from . import attention
+from . import quantize as oq
+from .options import OnnxOptions, read_calibration
 
 log = logging.getLogger("edgelm.converters.onnx")
-
-Progress = Callable[[str, float], None]
 
 OPTIMUM_ONNX_VERSION = "0.1.0"
 # what `edgelm install-converter --optimum` puts in its folder (--no-deps: torch, onnx, numpy, requests, ... come from
@@ -179,8 +183,9 @@ def legacy_config(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(params, dict) and params:
         per_type = all(isinstance(v, dict) for v in params.values())
         full = params.get("full_attention", next(iter(params.values()))) if per_type else params
-        if per_type and isinstance(params.get("sliding_attention"), dict) and "rope_theta" in params["sliding_attention"]:
-            out.setdefault("rope_local_base_freq", params["sliding_attention"]["rope_theta"])
+        sliding = params.get("sliding_attention") if per_type else None
+        if isinstance(sliding, dict) and "rope_theta" in sliding:
+            out.setdefault("rope_local_base_freq", sliding["rope_theta"])
         if "rope_theta" in full:
             out.setdefault("rope_theta", full["rope_theta"])
         if "partial_rotary_factor" in full:
@@ -271,7 +276,7 @@ def export(source_dir: Path, out: Path, config: dict[str, Any], *, timeout: floa
 
 def resolve_algo(quant: str, opts: Any) -> Any:
     """How the weights of an optimum export are rounded: GPTQ for symmetric int4 under "auto" or by name (the
-    Hessians of the calibration windows are taken from the fp32 graph; ``converters.onnx_quantize``), round to
+    Hessians of the calibration windows are taken from the fp32 graph; ``converters.onnx.quantize``), round to
     nearest otherwise.  The builder's other methods (k_quant, *_last) are not available here."""
     if quant not in ("int4", "int8", "fp32"):
         raise InvalidParameterError(f"The optimum exporter writes fp32, int8 or int4 graphs, not {quant}.",
@@ -302,10 +307,6 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     """Export, quantize and save into ``tmp``: model.onnx + model.onnx.data, tokenizer files, edgelm.json (its
     manifest, returned).  The caller carries the source's other files and puts the folder in place."""
     import onnx
-
-    from edgelm.formats import hf, onnx_plain
-
-    from . import onnx_quantize as oq
 
     export_dir = tmp / ".optimum-export"
     export_dir.mkdir()
@@ -340,8 +341,6 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
         record["algo"] = "gptq" if replaced else "default"
         if replaced:
             record["gptq_weights"] = replaced  # MatMul weights GPTQ rounded (the others: round to nearest)
-    from importlib import metadata
-
     manifest = onnx_plain.make_session_manifest(
         tmp, config, name=config.get("_name_or_path") or source_dir.name, quant=quant,
         parameters=hf.count_parameters(source_dir), quantization_options=record, generation_config=gen_cfg,
@@ -352,19 +351,15 @@ def write_folder(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
 
 
 def fuse_attention(model: Any, exported: Path, config: dict[str, Any], vocab: int) -> dict[str, Any]:
-    """Every layer's attention as one GroupQueryAttention sharing its cache buffer (:mod:`.onnx_attention`), checked
+    """Every layer's attention as one GroupQueryAttention sharing its cache buffer (:mod:`.attention`), checked
     against the exported graph; the graph as exported (and why, in the record) where that does not apply."""
-    from edgelm.formats import onnx_plain
-
-    from . import onnx_attention
-
     try:
-        done = onnx_attention.fuse_checked(model, exported, heads=onnx_plain.query_heads(config), vocab=vocab,
+        done = attention.fuse_checked(model, exported, heads=onnx_plain.query_heads(config), vocab=vocab,
                                            positions=_context_length(config))
     except Exception as exc:  # an analysis the graph defeats must not fail the conversion: it runs as exported
         log.warning("Attention rewrite failed (%s: %s)", type(exc).__name__, exc)
         done = {"attention": "as exported", "reason": f"{type(exc).__name__}: {exc}"}
-    if done["attention"] != onnx_attention.FUSED_OP:
+    if done["attention"] != attention.FUSED_OP:
         log.info("Attention kept as exported (%s): each step copies the KV cache once.", done.get("reason"))
     return done
 
@@ -373,9 +368,6 @@ def _quantized(model: Any, quant: str, opts: Any, tokenizer_dir: Path, context_l
                report: Progress) -> tuple[Any, int]:
     """``model`` (prepared fp32) with int4/int8 MatMulNBits weights (GPTQ'd when ``opts.algo`` is gptq), and the
     number of weights GPTQ rounded; fp32 is returned as it is."""
-    from . import onnx_quantize as oq
-    from .onnx_options import read_calibration
-
     if quant not in ("int4", "int8"):
         return model, 0
     fp32 = None
@@ -404,11 +396,6 @@ def quantize_folder(folder: Path, out: Path, quant: str, opts: Any | None = None
     """An int4/int8 copy at ``out`` of an fp32 folder written by the optimum exporter, without exporting again (the
     benchmark and the tests quantize one export several ways).  ``out`` must not exist."""
     import onnx
-
-    from edgelm.formats import onnx_folder
-
-    from . import onnx_quantize as oq
-    from .onnx_options import OnnxOptions
 
     report = progress or (lambda message, fraction: None)
     manifest = onnx_folder.check_folder(folder)
@@ -457,8 +444,6 @@ def smoke_test(folder: Path) -> None:
     cache the graph returned): a graph onnxruntime cannot run fails the conversion, not its first use."""
     import numpy as np
     import onnxruntime as ort
-
-    from edgelm.formats import onnx_plain
 
     try:
         io = onnx_plain.session_io(folder / "model.onnx")

@@ -1,13 +1,14 @@
 """Post-export graph surgery: a few MatMulNBits weights at 8 bits in an otherwise 4-bit graph.
 
 onnxruntime-genai's model builder imports a GPTQ checkpoint with one bit width for every layer.  GPTQ
-(``converters/gptq.py``) may choose to keep the few matrices whose 4-bit rounding costs most at 8 bits; it writes
+(``converters/onnx/gptq.py``) may choose to keep the few matrices whose 4-bit rounding costs most at 8 bits; it writes
 those as ordinary 4-bit placeholders in the checkpoint (so the builder imports it unchanged) and their 8-bit codes
 in :data:`INT8_FILE` beside it.  :func:`apply_int8` then replaces the placeholders in the exported graph: same node,
 same inputs and outputs, ``bits=8`` and the 8-bit weight and scales (symmetric: no zero points, onnxruntime's
-default zero point for 8 bits is 128).  An input embedding looked up in the head (``converters.onnx_graph.embed_from_head``,
-GatherBlockQuantized) is switched to the 8-bit rows too, so call this after that.  MatMulNBits runs 8-bit weights with the same kernels family; a down
-projection of SmolLM2 costs ~1.0-1.5x its 4-bit time.
+default zero point for 8 bits is 128).  An input embedding looked up in the head
+(``converters.onnx.graph.embed_from_head``, GatherBlockQuantized) is switched to the 8-bit rows too, so call this after
+that.  MatMulNBits runs 8-bit weights with the same kernels family; a down projection of SmolLM2 costs ~1.0-1.5x its
+4-bit time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
+
+from edgelm.errors import ConversionError
 
 # in the GPTQ checkpoint folder, safetensors named otherwise (the builder reads every *.safetensors there):
 # "<module>.codes" (uint8 [N, K], offset 128), "<module>.scales" (float32 [N, K / block])
@@ -119,7 +122,7 @@ def apply_int8(folder: Path, weights: dict[str, tuple[Any, Any]]) -> list[str]:
             if a.name == "bits":
                 a.i = 8
         for reshape in [other for other in graph.node if other is not node and weight.name in other.input]:
-            # the input embedding looked up in this head (converters.onnx_graph.embed_from_head): read 8-bit rows now
+            # the input embedding looked up in this head (converters.onnx.graph.embed_from_head): read 8-bit rows now
             shape = inits[reshape.input[1]]
             shape.CopyFrom(numpy_helper.from_array(np.array([n, k], dtype=np.int64), shape.name))
             gather = _embedding_lookup(graph, reshape)
@@ -145,7 +148,5 @@ def _embedding_lookup(graph: Any, node: Any) -> Any:
 
 
 def _mismatch(what: str) -> Exception:
-    from edgelm.errors import ConversionError
-
     return ConversionError(f"The exported graph does not take GPTQ's 8-bit weights: {what}.",
                            fix="Convert with int8=0 (all 4-bit), or algo='default'.")

@@ -1,8 +1,9 @@
 """The ONNX target: Hugging Face checkpoint -> self-contained, quantized ONNX model folder.
 
-The exporter is onnxruntime-genai's model builder (:mod:`.onnx_builder`), which writes the graph and
-``genai_config.json`` that edgelm's onnxruntime backend runs; int4 weights are rounded by GPTQ (:mod:`.gptq`) by
-default; :mod:`.onnx_graph` rewrites what the builder's options cannot ask for; the folder's format (manifest,
+The exporter is onnxruntime-genai's model builder (:mod:`.builder`), which writes the graph and
+``genai_config.json`` that edgelm's onnxruntime backend runs (optimum-onnx, :mod:`.optimum`, for the architectures
+the builder lacks); int4 weights are rounded by GPTQ (:mod:`.gptq`) by
+default; :mod:`.graph` rewrites what the builder's options cannot ask for; the folder's format (manifest,
 checks) is :mod:`edgelm.formats.onnx_folder`.
 
 Everything is written into a temporary folder next to ``output`` and renamed into place only after the result was
@@ -25,10 +26,13 @@ from edgelm.errors import (BackendNotInstalledError, ConversionError, InvalidSou
                            UnsupportedModelError)
 from edgelm.formats import ensure_free_space, hf, onnx_folder
 
-from . import Progress, Staged, Verify, as_is, option_record
-from .onnx_builder import builder_target, run_builder
-from .onnx_graph import embed_from_head, embed_int8
-from .onnx_options import OnnxOptions, read_calibration, resolve_algo
+from .. import Progress, Staged, Verify, as_is, option_record
+from ..source import read_checkpoint
+from . import gptq, optimum  # gptq.gptq_checkpoint is looked up when called (a test replaces it)
+from .builder import builder_target, run_builder
+from .graph import embed_from_head, embed_int8
+from .mixed import apply_int8, read_int8
+from .options import OnnxOptions, read_calibration, resolve_algo
 
 log = logging.getLogger("edgelm.converters.onnx")
 
@@ -84,9 +88,7 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     exporter = choose_exporter(source_dir, config, opts.exporter)
     chosen_by_auto = opts.algo == "auto"
     if exporter == "optimum":
-        from . import optimum_onnx
-
-        opts = optimum_onnx.resolve_algo(quant, opts)
+        opts = optimum.resolve_algo(quant, opts)
     else:
         opts = resolve_algo(source_dir, quant, opts)
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
@@ -104,11 +106,9 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         if exporter == "optimum":
-            from . import optimum_onnx
-
             report(f"Exporting {arch} to ONNX ({quant}) with optimum-onnx", 0.0)
-            manifest = optimum_onnx.write_folder(source_dir, tmp, config, quant, opts, report)
-            smoke_test = optimum_onnx.smoke_test
+            manifest = optimum.write_folder(source_dir, tmp, config, quant, opts, report)
+            smoke_test = optimum.smoke_test
         else:
             manifest = _write_genai(source_dir, tmp, config, quant, opts, chosen_by_auto, report)
             smoke_test = lambda folder: _smoke_test(folder, manifest, quant)  # noqa: E731
@@ -171,13 +171,11 @@ def _manifest(source_dir: Path, folder: Path, config: dict[str, Any], quant: str
 def _export_gptq(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str, opts: OnnxOptions,
                  report: Progress) -> None:
     """GPTQ weights into a GPTQ-format checkpoint (first 30 % of the progress bar), then the builder imports it."""
-    from .gptq import gptq_checkpoint
-
     try:
-        checkpoint = gptq_checkpoint(source_dir, tmp / ".gptq-checkpoint", block_size=opts.block_size,
-                                     symmetric=opts.symmetric, text=read_calibration(opts.calibration),
-                                     mixed=opts.mixed_precision,
-                                     progress=lambda message, fraction: report(message, 0.3 * fraction))
+        checkpoint = gptq.gptq_checkpoint(source_dir, tmp / ".gptq-checkpoint", block_size=opts.block_size,
+                                          symmetric=opts.symmetric, text=read_calibration(opts.calibration),
+                                          mixed=opts.mixed_precision,
+                                          progress=lambda message, fraction: report(message, 0.3 * fraction))
     except (ImportError, RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"GPTQ could not load or quantize {source_dir}: {first}",
@@ -188,9 +186,7 @@ def _export_gptq(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
     export_report(f"Exporting {config['architectures'][0]} to ONNX ({quant}) with onnxruntime-genai's model builder",
                   0.0)
     run_builder(checkpoint, tmp, quant, opts, export_report)
-    from .onnx_mixed import apply_int8, read_int8  # issue 18: the matrices GPTQ kept at 8 bits
-
-    int8 = read_int8(checkpoint)
+    int8 = read_int8(checkpoint)  # issue 18: the matrices GPTQ kept at 8 bits
     shutil.rmtree(checkpoint, ignore_errors=True)
     tied = (config.get("text_config") or config).get("tie_word_embeddings", config.get("tie_word_embeddings"))
     if opts.mixed_precision and opts.symmetric:
@@ -206,8 +202,6 @@ def _export_gptq(source_dir: Path, tmp: Path, config: dict[str, Any], quant: str
 
 def check_source(source_dir: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
     """The source's config.json, after checking that the folder is a checkpoint this exporter can convert."""
-    from .source import read_checkpoint
-
     config = read_checkpoint(source_dir, tokenizer_files=("tokenizer.json",), allow_pickle=allow_pickle,
                              tokenizer_why="the ONNX runtime needs the fast (Rust) tokenizer file")
     return config
@@ -217,8 +211,6 @@ def choose_exporter(source_dir: Path, config: dict[str, Any], requested: str = "
     """"genai" or "optimum" for ``requested`` (auto: the builder where it supports the architecture, optimum-onnx
     otherwise).  UnsupportedModelError listing what each exporter supports; BackendNotInstalledError naming the
     install command when optimum-onnx is asked for by name and is not installed."""
-    from . import optimum_onnx
-
     arch, model_type = config["architectures"][0], config.get("model_type")
     where = source_dir / "config.json"
     genai_list = f"onnxruntime-genai's builder supports {', '.join(ARCHITECTURES)}"
@@ -229,23 +221,23 @@ def choose_exporter(source_dir: Path, config: dict[str, Any], requested: str = "
                 fix=f"Supported: {', '.join(ARCHITECTURES)}. Use exporter='optimum' (--exporter optimum) or "
                 "convert to GGUF instead (to='gguf').", architecture=arch, path=str(source_dir))
         return "genai"
-    home = optimum_onnx.find_optimum()
+    home = optimum.find_optimum()
     if home is None:
         if requested == "optimum":
             raise BackendNotInstalledError(
-                f"exporter='optimum' needs optimum-onnx {optimum_onnx.OPTIMUM_ONNX_VERSION}, which is not installed.",
-                fix=f"Run `{optimum_onnx.INSTALL_COMMAND}` once (installed apart from this environment), or set "
-                f"{optimum_onnx.ENV_VAR} to where it is.")
+                f"exporter='optimum' needs optimum-onnx {optimum.OPTIMUM_ONNX_VERSION}, which is not installed.",
+                fix=f"Run `{optimum.INSTALL_COMMAND}` once (installed apart from this environment), or set "
+                f"{optimum.ENV_VAR} to where it is.")
         raise UnsupportedModelError(
             f"The ONNX exporter does not support architecture {arch!r} ({where}): {genai_list}. optimum-onnx, which "
-            f"exports more ({', '.join(optimum_onnx.TESTED[:-1])}, ...), is not installed.",
-            fix=f"Install it with `{optimum_onnx.INSTALL_COMMAND}` and convert again, or convert to GGUF instead "
+            f"exports more ({', '.join(optimum.TESTED[:-1])}, ...), is not installed.",
+            fix=f"Install it with `{optimum.INSTALL_COMMAND}` and convert again, or convert to GGUF instead "
             "(to='gguf'), which covers more architectures.", architecture=arch, path=str(source_dir))
-    if not optimum_onnx.supports(home, model_type) or not optimum_onnx.names_match(arch, model_type):
+    if not optimum.supports(home, model_type) or not optimum.names_match(arch, model_type):
         which = "Neither ONNX exporter supports" if requested == "auto" else "optimum-onnx does not support"
         raise UnsupportedModelError(
             f"{which} architecture {arch!r} (model type {model_type!r}, {where}): {genai_list}; optimum-onnx "
-            f"supports model types {', '.join(optimum_onnx.supported_model_types(home))}.",
+            f"supports model types {', '.join(optimum.supported_model_types(home))}.",
             fix="Convert to GGUF instead (to='gguf'), which covers more architectures.", architecture=arch,
             model_type=model_type, path=str(source_dir))
     return "optimum"

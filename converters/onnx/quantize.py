@@ -12,7 +12,7 @@ Three steps, all on the ``onnx`` protobuf in this process:
    symmetric or not, ``accuracy_level``).
 3. With ``algo="gptq"`` (int4, symmetric), each MatMulNBits weight is then replaced by GPTQ's: the inputs of every
    quantized MatMul are captured while the fp32 graph runs the calibration windows (one run per window, all
-   inputs at once), their Hessians accumulated, and each weight rounded by :func:`edgelm.converters.gptq.quantize`
+   inputs at once), their Hessians accumulated, and each weight rounded by :func:`edgelm.converters.onnx.gptq.quantize`
    with the block scales of round-to-nearest ("static groups"), so the graph, the kernels and the speed are those of
    step 2.  onnxruntime's own GPTQ config re-runs the whole model once per distinct MatMul input (121 times per
    window for SmolLM2), which is impractical on a CPU; the Hessians here come from the fp32 model rather than from
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
+
+from .. import Progress
+from ..calibration import calibration_text
+from .gptq import quantize as gptq_quantize
 
 log = logging.getLogger("edgelm.converters.onnx")
-
-Progress = Callable[[str, float], None]
 
 
 def prepare(model: Any) -> dict[str, int]:
@@ -99,8 +101,6 @@ def gptq_weights(fp32: Any, quantized: Any, windows: Sequence[Sequence[int]], *,
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
-
-    from .gptq import quantize as gptq_quantize
 
     report = progress or (lambda message, fraction: None)
     inits = {t.name: t for t in fp32.graph.initializer}
@@ -180,8 +180,6 @@ def calibration_windows(folder: Path, text: str | None, context_length: int, sam
                         seq_len: int = 512) -> list[list[int]]:
     """``samples`` windows of token ids spread over the calibration text (GPTQ's built-in text unless ``text``)."""
     from tokenizers import Tokenizer
-
-    from .gptq import calibration_text
 
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     ids = tok.encode(text or calibration_text(), add_special_tokens=False).ids

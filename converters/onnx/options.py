@@ -11,17 +11,20 @@ from typing import Any
 from edgelm.errors import InvalidParameterError, UnknownQuantizationError, UnsupportedModelError
 from edgelm.formats import hf
 from edgelm.formats.onnx_folder import QUANTS
+from edgelm.platforms import detect
+
+from .gptq import unimportable_tensor
 
 log = logging.getLogger("edgelm.converters.onnx")
 
 # weight quantization methods (MatMulNBits): the builder's round-to-nearest or llama.cpp-style k-quant search (the
-# *_last variants keep the output projection at 8 bits), or edgelm's GPTQ (converters/gptq.py)
+# *_last variants keep the output projection at 8 bits), or edgelm's GPTQ (converters/onnx/gptq.py)
 ALGOS = ("auto", "default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed", "gptq")
 # auto: GPTQ for int4 when the fp32 model fits comfortably in this machine's memory, round-to-nearest otherwise
 DEFAULT_ALGO = "auto"
 EXECUTION_PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
-# who writes the graph: onnxruntime-genai's model builder, optimum-onnx (converters/optimum_onnx.py), or auto: the
-# builder for the architectures it supports (converters/onnx.py ARCHITECTURES), optimum for the others
+# who writes the graph: onnxruntime-genai's model builder, optimum-onnx (converters/onnx/optimum.py), or auto: the
+# builder for the architectures it supports (converters/onnx/export.py ARCHITECTURES), optimum for the others
 EXPORTERS = ("auto", "genai", "optimum")
 
 
@@ -67,7 +70,8 @@ class OnnxOptions:
         if self.block_size not in (16, 32, 64, 128, 256):
             raise _bad("block_size", self.block_size, "Use 16, 32, 64, 128 or 256.")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise _bad("accuracy_level", self.accuracy_level, "Use 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8 activations).")
+            raise _bad("accuracy_level", self.accuracy_level,
+                       "Use 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8 activations).")
         if self.algo not in ALGOS:
             raise _bad("algo", self.algo, f"Use one of: {', '.join(ALGOS)}.")
         if self.execution_provider not in EXECUTION_PROVIDERS:
@@ -117,8 +121,6 @@ def resolve_algo(source_dir: Path, quant: str, opts: OnnxOptions, memory: int | 
     names onnxruntime-genai's GPTQ import would pass over (gptq.unimportable_tensor): refused when asked for by
     name, round-to-nearest with a warning under auto."""
     if opts.algo == "gptq" or (opts.algo == "auto" and quant == "int4"):
-        from .gptq import unimportable_tensor
-
         name = unimportable_tensor(source_dir)
         if name and opts.algo == "gptq":
             raise UnsupportedModelError(
@@ -137,8 +139,6 @@ def resolve_algo(source_dir: Path, quant: str, opts: OnnxOptions, memory: int | 
                                         parameter="calibration", value=str(opts.calibration))
         return opts.replace(algo="default")
     if memory is None:
-        from edgelm.platforms import detect
-
         memory = int(detect().memory.get("available") or 0)
     need = hf.count_parameters(source_dir) * 4
     if memory and need * 4 > memory:

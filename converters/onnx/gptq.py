@@ -14,17 +14,18 @@ or any text given.  The quantized model is written as a GPTQ-format Hugging Face
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import re
 import shutil
-import warnings
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-Progress = Callable[[str, float], None]
+from .. import Progress
+from ..calibration import calibration_text
+from .mixed import INT8_FILE
+
 DEFAULT_SAMPLES = 16  # calibration windows
 # each block's scale: the fraction of its largest weight's that rounds with the least energy-weighted error (False: 1.0)
 CLIP_SEARCH = True
@@ -36,13 +37,6 @@ CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 # ~0.85-0.9x the speed, o_proj of every layer 1.176x.
 INT8_DOWN_SHARE = 1 / 3
 _DOWN = re.compile(r"\.(\d+)\.mlp\.down_proj$")
-
-# modules whose docstrings make the default calibration text (the evaluation text comes from pydoc_data instead)
-CALIBRATION_MODULES = ("os", "re", "json", "collections", "itertools", "functools", "pathlib", "subprocess",
-                       "argparse", "logging", "threading", "asyncio", "typing", "dataclasses", "random", "statistics",
-                       "datetime", "email", "http.client", "urllib.request", "unittest", "csv", "sqlite3", "zipfile",
-                       "tarfile", "shutil", "tempfile", "textwrap", "string", "decimal")
-
 
 # the tensor names onnxruntime-genai's GPTQ import reads (its loaders/base.py, 0.18); it passes over others, so a
 # checkpoint with different names (Phi-1/2's dense/fc1/final_layernorm, InternLM2's wqkv, ...) would lose weights
@@ -58,8 +52,6 @@ IMPORTABLE = re.compile(
 def unimportable_tensor(source_dir: Path) -> str | None:
     """The first tensor of the checkpoint whose name onnxruntime-genai's GPTQ import would not read, or None
     (from the safetensors headers: no weights are loaded)."""
-    import struct
-
     for f in sorted(source_dir.glob("*.safetensors")):
         with open(f, "rb") as fh:
             header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
@@ -75,19 +67,6 @@ class _Caught(Exception):
     """Stops the model once the first decoder layer's inputs are captured."""
 
 
-def calibration_text() -> str:
-    parts: list[str] = []
-    with warnings.catch_warnings():  # some members are deprecated aliases (typing.re, ...): reading them warns
-        warnings.simplefilter("ignore")
-        for name in CALIBRATION_MODULES:
-            module = importlib.import_module(name)
-            for _, obj in inspect.getmembers(module):
-                doc = inspect.getdoc(obj)
-                if doc and len(doc) > 200:
-                    parts.append(doc)
-    return "\n\n".join(dict.fromkeys(parts))
-
-
 def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, symmetric: bool = True,
                     samples: int = DEFAULT_SAMPLES, seq_len: int = 512, damp: float = 0.01, text: str | None = None,
                     mixed: bool = True, progress: Progress | None = None) -> Path:
@@ -99,7 +78,7 @@ def gptq_checkpoint(source_dir: Path, out_dir: Path, *, block_size: int = 32, sy
     text: the calibration text (default: :func:`calibration_text`); ``samples`` windows of ``seq_len`` tokens spread
     over it.  mixed: the MLP down projections of the last INT8_DOWN_SHARE of the layers at 8 bits
     (:func:`int8_modules`); they are written in the checkpoint as 4-bit placeholders (the builder imports one bit
-    width) and, 8-bit, in ``onnx_mixed.INT8_FILE``, for ``onnx_mixed.apply_int8`` to put in the exported graph."""
+    width) and, 8-bit, in ``mixed.INT8_FILE``, for ``mixed.apply_int8`` to put in the exported graph."""
     import torch
 
     report = progress or (lambda message, fraction: None)
@@ -370,8 +349,6 @@ def _write(model: Any, source_dir: Path, out_dir: Path, codes: dict[str, Quantiz
     import torch
     from safetensors.torch import save_file
 
-    from .onnx_mixed import INT8_FILE
-
     tensors: dict[str, Any] = {}
     eight: dict[str, Any] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -379,7 +356,7 @@ def _write(model: Any, source_dir: Path, out_dir: Path, codes: dict[str, Quantiz
         base = name[: -len(".weight")] if name.endswith(".weight") else None
         if base in codes:
             q = codes[base]
-            if q.bits == 8:  # an int4 placeholder for the builder; onnx_mixed.apply_int8 puts the 8-bit one in
+            if q.bits == 8:  # an int4 placeholder for the builder; mixed.apply_int8 puts the 8-bit one in
                 eight[base + ".codes"] = q.codes.to(torch.uint8)
                 eight[base + ".scales"] = q.scales.float()
                 q = _rtn4(dequantize(q, block_size), block_size, symmetric)

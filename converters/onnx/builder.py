@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 
 from edgelm.errors import ConversionError
+from edgelm.optional import require
 
-from . import Progress
-from .onnx_options import OnnxOptions
-from .process import run_streaming
+from .. import Progress
+from ..process import run_streaming
+from .options import OnnxOptions
 
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
 
@@ -58,11 +59,7 @@ _SAVING = re.compile(r"(\d+)/(\d+) \[")
 
 
 def run_builder(source_dir: Path, out: Path, quant: str, opts: OnnxOptions, report: Progress) -> None:
-    try:
-        import onnxruntime_genai  # noqa: F401  (the builder lives in this package)
-    except ImportError as exc:
-        raise ConversionError(f"ONNX conversion needs onnxruntime-genai's model builder, which is not installed "
-                              f"({exc}).", fix='Install it with: pip install "edgelm[convert]"') from exc
+    require("onnxruntime_genai", extra="convert", purpose="ONNX conversion (onnxruntime-genai's model builder)")
     cache = out / ".builder-cache"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = builder_args(source_dir, out, cache, quant, opts)
