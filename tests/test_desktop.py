@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .desktop_helpers import XVFB_INSTALL, Heartbeat, PaintCounter, Recorder, Xvfb, import_app
+from .desktop_helpers import Heartbeat, PaintCounter, Recorder, Xvfb, import_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.desktop]
 
@@ -96,7 +96,7 @@ def send(qtbot, win, text: str) -> float:
     return pressed
 
 
-@pytest.mark.budget(180)
+@pytest.mark.timeout(720)
 def test_the_model_loads_in_the_background_with_progress(window):
     assert window.model is not None
     assert window.load_fractions[0] == 0.0 and window.load_fractions[-1] == 1.0
@@ -106,7 +106,7 @@ def test_the_model_loads_in_the_background_with_progress(window):
     assert FIGURES["heartbeat_load_max_gap_ms"] < HEARTBEAT_GUARD_MS
 
 
-@pytest.mark.budget(120)
+@pytest.mark.timeout(480)
 def test_typing_a_prompt_streams_the_answer_over_several_paints(window, qtbot):
     window.max_tokens.setValue(40)
     window.temperature.setValue(0.0)
@@ -129,7 +129,7 @@ def test_typing_a_prompt_streams_the_answer_over_several_paints(window, qtbot):
     assert FIGURES["heartbeat_generate_max_gap_ms"] < HEARTBEAT_GUARD_MS
 
 
-@pytest.mark.budget(120)
+@pytest.mark.timeout(480)
 def test_stop_ends_the_generation_at_once(window, qtbot):
     from PySide6.QtCore import Qt
 
@@ -154,7 +154,7 @@ def test_stop_ends_the_generation_at_once(window, qtbot):
     assert not window.stop_button.isEnabled() and window.send_button.isEnabled()
 
 
-@pytest.mark.budget(120)
+@pytest.mark.timeout(480)
 def test_new_chat_clears_the_conversation(window, qtbot):
     from PySide6.QtCore import Qt
 
@@ -167,7 +167,7 @@ def test_new_chat_clears_the_conversation(window, qtbot):
     assert window.transcript.toPlainText().startswith("You: What is the capital of France?")
 
 
-@pytest.mark.budget(60)
+@pytest.mark.timeout(240)
 def test_errors_are_shown_in_the_window(window, qtbot):
     from PySide6.QtCore import Qt
 
@@ -187,7 +187,7 @@ def test_errors_are_shown_in_the_window(window, qtbot):
     assert len(window.messages) == before and window.stream is None
 
 
-@pytest.mark.budget(60)
+@pytest.mark.timeout(240)
 def test_a_screenshot_of_the_window(window, tmp_path):
     out = tmp_path / "desktop-chat.png"
     assert window.grab().save(str(out))
@@ -198,7 +198,7 @@ def test_a_screenshot_of_the_window(window, tmp_path):
     assert len({image.pixel(x, y) for x in range(0, image.width(), 20) for y in range(0, image.height(), 20)}) > 3
 
 
-@pytest.mark.budget(120)
+@pytest.mark.timeout(480)
 def test_a_missing_model_is_reported_and_close_returns_the_memory(window, qtbot):
     """Loading another model closes the current one first (its memory goes back; see test_model_close_rss)."""
     with qtbot.waitSignal(window.signals.error, timeout=60_000) as error:

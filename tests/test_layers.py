@@ -108,7 +108,7 @@ def test_the_heavy_list_names_what_pyproject_makes_optional():
 
 def test_import_linter_contracts_hold(staged):
     env = dict(os.environ, PYTHONPATH=str(staged))
-    proc = subprocess.run([_tool("lint-imports"), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+    proc = subprocess.run([_tool("lint-imports"), str(ROOT / "pyproject.toml"), "--no-cache"],
                           capture_output=True, text=True, env=env, cwd=staged)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Contracts: " in proc.stdout and " broken" in proc.stdout and "0 broken" in proc.stdout, proc.stdout

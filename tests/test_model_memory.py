@@ -42,7 +42,7 @@ RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.budget(120)
+@pytest.mark.timeout(480)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_closing_a_model_returns_its_memory(default_gguf):
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, timeout=110,
@@ -57,7 +57,7 @@ def test_closing_a_model_returns_its_memory(default_gguf):
     assert rss["after"] <= rss["before"] * 1.10, f"RSS after close not within 10% of before the load: {mb}"
 
 
-@pytest.mark.budget(60)
+@pytest.mark.timeout(240)
 def test_load_reports_progress_from_0_to_1(default_gguf):
     seen: list[tuple[float, str]] = []
     with edgelm.load(default_gguf, n_ctx=512,
@@ -69,7 +69,7 @@ def test_load_reports_progress_from_0_to_1(default_gguf):
     assert {name for _, name in seen} == {threading.current_thread().name}  # the loading thread
 
 
-@pytest.mark.budget(60)
+@pytest.mark.timeout(240)
 def test_a_progress_callback_that_raises_does_not_break_the_load(default_gguf):
     def progress(fraction: float) -> None:
         if 0 < fraction < 1:
@@ -79,7 +79,7 @@ def test_a_progress_callback_that_raises_does_not_break_the_load(default_gguf):
         assert model.generate("Hi", max_tokens=2).usage.completion_tokens >= 1
 
 
-@pytest.mark.budget(60)
+@pytest.mark.timeout(240)
 def test_a_stream_cancelled_from_another_thread_ends_at_once(smollm):
     stream = smollm.stream("Once upon a time", max_tokens=1000, temperature=0.8)
     chunks = []

@@ -75,7 +75,7 @@ def test_the_records_are_the_tables():
     # resolver fills in
     declared = [f.name for f in dataclasses.fields(LoadOptions) if "setting" in f.metadata]
     assert ["backend", *declared] == _names(LOAD)
-    assert {f.name for f in dataclasses.fields(LoadOptions)} - set(declared) == {"providers", "extra"}
+    assert {f.name for f in dataclasses.fields(LoadOptions)} - set(declared) == {"providers", "extra", "progress"}  # resolved by load(), not settings
     # the field's own default, where it is not the user's, is the resolved meaning of the user's ("auto" -> cpu)
     resolved = LoadOptions(threads=1)
     assert resolved.device == "cpu" and resolved.n_gpu_layers == 0

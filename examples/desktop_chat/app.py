@@ -22,10 +22,10 @@ from pathlib import Path
 import edgelm
 from edgelm.platforms import default_threads
 from edgelm.store import list_models
-from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import (QApplication, QComboBox, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel,
-                               QLineEdit, QMainWindow, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton,
+                               QLineEdit, QMainWindow, QPlainTextEdit, QProgressBar, QPushButton,
                                QSpinBox, QVBoxLayout, QWidget)
 
 DEFAULT = "Default model (SmolLM2-135M-Instruct)"
