@@ -98,11 +98,12 @@ def load(model: str | os.PathLike[str] | None = None, *,
     path = resolve_model_path(model)
     if progress is not None:
         progress(0.0)
-    check_load_options(options)
-    name = _backend_for(path, options.pop("backend", BACKEND.default))
+    given: dict[str, Any] = dict(options)  # the typed keywords, checked by name and value below
+    check_load_options(given)
+    name = _backend_for(path, given.pop("backend", BACKEND.default))
     cls = runtimes.get_backend(name)
-    check_load_options(options, name if name in runtimes.BUILTIN else None)
-    values = {s.name: options.get(s.name, s.default) for s in load_settings() if s.name != "backend"}
+    check_load_options(given, name if name in runtimes.BUILTIN else None)
+    values: dict[str, Any] = {s.name: given.get(s.name, s.default) for s in load_settings() if s.name != "backend"}
     _check_types(values)
     if values["chat_template"] is not None:  # a bad name or Jinja text fails before anything loads
         resolve_chat_template(values["chat_template"])

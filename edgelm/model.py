@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 from . import chat as chat_templates
 from .errors import (BackendError, ContextLengthExceededError, InvalidParameterError, ModelClosedError,
@@ -201,7 +201,8 @@ class Model:
         source = self._engine.submit(tokens, p, limit)
         return ChunkStream(self._chunks(source, backend, n_prompt, limit, p), source)
 
-    def _chunks(self, source: Any, backend: Any, n_prompt: int, limit: int, p: GenerationParams) -> Iterator[Chunk]:
+    def _chunks(self, source: Any, backend: Any, n_prompt: int, limit: int,
+                p: GenerationParams) -> Generator[Chunk, None, None]:
         stops = p.stop
         longest_stop = max((len(s) for s in stops), default=0)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -446,7 +447,7 @@ class ChunkStream:
     button, a client that went away): the stream then ends at once with finish_reason "cancelled".  Closing it, or
     dropping it, frees its place in the model."""
 
-    def __init__(self, chunks: Iterator[Chunk], source: Any) -> None:
+    def __init__(self, chunks: Generator[Chunk, None, None], source: Any) -> None:
         self._chunks = chunks
         self._source = source
 

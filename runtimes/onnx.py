@@ -166,7 +166,7 @@ class OnnxBackend(OnnxFolderBackend):
             return self._generate_native(seq)
         return self._generate_sampled(seq, sampler)
 
-    def _generate_native(self, seq: Seq) -> Iterator[int]:
+    def _generate_native(self, seq: Seq) -> Generator[int, None, None]:
         """Greedy decoding inside onnxruntime-genai.  generate_next_token() evaluates the previous token (if
         any) and then picks the next one, so the last yielded token is never in the cache yet."""
         gen, cached = self._gen, seq.tokens
@@ -192,7 +192,7 @@ class OnnxBackend(OnnxFolderBackend):
         return BackendError(f"onnxruntime-genai failed while decoding: {exc}",
                             fix="Load the model again; if it repeats, convert it again.")
 
-    def _generate_sampled(self, seq: Seq, sampler: NumpySampler) -> Iterator[int]:
+    def _generate_sampled(self, seq: Seq, sampler: NumpySampler) -> Generator[int, None, None]:
         try:
             while True:
                 token = self.sample(seq, sampler)
