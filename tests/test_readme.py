@@ -185,7 +185,4 @@ def test_readme_command_runs(line: str, workdir: Path):
     done = subprocess.run(words, cwd=workdir, env=_env(), input="/bye\n", capture_output=True, text=True,
                           timeout=300)
     output = (done.stdout + done.stderr)[-3000:]
-    if done.returncode == 2 and re.search(r"No such option:? '?--profile", output):
-        pytest.xfail("--profile (the device profile flag) is not in this CLI yet; its rename from --device is "
-                     "another change of the same issue")
     assert done.returncode == 0, f"`{line}` exited with {done.returncode}:\n{output}"
