@@ -6,7 +6,7 @@ one client at a time; a client's model stays in the worker's memory until that c
 
 Security: the RPC protocol has no authentication and no encryption, and a client can make the worker allocate memory
 and run computations.  The worker binds 127.0.0.1 unless told otherwise; bind a private network's address only, or
-keep it on loopback and reach it through an SSH tunnel (see the README).
+keep it on loopback and reach it through an SSH tunnel (docs/rpc.md).
 """
 
 from __future__ import annotations
