@@ -218,7 +218,7 @@ def test_without_a_quant_the_largest_that_fits_is_chosen(gguf_repo, tmp_path):
     with pytest.raises(DoesNotFitError, match="No quantization in org/repo fits"):
         hub.pull_model("org/repo", host=host(16 << 20), progress=False)
     # a device profile instead of this machine: a Pi Zero 2 W has room for the largest of these tiny files
-    assert hub.pull_model("org/repo", device="raspberry-pi-zero-2-w", progress=False).candidate.label == "Q8_0"
+    assert hub.pull_model("org/repo", profile="raspberry-pi-zero-2-w", progress=False).candidate.label == "Q8_0"
 
 
 def test_onnx_repository_gives_the_folder(env):

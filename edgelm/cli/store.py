@@ -57,7 +57,7 @@ def pull_command(model: str, revision: str | None, quiet: bool, **kwargs: Any) -
       edgelm run bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M "Hi"  # pulls on first use, offline afterwards
     """
     profile = pop_given(kwargs, PULL).get("profile", PULL[0].default)
-    pulled = hub.pull_model(model, revision, device=profile, progress=not quiet)
+    pulled = hub.pull_model(model, revision, profile=profile, progress=not quiet)
     if quiet:
         click.echo(str(pulled.path))
         return

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import DoesNotFitError, HubError
 from ..optional import require
-from ..plan import ModelFacts, file_facts
+from ..plan import RECOMMEND_DEFAULTS, ModelFacts, file_facts
 from .choice import Candidate, Choice, candidates, choose, match
 from .reference import Reference, as_reference
 from .verify import verify_cached
@@ -103,8 +103,8 @@ class Pulled:
         return f"{self.reference.repo_id}:{self.candidate.label}" if self.candidate.label else self.reference.repo_id
 
 
-def find_cached(ref: Reference | str, revision: str | None = None, *, device: str = "auto", host: Any = None,
-                verify: bool = True) -> Pulled | None:
+def find_cached(ref: Reference | str, revision: str | None = None, *, profile: str = RECOMMEND_DEFAULTS.profile,
+                host: Any = None, verify: bool = True) -> Pulled | None:
     """``ref`` in the Hugging Face cache (no network), checked against its sha256; None if it is not there."""
     ref = as_reference(ref)
     cache = hf_cache_dir()
@@ -121,7 +121,7 @@ def find_cached(ref: Reference | str, revision: str | None = None, *, device: st
             continue
         else:
             try:
-                choice = choose(ref, cands, facts=lambda c: _local_facts(snapshot, c), device=device, host=host,
+                choice = choose(ref, cands, facts=lambda c: _local_facts(snapshot, c), profile=profile, host=host,
                                 where=f"the cached copy of {ref.repo_id}")
             except (HubError, DoesNotFitError):
                 continue

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ..errors import DoesNotFitError, HubError, InvalidModelFileError, QuantNotFoundError
 from ..formats.gguf import read_header
-from ..plan import ModelFacts, Plan, file_facts, recommend
+from ..plan import RECOMMEND_DEFAULTS, ModelFacts, Plan, file_facts, recommend
 from ..platforms import detect
 from ..units import human_bytes
 from .reference import Reference
@@ -125,21 +125,21 @@ class Choice:
     reason: str
 
 
-def _fits(c: Candidate, facts: ModelFacts, device: str, host: Any) -> tuple[Plan | None, int | None]:
-    """(the plan for running ``c`` as it is on ``device`` by recommend()'s memory arithmetic, or None if it does not
-    fit without converting to a smaller quantization; the device's usable memory)."""
+def _fits(c: Candidate, facts: ModelFacts, profile: str, host: Any) -> tuple[Plan | None, int | None]:
+    """(the plan for running ``c`` as it is on the device ``profile`` by recommend()'s memory arithmetic, or None if
+    it does not fit without converting to a smaller quantization; the device's usable memory)."""
     f = dataclasses.replace(facts, path=c.entry, quantization=c.label, weight_bytes=c.size_bytes)
     try:
-        plan = recommend(f, device, host=host, bandwidth_gbs=NOMINAL_BANDWIDTH_GBS)
+        plan = recommend(f, profile, host=host, bandwidth_gbs=NOMINAL_BANDWIDTH_GBS)
     except DoesNotFitError as exc:
         return None, getattr(exc, "available", None)
     return (None if plan.needs_conversion else plan), plan.device_memory_bytes
 
 
 def choose(ref: Reference, cands: list[Candidate], *, facts: Callable[[Candidate], ModelFacts] | None = None,
-           device: str = "auto", host: Any = None, where: str = "") -> Choice:
+           profile: str = RECOMMEND_DEFAULTS.profile, host: Any = None, where: str = "") -> Choice:
     """Pick what to fetch for ``ref`` among ``cands``: by ``ref.quant`` if given, else the largest GGUF that fits
-    ``device`` (``facts(candidate)`` gives the model's :class:`edgelm.plan.ModelFacts`, read from one header)."""
+    the device ``profile`` (``facts(candidate)`` gives the model's :class:`edgelm.plan.ModelFacts`, read from one header)."""
     where = where or ref.repo_id
     if not cands:
         raise HubError(f"{where} has no GGUF file and no ONNX folder (edgelm.json / genai_config.json) to run.",
@@ -173,11 +173,11 @@ def choose(ref: Reference, cands: list[Candidate], *, facts: Callable[[Candidate
         raise HubError(f"{where} has several quantizations: {_labels(cands)}.",
                        fix=f"Name one: {ref.repo_id}:{cands[-1].label}", repo=ref.repo_id)
     base = facts(min(usable, key=lambda c: c.size_bytes))
-    if device == "auto" and host is None:
+    if profile == "auto" and host is None:
         host = detect()
     available = None
     for c in usable:  # largest (best quality) first
-        plan, available = _fits(c, base, device, host)
+        plan, available = _fits(c, base, profile, host)
         if plan is not None:
             return Choice(c, f"{c.label} ({human_bytes(c.size_bytes)}): the largest quantization in {where} "
                              f"that fits {plan.device_title}, needing {human_bytes(plan.memory_bytes)} of "
@@ -185,7 +185,7 @@ def choose(ref: Reference, cands: list[Candidate], *, facts: Callable[[Candidate
     smallest = usable[-1]
     room = f" ({human_bytes(available)} usable)" if available is not None else ""
     raise DoesNotFitError(
-        f"No quantization in {where} fits {device if device != 'auto' else 'this machine'}{room}: even the "
+        f"No quantization in {where} fits {profile if profile != 'auto' else 'this machine'}{room}: even the "
         f"smallest, {smallest.label} ({human_bytes(smallest.size_bytes)}), needs more once its KV cache and the "
         "runtime are counted (with the head-room `edgelm recommend` keeps).",
         fix=f"Pull one anyway by name ({ref.repo_id}:{smallest.label}), or use a smaller model.", repo=ref.repo_id,

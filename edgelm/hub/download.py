@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import DownloadCorruptError, HubError
-from ..plan import ModelFacts
+from ..plan import RECOMMEND_DEFAULTS, ModelFacts
 from ..store_index import is_verified, mark_verified
 from ..units import human_bytes
 from .cache import Pulled, cached_labels, find_cached, hf, hf_cache_dir, hub_endpoint, hub_offline, storage_dir
@@ -141,18 +141,18 @@ def _offline_error(ref: Reference, revision: str | None, why: str) -> HubError:
         "or unset HF_HUB_OFFLINE.", repo=ref.repo_id)
 
 
-def pull_model(ref: Reference | str, revision: str | None = None, *, device: str = "auto", progress: Progress = True,
-               host: Any = None, token: Any = None) -> Pulled:
+def pull_model(ref: Reference | str, revision: str | None = None, *, profile: str = RECOMMEND_DEFAULTS.profile,
+               progress: Progress = True, host: Any = None, token: Any = None) -> Pulled:
     """Fetch ``ORG/REPO[:QUANT]`` at ``revision`` (default main) into the Hugging Face cache and return what was
-    fetched.  Offline (HF_HUB_OFFLINE=1) or with the Hub unreachable, the cached copy is used.  ``device``: choose
-    the quantization for this profile instead of this machine ("raspberry-pi-5-8gb")."""
+    fetched.  Offline (HF_HUB_OFFLINE=1) or with the Hub unreachable, the cached copy is used.  ``profile``: choose
+    the quantization for this device profile instead of this machine ("raspberry-pi-5-8gb")."""
     ref = as_reference(ref)
     hub = hf()
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     if hub_offline():
-        found = find_cached(ref, revision, device=device, host=host)
+        found = find_cached(ref, revision, profile=profile, host=host)
         if found is None:
             raise _offline_error(ref, revision, "HF_HUB_OFFLINE is set")
         return found
@@ -175,7 +175,7 @@ def pull_model(ref: Reference | str, revision: str | None = None, *, device: str
         raise HubError(f"{ref.repo_id} has no revision {revision!r}.", fix="Use a branch, tag or commit it has.",
                        repo=ref.repo_id) from exc
     except (httpx2.HTTPError, HfHubHTTPError, OfflineModeIsEnabled) as exc:
-        found = find_cached(ref, revision, device=device, host=host)
+        found = find_cached(ref, revision, profile=profile, host=host)
         if found is None:
             raise _offline_error(ref, revision, f"the Hub cannot be reached ({type(exc).__name__}: {exc})") from exc
         note(progress, f"The Hub cannot be reached ({type(exc).__name__}); using the cached {found.name}.")
@@ -207,7 +207,7 @@ def pull_model(ref: Reference | str, revision: str | None = None, *, device: str
 
         return facts_from_prefix(read_prefix, files[c.entry], c.entry)
 
-    choice = choose(ref, cands, facts=remote_facts, device=device, host=host)
+    choice = choose(ref, cands, facts=remote_facts, profile=profile, host=host)
     c = choice.candidate
     if c.missing:
         raise HubError(f"{ref.repo_id} lacks parts of the split file {c.entry}: {', '.join(c.missing)}.",
@@ -227,18 +227,18 @@ def pull_model(ref: Reference | str, revision: str | None = None, *, device: str
     return Pulled(path, ref, c, commit, choice.reason, downloaded_bytes=downloaded)
 
 
-def pull(reference: str, revision: str | None = None, *, device: str = "auto", progress: Progress = True,
-         host: Any = None) -> Path:
+def pull(reference: str, revision: str | None = None, *, profile: str = RECOMMEND_DEFAULTS.profile,
+         progress: Progress = True, host: Any = None) -> Path:
     """Download ``ORG/REPO[:QUANT]`` from the Hugging Face Hub into its cache and return the path edgelm.load
     takes: the .gguf (the first part of a split file) or the ONNX folder.
 
     QUANT (case-insensitive) picks the GGUF file by the quantization in its name, or names an ONNX sub-folder;
-    without it, the largest GGUF quantization that fits this device's memory is chosen (one line on stderr says
-    why).  ``revision``: a branch, tag or commit.  ``progress``: True (bars on stderr), False, or a callable
+    without it, the largest GGUF quantization that fits this machine's memory (or the device ``profile``'s) is
+    chosen (one line on stderr says why).  ``revision``: a branch, tag or commit.  ``progress``: True (bars on stderr), False, or a callable
     ``(file name, bytes done, bytes total)``.  Offline (HF_HUB_OFFLINE=1) the cache is used, and a model not in it
     raises :class:`~edgelm.errors.HubError` saying how to get it.
     """
-    return pull_model(reference, revision, device=device, progress=progress, host=host).path
+    return pull_model(reference, revision, profile=profile, progress=progress, host=host).path
 
 
 def resolve_reference(text: Any, *, progress: Progress = True) -> Path | None:
