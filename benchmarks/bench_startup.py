@@ -3,7 +3,7 @@
 Three pairs, each timed as a whole child process (interpreter start included), medians over --runs:
 - `import edgelm` against `import llama_cpp`, timed inside the child     (goal: edgelm <= 150 ms)
 - `edgelm.load(...)` + one generated token against `llama_cpp.Llama(...)` + one token      (goal: <= 1.2x)
-- `edgelm run MODEL "Hi" -n 1` against `python raw.py` doing the same with llama_cpp           (goal: <= 1.3x)
+- `edgelm run --raw MODEL "Hi" -n 1` against a script doing the same with llama_cpp            (goal: <= 1.3x)
 
 Usage: python benchmarks/bench_startup.py [MODEL.gguf] [--runs 9] [--threads 2]
 """
@@ -56,7 +56,8 @@ def main() -> None:
         "import": ([py, "-c", IMPORT_EDGELM], [py, "-c", IMPORT_RAW]),
         "load + first token": ([py, "-c", LOAD_EDGELM, path, str(args.threads)],
                                [py, "-c", LOAD_RAW, path, str(args.threads)]),
-        "CLI run -n 1": ([cli, "run", path, "Hi", "-n", "1", "-t", "0", "--threads", str(args.threads)],
+        # --raw: the same two-token prompt as the raw script (a chat template would add a system prompt to read)
+        "CLI run -n 1": ([cli, "run", "--raw", path, "Hi", "-n", "1", "-t", "0", "--threads", str(args.threads)],
                          [py, "-c", LOAD_RAW, path, str(args.threads)]),
     }
     goals = {"import": None, "load + first token": 1.2, "CLI run -n 1": 1.3}
