@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .layers import HEAVY, ROOT, cycles, heavy_modules, module_graph, stage
+from .layers import ROOT, cycles, heavy_modules, module_graph, stage
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,16 @@ def test_import_edgelm_sets_no_environment_variable():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def test_the_heavy_list_names_what_pyproject_makes_optional():
-    assert "llama_cpp" in HEAVY and "onnxruntime" in HEAVY and "torch" in HEAVY
+def test_the_openmp_spin_is_set_only_where_the_user_chose_no_wait_policy():
+    from edgelm.native.llamacpp import SPIN_COUNT, configure_openmp
+
+    env: dict[str, str] = {}
+    configure_openmp(env)
+    assert env == {"GOMP_SPINCOUNT": SPIN_COUNT}
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "300000"}):
+        env = dict(chosen)
+        configure_openmp(env)
+        assert env == chosen
 
 
 def test_import_linter_contracts_hold(staged):

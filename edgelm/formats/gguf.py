@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from edgelm.errors import InvalidModelFileError, ModelNotFoundError
 
 GGUF_MAGIC = b"GGUF"
@@ -126,7 +125,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
 # arrays longer than this (vocabularies, merges, scores) are stepped over, not decoded (SkippedArray)
-MAX_DECODED_STRINGS = 4096
+MAX_DECODED_ITEMS = 4096
 
 
 @dataclass(frozen=True)
@@ -304,7 +303,7 @@ class _Reader:
                 fmt = _SCALARS[item_type]
                 nbytes = count * struct.calcsize(fmt)
                 self.need(nbytes)
-                if count > MAX_DECODED_STRINGS:
+                if count > MAX_DECODED_ITEMS:
                     skipped = SkippedArray(count, self.pos, item_type)
                     self.pos += nbytes
                     return skipped
@@ -312,7 +311,7 @@ class _Reader:
                 self.pos += nbytes
                 return values
             if item_type == _STRING:
-                if count > MAX_DECODED_STRINGS:
+                if count > MAX_DECODED_ITEMS:
                     skipped = SkippedArray(count, self.pos, item_type)
                     self.skip_strings(count)
                     return skipped
