@@ -14,7 +14,8 @@ from .conversion import convert
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the public API)
 from .errors import EdgelmError
 from .hub import pull
-from .loader import default_model_path, load
+from .default_model import default_model_path
+from .loader import load
 from .model import Model, collect
 from .params import GenerationParams
 from .plan import Plan

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgelm")
 
+
 def _backend_for(path: Path, backend: Any) -> str:
     if not isinstance(backend, str):
         raise InvalidParameterError(f"Invalid backend: {backend!r}.", fix="Pass a backend name or 'auto'.",

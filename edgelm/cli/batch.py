@@ -9,8 +9,8 @@ import click
 
 from edgelm import loader
 from edgelm.batch import run_file
-from edgelm.loader import resolve_model_path
 from edgelm.plan import default_parallel
+from edgelm.sources import resolve_model_path
 
 from .common import handle_errors
 from .options import generation_options, load_options, pop_generation, pop_load
