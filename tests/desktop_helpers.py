@@ -13,9 +13,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .helpers import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "desktop_chat" / "app.py"
-XVFB_INSTALL = "sudo apt-get install -y xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0"
+# the packages are listed once, in tests/setup.sh (APT_PACKAGES)
+XVFB_INSTALL = "bash tests/setup.sh (it installs xvfb and the X libraries Qt's xcb plugin links)"
 
 
 class Xvfb:
@@ -40,11 +43,7 @@ class Xvfb:
 
     def stop(self) -> None:
         """Stop it now (only when no client is connected: Qt would exit on a lost display)."""
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
 
 
 def import_app() -> ModuleType:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
 from typing import Any
 
 
@@ -15,3 +16,13 @@ def raw_greedy(m: Any, ids: list[int], n: int, **params: Any) -> list[int]:
         return list(itertools.islice(source, n))
     finally:
         source.close()
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Ask a child to stop (SIGTERM), and kill it if it has not within 10 s; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

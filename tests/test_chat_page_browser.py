@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 
 import httpx
 import pytest
 
 from . import test_server
+from .helpers import stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -76,12 +76,7 @@ class Server(test_server.Server):
         return int(next(line for line in text.splitlines() if line.startswith("edgelm_queue_depth")).split()[-1])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -18,7 +18,7 @@ import pytest
 
 from edgelm import errors
 
-from .helpers import raw_greedy
+from .helpers import raw_greedy, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -219,11 +219,7 @@ def test_server_stays_up_reports_degraded_and_reloads(default_gguf, workers):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
 
 
 @pytest.mark.timeout(480)

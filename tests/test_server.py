@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from .conftest import run_cli
+from .helpers import stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +51,7 @@ class Server:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
