@@ -13,8 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from edgelm.chat import validate_messages
+from edgelm.model import collect
 from edgelm.params import GenerationParams
 from edgelm.settings import field_table, generation
+from edgelm.tools.spec import TOOLS, split
 
 from . import core
 from .errors import RequestError, openai_error
@@ -43,6 +45,17 @@ def params_from(body: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+# OpenAI request field -> tool option (tools, tool_choice, parallel_tool_calls), from edgelm.tools.spec
+TOOL_FIELDS = field_table(TOOLS, "openai")
+
+
+def tool_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's tool options, checked now (a bad tool is a 400 naming its field, before any model loads)."""
+    given = {TOOL_FIELDS[k]: v for k, v in body.items() if k in TOOL_FIELDS and v is not None}
+    split(dict(given))
+    return given
+
+
 def _stream_options(body: dict[str, Any]) -> bool:
     opts = body.get("stream_options") or {}
     return bool(isinstance(opts, dict) and opts.get("include_usage"))
@@ -53,7 +66,8 @@ async def chat_completions(request: Request, body: dict[str, Any]) -> Response:
     entry = app.registry.entry(body.get("model", app.default_name()))
     messages = validate_messages(body.get("messages"))
     params = params_from(body)
-    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params))
+    tools = tool_kwargs(body)
+    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params, **tools))
     return await _respond(app, entry.name, gen, body, chat=True)
 
 
@@ -75,13 +89,16 @@ async def _respond(app: Any, name: str, gen: core.Generation, body: dict[str, An
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
     if not body.get("stream"):
-        parts, last = [], None
-        async for chunk in gen.chunks():
-            parts.append(chunk.text)
-            last = chunk
+        chunks = [chunk async for chunk in gen.chunks()]
+        done = collect(iter(chunks))
+        last = chunks[-1]
         app.metrics.generation(name, last)
-        text = "".join(parts)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason}
+        text = done.text
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if done.tool_calls:
+            message = {"role": "assistant", "content": text or None,
+                       "tool_calls": [c.to_dict() for c in done.tool_calls]}
+        choice = ({"index": 0, "message": message, "finish_reason": last.finish_reason}
                   if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason})
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": name, "choices": [choice],
                              "usage": last.usage.to_dict()})
@@ -104,6 +121,8 @@ async def _respond(app: Any, name: str, gen: core.Generation, body: dict[str, An
                 if chunk.text:
                     yield event({"index": 0, "delta": {"content": chunk.text}, "finish_reason": None} if chat else
                                 {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": None})
+                for delta in chunk.tool_calls:  # one call piece per event, as OpenAI streams them
+                    yield event({"index": 0, "delta": {"tool_calls": [delta.to_dict()]}, "finish_reason": None})
             yield event({"index": 0, "delta": {}, "finish_reason": last.finish_reason} if chat else
                         {"index": 0, "text": "", "logprobs": None, "finish_reason": last.finish_reason},
                         usage=None)

@@ -20,6 +20,7 @@ from .spec import ToolOptions
 # compact, fixed separators: the arguments look like the families' own, and a small model cannot loop on whitespace
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 REPLY = r"/[^{\s][\s\S]*/"  # a plain reply: anything that does not open like a JSON call
+REPLY_NOT_TAG = r"/[^{<\s][\s\S]*/"  # ... nor like a marker (Llama's <|python_tag|>, plain text in some vocabularies)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def build(fmt: ToolFormat, options: ToolOptions, *, token: Callable[[str], int |
         if fmt.leading:  # Llama: the answer opens with the call's JSON, or the python tag, or is a reply
             bare = seq("call", '"; "')
             body = f"{bare} | {body}"
-            start = f"start: {body}" if options.forced else f"start: {body} | reply\nreply: {REPLY}"
+            start = f"start: {body}" if options.forced else f"start: {body} | reply\nreply: {REPLY_NOT_TAG}"
         else:
             start = f"start: {body}"
             triggers = () if options.forced else fmt.starts
