@@ -17,6 +17,7 @@ from .hub import pull
 from .default_model import default_model_path
 from .loader import load
 from .model import Model, collect
+from .constraints import Constraint
 from .params import GenerationParams
 from .plan import Plan
 from .rpc.worker import serve_worker as worker
@@ -26,7 +27,7 @@ from .types import Chunk, Completion, ModelInfo, Timings, Usage
 from .version import __version__
 
 __all__ = [
-    "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
+    "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "Constraint", "EdgelmError",
     "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "compress", "pull", "worker",
     "recommend_cluster", "__version__",
 ]
