@@ -172,7 +172,14 @@ class Model:
         return None
 
     def _constrained(self, p: GenerationParams, grammar: "tool_grammar.ToolGrammar") -> GenerationParams:
-        raise NotImplementedError  # the constraint engine (branch structured) plugs in here
+        """``p`` with the calls' grammar as its constraint (one engine on every backend: edgelm.constraints)."""
+        if p.constraint is not None or p.grammar is not None:
+            given = "constraint" if p.constraint is not None else "grammar"
+            raise InvalidParameterError(
+                f"{given}= and tools= both constrain the answer; edgelm generates tool calls under their own grammar.",
+                fix=f'Drop {given}=, or pass tool_choice="none" to answer under {given}= without calls.',
+                parameter=given, value=str(p.constraint or p.grammar)[:80])
+        return p.merged(constraint=grammar.constraint())
 
     def chat_tokens(self, messages: Any, **tools: Unpack[ChatKwargs]) -> list[int]:
         """The prompt's tokens for ``messages`` (and ``tools``), as :meth:`chat` gives them to the model."""

@@ -14,21 +14,25 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from edgelm.constraints import JSON_OPTIONS, Constraint, closed_objects
+
 from .formats import ESCAPE, ToolFormat
 from .spec import ToolOptions
 
-# compact, fixed separators: the arguments look like the families' own, and a small model cannot loop on whitespace
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 REPLY = r"/[^{\s][\s\S]*/"  # a plain reply: anything that does not open like a JSON call
 REPLY_NOT_TAG = r"/[^{<\s][\s\S]*/"  # ... nor like a marker (Llama's <|python_tag|>, plain text in some vocabularies)
 
 
 @dataclass(frozen=True)
 class ToolGrammar:
-    """``lark``: the grammar; ``triggers``: when not empty, it applies from the first of these texts on (lazy)."""
+    """``lark``: the grammar; ``triggers``: when not empty, it applies to what follows the first of these texts (the
+    family's call marker: lazy, as :class:`edgelm.Constraint`'s trigger; the grammar then starts after it)."""
 
     lark: str
     triggers: tuple[str, ...] = ()
+
+    def constraint(self) -> Constraint:
+        return Constraint.lark(self.lark, trigger=self.triggers[0] if self.triggers else None)
 
 
 def _quote(text: str) -> str:
@@ -37,7 +41,9 @@ def _quote(text: str) -> str:
 
 def call_schema(tool: dict[str, Any], args_key: str) -> dict[str, Any]:
     function = tool["function"]
-    return {"type": "object", "properties": {"name": {"const": function["name"]}, args_key: function["parameters"]},
+    # objects closed (as edgelm.Constraint's schemas): a small model would otherwise invent keys
+    return {"type": "object", "properties": {"name": {"const": function["name"]},
+                                             args_key: closed_objects(function["parameters"])},
             "required": ["name", args_key], "additionalProperties": False, "x-guidance": JSON_OPTIONS}
 
 
@@ -71,23 +77,27 @@ def build(fmt: ToolFormat, options: ToolOptions, *, token: Callable[[str], int |
         body = f"{one} | {many}" if parallel else one
         start = f"start: {body}" if options.forced else f"start: {body} | reply\nreply: {REPLY}"
     elif fmt.body == "list":
+        lazy = not options.forced
         items = seq("call", '", "')
-        region = " ".join(x for x in (lit(fmt.starts[0]), lit(fmt.open_text), '"["', items, '"]"', lit(fmt.close_text),
-                                      lit(fmt.end)) if x)
+        region = " ".join(x for x in ("" if lazy else lit(fmt.starts[0]), lit(fmt.open_text), '"["', items, '"]"',
+                                      lit(fmt.close_text), lit(fmt.end)) if x)
         start = f"start: {region}"
-        triggers = () if options.forced else fmt.starts
+        triggers = fmt.starts[:1] if lazy else ()
     else:
+        lazy = not options.forced and not fmt.leading
         opener = lit(fmt.starts[0]) if fmt.starts else ""
-        region = " ".join(x for x in (opener, lit(fmt.open_text), "call", lit(fmt.close_text), lit(fmt.end)) if x)
-        rules.append(f"region: {region}")
-        body = seq("region", lit(fmt.separator)) if fmt.separator else (seq("region", "") if parallel else "region")
+        after = " ".join(x for x in (lit(fmt.open_text), "call", lit(fmt.close_text), lit(fmt.end)) if x)
+        rules.append(f"after: {after}")
+        rules.append(f"region: {opener} after" if opener else "region: after")
+        first = "after" if lazy else "region"  # lazy: the grammar starts after the marker that triggered it
+        sep = lit(fmt.separator)
+        body = first + ((f" ({sep} region)*" if sep else " region*") if parallel else "")
         if fmt.leading:  # Llama: the answer opens with the call's JSON, or the python tag, or is a reply
-            bare = seq("call", '"; "')
-            body = f"{bare} | {body}"
+            body = f"call | {body}"
             start = f"start: {body}" if options.forced else f"start: {body} | reply\nreply: {REPLY_NOT_TAG}"
         else:
             start = f"start: {body}"
-            triggers = () if options.forced else fmt.starts
+            triggers = fmt.starts[:1] if lazy else ()
     return ToolGrammar("\n".join([start, *rules]) + "\n", triggers)
 
 
