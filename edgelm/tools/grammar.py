@@ -69,10 +69,13 @@ def build(fmt: ToolFormat, options: ToolOptions, *, token: Callable[[str], int |
             schema = json.dumps(call_schema(tool, fmt.args_key), ensure_ascii=False)
             rules.append(f"call_{i}: %json {schema}")
     rules.append("call: " + " | ".join(names))
-    seq = (lambda item, sep: f"{item} ({sep} {item})*" if parallel else item)
+
+    def seq(item: str, sep: str) -> str:
+        return f"{item} ({sep} {item})*" if parallel else item
+
     triggers: tuple[str, ...] = ()
     if fmt.body == "wrapped":
-        one = f'"{{\\"tool_call\\": " call "}}"'
+        one = '"{\\"tool_call\\": " call "}"'
         many = '"{\\"tool_calls\\": [" call (", " call)* "]}"'
         body = f"{one} | {many}" if parallel else one
         start = f"start: {body}" if options.forced else f"start: {body} | reply\nreply: {REPLY}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence, TypedDict
+from typing import Any, Mapping, Sequence
 
 from edgelm.declarations import by_name, from_dataclass, setting
 from edgelm.errors import InvalidParameterError
