@@ -19,7 +19,7 @@ from edgelm.loader import inspect
 from edgelm.model import collect
 from edgelm.params import GenerationParams
 from edgelm.settings import field_table, generation
-from edgelm.tools.spec import split
+from edgelm.tools.spec import TOOLS, split
 from edgelm.version import __version__
 
 from . import core
@@ -27,6 +27,8 @@ from .errors import RequestError, ollama_error
 
 # Ollama "options" key -> GenerationParams name, from edgelm.settings
 OPTIONS = field_table(generation(), "ollama")
+# ... -> tool option (tool_choice, parallel_tool_calls: edgelm's extensions; tools is a request field), edgelm.tools
+TOOL_OPTIONS = field_table(TOOLS, "ollama")
 
 
 def _now() -> str:
@@ -94,7 +96,10 @@ async def chat(request: Request, body: dict[str, Any]) -> Response:
     entry = _entry(app, body)
     messages = validate_messages(body.get("messages"))
     params = params_from(body)
-    tools = {"tools": body["tools"]} if body.get("tools") is not None else {}
+    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    tools = {TOOL_OPTIONS[k]: v for k, v in options.items() if k in TOOL_OPTIONS and v is not None}
+    if body.get("tools") is not None:
+        tools["tools"] = body["tools"]
     split(dict(tools))  # a bad tool is a 400 naming its field, before any model loads
     started = time.perf_counter()
     gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params, **tools))

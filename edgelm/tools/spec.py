@@ -21,7 +21,9 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 @dataclass(frozen=True)
 class ToolOptions:
-    """Tool calling, on :meth:`edgelm.Model.chat` / ``stream_chat`` and the chat routes of the server."""
+    """Tool calling, on :meth:`edgelm.Model.chat` / ``stream_chat`` and the chat routes of the server (OpenAI: the
+    request's fields; Ollama: ``tools`` in the request, ``tool_choice`` and ``parallel_tool_calls`` as ``options``
+    keys, an edgelm extension since Ollama's API has no such fields)."""
 
     tools: tuple[dict[str, Any], ...] = setting(
         (), "Functions the model may call: OpenAI's [{\"type\": \"function\", \"function\": {\"name\", "
@@ -30,9 +32,10 @@ class ToolOptions:
     tool_choice: Any = setting(
         "auto", "auto (the model decides), none (no call), required (at least one call) or "
         "{\"type\": \"function\", \"function\": {\"name\": ...}} (that call).", kind="object",
-        openai=("tool_choice",), example="required")
+        openai=("tool_choice",), ollama=("tool_choice",), example="required")
     parallel_tool_calls: bool = setting(
-        True, "Allow several calls in one answer.", kind="bool", openai=("parallel_tool_calls",), example=False)
+        True, "Allow several calls in one answer.", kind="bool", openai=("parallel_tool_calls",),
+        ollama=("parallel_tool_calls",), example=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tools", validate_tools(self.tools))
