@@ -23,7 +23,7 @@ from .plan import Plan
 from .rpc.worker import serve_worker as worker
 from .server import serve
 from .sources import recommend
-from .types import Chunk, Completion, ModelInfo, Timings, Usage
+from .types import Chunk, Completion, ModelInfo, Timings, ToolCall, ToolCallDelta, Usage
 from .version import __version__
 
 __all__ = [
