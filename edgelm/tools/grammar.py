@@ -164,13 +164,9 @@ def _fg_rules(name: str, schema: Any) -> list[str]:
                 rules.append(f"{tails[k]}: {with_rest} | {rest}")
             else:
                 rules.append(f"{tails[k]}: {with_rest}")
-        first_optional = not any(p in required for p, _ in props)
-        body = f"{tails[0]}?" if first_optional else tails[0]
-        if first_optional and len(props) > 0:
-            # every property optional: the empty object, or the chain (whose last one may be left out too)
-            rules.append(f'{r}: "{{" {body} "}}"')
-        else:
-            rules.append(f'{r}: "{{" {body} "}}"')
+        # with no property required, the empty object too
+        body = tails[0] if any(p in required for p, _ in props) else f"{tails[0]}?"
+        rules.append(f'{r}: "{{" {body} "}}"')
         return r
 
     top = value(schema)

@@ -153,8 +153,7 @@ def _call_of(t: str, node: Node | None, fmt: ToolFormat) -> Partial | None:
             name = json.loads(t[value.start:value.end])
         elif key in (fmt.args_key, "arguments", "parameters") and value is not None:
             args = value
-    if node.end is not None and args is None:
-        args = Node("object", 0, 0)  # a call with no arguments written: {}
+    if node.end is not None and args is None:  # a call with no arguments written: {}
         return Partial(name, "{}", True)
     text = "" if args is None else t[args.start:args.end if args.end is not None else len(t)]
     return Partial(name, text.rstrip(_WS) if args is not None and args.end is None else text,
