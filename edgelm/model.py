@@ -255,6 +255,12 @@ class Model:
                 prompt_tokens=n_prompt,
                 n_ctx=n_ctx,
             )
+        if (p.constraint is not None and not self.capabilities.constraints) or (p.grammar and not
+                                                                                self.capabilities.grammar):
+            name = "constraint" if p.constraint is not None else "grammar"
+            raise InvalidParameterError(f"The {backend.name} backend cannot constrain its output ({name}=).",
+                                        fix="Use the llama.cpp or onnxruntime backend, or drop it.", parameter=name,
+                                        value=getattr(p.constraint, "kind", p.grammar))
         room = n_ctx - n_prompt
         limit = room if p.max_tokens is None else min(p.max_tokens, room)
         # submitted now (a batched model starts reading the prompt at once); checks above raise at call time

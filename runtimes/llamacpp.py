@@ -17,6 +17,7 @@ from edgelm.errors import BackendError, InvalidParameterError, StateMismatchErro
 from edgelm.formats import gguf, kv_state
 from edgelm.native import llamacpp as native  # before llama_cpp: it sets up OpenMP first
 from edgelm.native.llamacpp import llama_cpp
+from edgelm.optional import require
 from edgelm.params import GenerationParams
 from edgelm.rpc import attach
 from llama_cpp import _internals as internals
@@ -348,13 +349,26 @@ class LlamaCppBackend(BackendBase):
     # --- sampling -------------------------------------------------------------------------------------------
 
     def constraint_tokenizer(self) -> Any:
-        """The vocabulary for llguidance, read from llama.cpp (its own tokenizer does llguidance's tokenizing);
-        every end-of-generation token counts as EOS.  Built once (~0.5 s for 49k tokens)."""
+        """The vocabulary for llguidance, read from llama.cpp, whose own tokenizer then does llguidance's
+        tokenizing; control tokens (and user-defined ones shaped like <...>) are marked special (a 0xFF byte
+        first, llguidance's convention); every end-of-generation token counts as EOS.  Built once (~0.5 s for 49k
+        tokens)."""
         if self._lltokenizer is None:
-            from llguidance.llamacpp import lltokenizer_from_vocab  # imports llama_cpp: set up by native already
-
+            llg = require("llguidance", extra="llamacpp", purpose="Structured output (constraint=)")
+            buf = ctypes.create_string_buffer(1024)
+            control, user = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL, llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+            pieces: list[bytes] = []
+            for t in range(self.n_vocab):
+                n = llama_cpp.llama_token_to_piece(self._vocab, t, buf, len(buf), 0, True)
+                piece = buf.raw[: max(n, 0)]
+                attr = llama_cpp.llama_vocab_get_attr(self._vocab, t)
+                if attr & control or (attr & user and piece.startswith(b"<") and piece.endswith(b">")):
+                    piece = b"\xff" + piece
+                pieces.append(piece)
             eog = [t for t in range(self.n_vocab) if self.is_eog(t)]
-            self._lltokenizer = lltokenizer_from_vocab(self._vocab, eos_token=eog or None)
+            tokenize = ctypes.cast(llama_cpp.llama_tokenize, ctypes.c_void_p).value
+            self._lltokenizer = llg.LLTokenizer.from_llamacpp(tokens=pieces, vocab_ptr=self._vocab,
+                                                               tokenize_fptr=tokenize, eos_token=eog or None)
         return self._lltokenizer
 
     def sampler(self, params: GenerationParams, history: Sequence[int]) -> _Sampler:

@@ -44,9 +44,9 @@ def params_from(body: dict[str, Any]) -> dict[str, Any]:
         params.pop("max_tokens")
     fmt = body.get("format")
     if fmt == "json":
-        params["grammar"] = core.json_grammar("json_object")
+        params["constraint"] = core.json_constraint(None, param="format")
     elif isinstance(fmt, dict):
-        params["grammar"] = core.json_grammar("json_schema", fmt)
+        params["constraint"] = core.json_constraint(fmt, param="format")
     elif fmt not in (None, ""):
         raise RequestError(400, f"Unsupported format {fmt!r}: use \"json\" or a JSON schema.", param="format")
     GenerationParams().merged(**params)

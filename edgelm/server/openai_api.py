@@ -35,10 +35,13 @@ def params_from(body: dict[str, Any]) -> dict[str, Any]:
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind == "json_object":
-            params["grammar"] = core.json_grammar("json_object")
+            params["constraint"] = core.json_constraint(None, param="response_format")
         elif kind == "json_schema":
-            spec = fmt.get("json_schema") or {}
-            params["grammar"] = core.json_grammar("json_schema", spec.get("schema") if isinstance(spec, dict) else None)
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise RequestError(400, "response_format.json_schema.schema must be a JSON Schema object.",
+                                   param="response_format.json_schema.schema")
+            params["constraint"] = core.json_constraint(spec["schema"], param="response_format.json_schema.schema")
         elif kind != "text":
             raise RequestError(400, f"Unsupported response_format {fmt!r}.", param="response_format")
     GenerationParams().merged(**params)  # validate now: errors name the field, before any model is loaded
