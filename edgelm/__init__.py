@@ -28,6 +28,7 @@ from .version import __version__
 
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "Constraint", "EdgelmError",
+    "ToolCall", "ToolCallDelta",
     "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "compress", "pull", "worker",
     "recommend_cluster", "__version__",
 ]

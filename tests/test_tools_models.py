@@ -12,7 +12,7 @@ import pytest
 import edgelm
 from edgelm.tools.spec import WEATHER
 
-from .test_chat_templates import base_gguf  # noqa: F401  (the SmolLM2 GGUF with its chat template removed)
+from .test_chat_templates import without_chat_template
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:llama_token_get_attr is deprecated")]
 
@@ -117,8 +117,9 @@ def test_a_family_template_named_at_load_picks_its_format(default_gguf):
 
 
 @pytest.mark.timeout(160)
-def test_a_model_without_a_chat_template_gets_the_typed_error(base_gguf):
-    with edgelm.load(base_gguf, n_ctx=512) as m:
+def test_a_model_without_a_chat_template_gets_the_typed_error(default_gguf, tmp_path):
+    base = without_chat_template(default_gguf, tmp_path / "smollm2-no-template.gguf")  # as a base model's GGUF
+    with edgelm.load(base, n_ctx=512) as m:
         with pytest.raises(edgelm.NoChatTemplateError, match="chat_template="):
             m.chat(ASK, tools=[WEATHER], tool_choice="required")
 
