@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the public API)
 from .errors import EdgelmError
 from .exports import LAZY
-from .types import Chunk, Completion, ModelInfo, Timings, Usage
+from .types import Chunk, Completion, ModelInfo, Timings, ToolCall, ToolCallDelta, Usage
 
 if TYPE_CHECKING:  # what a type checker and an IDE see; at run time __getattr__ imports them
     from .cluster import recommend_cluster
     from .compression import compress
+    from .constraints import Constraint
     from .conversion import convert
     from .default_model import default_model_path
     from .hub import pull
@@ -50,7 +51,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
-    "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "compress", "pull", "worker",
-    "recommend_cluster", "__version__",
+    "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "Constraint",
+    "EdgelmError", "ToolCall", "ToolCallDelta", "default_model_path", "collect", "recommend", "Plan", "serve",
+    "convert", "compress", "pull", "worker", "recommend_cluster", "__version__",
 ]

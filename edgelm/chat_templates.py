@@ -11,6 +11,7 @@ markers the model would read as plain text is refused with :class:`edgelm.Invali
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from .chat import _compile, render
@@ -68,6 +69,13 @@ TEMPLATES: dict[str, str] = {
         "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     ),
 }
+
+# The formats of the families that call tools, with their tools sections (edgelm/data/chat_templates/NAME.jinja,
+# short versions of the families' own templates): naming one at load picks the family's tool-call format too
+# (edgelm.tools.formats); the plain ones above call tools through the generic format.
+TOOL_TEMPLATES = ("hermes", "llama3.1", "mistral-v3", "phi4-mini", "granite3", "smollm3", "functiongemma")
+_FOLDER = Path(__file__).parent / "data" / "chat_templates"
+TEMPLATES.update({name: (_FOLDER / f"{name}.jinja").read_text("utf-8") for name in TOOL_TEMPLATES})
 
 NAMES = tuple(TEMPLATES)
 

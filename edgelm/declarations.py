@@ -20,7 +20,9 @@ from .errors import InvalidParameterError
 # the kinds of value a setting takes; each surface knows how to read each kind
 #   "ints": a number or a list of numbers (on the command line: 4, or 12,14,17)
 #   "object": a library-only value (a record, a callable): never on the command line
-KINDS = ("int", "float", "bool", "str", "choice", "strings", "grammar", "path", "paths", "template", "ints", "object")
+#   "constraint": an edgelm.Constraint (on the command line: a JSON schema's text, or @FILE)
+KINDS = ("int", "float", "bool", "str", "choice", "strings", "grammar", "path", "paths", "template", "ints", "object",
+         "constraint")
 
 REQUIRED: Any = MISSING  # a dataclass field's ``resolved`` value that must be given (LoadOptions.threads)
 

@@ -12,6 +12,7 @@ LAZY = {
     "Model": "edgelm.model",
     "collect": "edgelm.model",
     "GenerationParams": "edgelm.params",
+    "Constraint": "edgelm.constraints",
     "default_model_path": "edgelm.default_model",
     "recommend": "edgelm.sources",
     "Plan": "edgelm.plan",

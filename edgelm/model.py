@@ -19,7 +19,12 @@ from .errors import (BackendError, ContextLengthExceededError, InvalidParameterE
 from .native.memory import trim_heap
 from .params import GenerationKwargs, GenerationParams
 from .runtimes.scheduler import Direct, Scheduler
-from .types import Chunk, Completion, ModelInfo, Timings, Usage
+from .tools import grammar as tool_grammar
+from .tools.formats import ToolFormat, detect
+from .tools.parse import ToolCallParser
+from .tools.prompt import prepare
+from .tools.spec import ChatKwargs, ToolOptions, split
+from .types import Chunk, Completion, ModelInfo, Timings, ToolCall, Usage
 
 if TYPE_CHECKING:
     import numpy as np
@@ -100,15 +105,30 @@ class Model:
             "@file.jinja); for plain text completion use generate() (`edgelm run MODEL \"text\"` does that for such "
             "a model).", path=self.info.path)
 
-    def apply_chat_template(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
+    @property
+    def tool_format(self) -> ToolFormat:
+        """How this model writes a tool call (:data:`edgelm.tools.formats.FORMATS`), read from its chat template:
+        Hermes/Qwen, Llama 3.1, Mistral, Phi-4-mini, Granite, SmolLM3, FunctionGemma, or the generic format (a
+        template with no tools branch).  ``chat_template=`` at load picks a family's template, and with it its
+        format."""
+        return detect(self.require_chat_template())
+
+    def apply_chat_template(self, messages: Any, *, add_generation_prompt: bool = True,
+                            tools: Sequence[Any] | None = None, tool_choice: Any = None,
+                            parallel_tool_calls: bool | None = None) -> str:
+        """The prompt :meth:`chat` gives the model: ``messages`` (and ``tools``) through its chat template."""
+        options = split({"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls})[1]
+        return self._chat_prompt(messages, options, add_generation_prompt=add_generation_prompt)
+
+    def _chat_prompt(self, messages: Any, options: ToolOptions, *, add_generation_prompt: bool = True) -> str:
         backend = self.backend
-        return chat_templates.render(
-            self.require_chat_template(),
-            messages,
-            bos_token=backend.bos_token,
-            eos_token=backend.eos_token,
-            add_generation_prompt=add_generation_prompt,
-        )
+        template = self.require_chat_template()
+        msgs = chat_templates.validate_messages(messages)
+        extra: dict[str, Any] = {}
+        if options.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs):
+            msgs, extra = prepare(msgs, options, detect(template))
+        return chat_templates.render(template, msgs, bos_token=backend.bos_token, eos_token=backend.eos_token,
+                                     add_generation_prompt=add_generation_prompt, **extra)
 
     # --- generation -----------------------------------------------------------------------------------------
 
@@ -125,13 +145,52 @@ class Model:
         tokens = self.tokenize(prompt, add_special=True, parse_special=False)
         return self._stream_tokens(tokens, p)
 
-    def stream_chat(self, messages: Any, **params: Unpack[GenerationKwargs]) -> "ChunkStream":
-        """Stream the assistant's reply to ``messages``, formatted by the model's own chat template."""
-        p = self.params(**params)
-        return self._stream_tokens(self.chat_tokens(messages), p)
+    def stream_chat(self, messages: Any, **params: Unpack[ChatKwargs]) -> "ChunkStream":
+        """Stream the assistant's reply to ``messages``, formatted by the model's own chat template.
 
-    def chat_tokens(self, messages: Any) -> list[int]:
-        text = self.apply_chat_template(messages)
+        With ``tools=[...]`` the model may call them (``tool_choice``: "auto", "none", "required" or a named
+        tool): chunks then carry :class:`ToolCallDelta` pieces of the calls, the last one finish_reason
+        "tool_calls".  Each call is generated under its tool's JSON schema, so its arguments always parse and
+        validate.  Messages may hold earlier calls (an assistant's ``tool_calls``) and their results (role
+        ``tool`` with ``tool_call_id``): the template shows them to the model."""
+        generation, options = split(dict(params))
+        p = self.params(**generation)
+        tokens = self._prompt_tokens(self._chat_prompt(messages, options))
+        if not options.active:
+            return self._stream_tokens(tokens, p)
+        fmt = self.tool_format
+        p = self._constrained(p, tool_grammar.build(fmt, options, token=self._special_token))
+        stream = self._stream_tokens(tokens, p)
+        return ChunkStream(_tool_chunks(stream, ToolCallParser(fmt)), stream._source)
+
+    def _special_token(self, text: str) -> int | None:
+        """The id of the one special (control) token that writes ``text``, or None when it is plain text."""
+        backend = self.backend
+        ids = backend.tokenize(text, add_special=False, parse_special=True)
+        if len(ids) == 1 and backend.tokenize(text, add_special=False, parse_special=False) != ids:
+            return ids[0]
+        return None
+
+    def _constrained(self, p: GenerationParams, grammar: "tool_grammar.ToolGrammar") -> GenerationParams:
+        """``p`` with the calls' grammar as its constraint (one engine on every backend: edgelm.constraints)."""
+        if p.constraint is not None or p.grammar is not None:
+            given = "constraint" if p.constraint is not None else "grammar"
+            raise InvalidParameterError(
+                f"{given}= and tools= both constrain the answer; edgelm generates tool calls under their own grammar.",
+                fix=f'Drop {given}=, or pass tool_choice="none" to answer under {given}= without calls.',
+                parameter=given, value=str(p.constraint or p.grammar)[:80])
+        if not self.capabilities.constraints:  # never a call the schema was not enforced on
+            raise UnsupportedModelError(
+                f"The {self.info.backend} backend cannot constrain generation, so it cannot call tools with valid "
+                "arguments.", fix="Use a backend with constraints (llama.cpp, onnxruntime), or drop tools=.",
+                backend=self.info.backend)
+        return p.merged(constraint=grammar.constraint())
+
+    def chat_tokens(self, messages: Any, **tools: Unpack[ChatKwargs]) -> list[int]:
+        """The prompt's tokens for ``messages`` (and ``tools``), as :meth:`chat` gives them to the model."""
+        return self._prompt_tokens(self._chat_prompt(messages, split(dict(tools))[1]))
+
+    def _prompt_tokens(self, text: str) -> list[int]:
         bos = self.backend.bos_token
         # templates usually write the BOS text themselves; never add a second one
         add_special = not (bos and text.startswith(bos))
@@ -140,7 +199,8 @@ class Model:
     def generate(self, prompt: str, **params: Unpack[GenerationKwargs]) -> Completion:
         return collect(self.stream(prompt, **params))
 
-    def chat(self, messages: Any, **params: Unpack[GenerationKwargs]) -> Completion:
+    def chat(self, messages: Any, **params: Unpack[ChatKwargs]) -> Completion:
+        """The assistant's reply to ``messages`` (see :meth:`stream_chat`); calls in ``Completion.tool_calls``."""
         return collect(self.stream_chat(messages, **params))
 
     def stream_tokens(self, tokens: Sequence[int], **params: Unpack[GenerationKwargs]) -> "ChunkStream":
@@ -154,7 +214,7 @@ class Model:
         return self._batch([lambda p=p: self.stream(p, **params) for p in prompts], progress)
 
     def chat_batch(self, conversations: Sequence[Any], *, progress: Any = None,
-                   **params: Unpack[GenerationKwargs]) -> list[Completion]:
+                   **params: Unpack[ChatKwargs]) -> list[Completion]:
         """:meth:`chat` for every conversation; results in input order (see :meth:`generate_batch`)."""
         self.require_chat_template()  # before any conversation starts
         return self._batch([lambda c=c: self.stream_chat(c, **params) for c in conversations], progress)
@@ -195,6 +255,12 @@ class Model:
                 prompt_tokens=n_prompt,
                 n_ctx=n_ctx,
             )
+        if (p.constraint is not None and not self.capabilities.constraints) or (p.grammar and not
+                                                                                self.capabilities.grammar):
+            name = "constraint" if p.constraint is not None else "grammar"
+            raise InvalidParameterError(f"The {backend.name} backend cannot constrain its output ({name}=).",
+                                        fix="Use the llama.cpp or onnxruntime backend, or drop it.", parameter=name,
+                                        value=getattr(p.constraint, "kind", p.grammar))
         room = n_ctx - n_prompt
         limit = room if p.max_tokens is None else min(p.max_tokens, room)
         # submitted now (a batched model starts reading the prompt at once); checks above raise at call time
@@ -475,16 +541,45 @@ class ChunkStream:
 
 
 def collect(chunks: Iterator[Chunk]) -> Completion:
-    """Join a stream into one :class:`Completion`."""
+    """Join a stream into one :class:`Completion` (tool-call deltas joined into :class:`ToolCall` records)."""
     parts: list[str] = []
     ids: list[int] = []
+    calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
     last = None
     for chunk in chunks:
         parts.append(chunk.text)
         ids.extend(chunk.tokens)
+        for d in chunk.tool_calls:
+            call = calls.setdefault(d.index, ["", "", ""])
+            call[0] = d.id if d.id is not None else call[0]
+            call[1] = d.name if d.name is not None else call[1]
+            call[2] += d.arguments
         last = chunk
     assert last is not None and last.finish_reason is not None and last.usage is not None
-    return Completion("".join(parts), last.finish_reason, last.usage, last.timings, tuple(ids))
+    tool_calls = tuple(ToolCall(*calls[i]) for i in sorted(calls))
+    text = "".join(parts)
+    return Completion(text.strip() if tool_calls else text, last.finish_reason, last.usage, last.timings, tuple(ids),
+                      tool_calls)
+
+
+def _tool_chunks(stream: ChunkStream, parser: ToolCallParser) -> Generator[Chunk, None, None]:
+    """A chat stream with its calls taken out of the text: content chunks, call deltas, finish_reason "tool_calls"
+    when the answer ended (not cut short) with calls."""
+    try:
+        for chunk in stream:
+            text, deltas = parser.feed(chunk.text)
+            if chunk.finish_reason is None:
+                if text or deltas or chunk.tokens:
+                    yield Chunk(text, tool_calls=tuple(deltas), tokens=chunk.tokens)
+                continue
+            tail, more = parser.finish()
+            finish = chunk.finish_reason
+            if parser.calls and finish == "stop":
+                finish = "tool_calls"
+            yield Chunk(text + tail, finish_reason=finish, usage=chunk.usage, timings=chunk.timings,
+                        tokens=chunk.tokens, tool_calls=tuple(deltas + more))
+    finally:
+        stream.close()
 
 
 def _find_stop(text: str, stops: Sequence[str], window: int) -> int:

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable, TypedDict
 
+from .constraints import Constraint
 from .declarations import setting
 from .errors import InvalidParameterError
 
@@ -64,6 +65,11 @@ class GenerationParams:
         None, "GBNF grammar the output must follow (llama.cpp backend); on the command line @FILE reads it from a "
         "file.", kind="grammar", cli=("--grammar",), openai=("grammar",), ollama=("grammar",),
         example='root ::= "yes" | "no"')
+    constraint: Constraint | None = setting(
+        None, "Structured output: the text must match this edgelm.Constraint (a JSON schema, any JSON object, a "
+        "regex, a Lark or GBNF grammar; lazily after a trigger string), on every backend.  On the command line "
+        "--json-schema takes a JSON schema (or @FILE); the server maps response_format and Ollama's format to it.",
+        kind="constraint", cli=("--json-schema",), example=Constraint("json_object"))
     speculative: str | None = setting(
         None, "Speculative decoding for greedy generation: prompt-lookup or draft (with a draft model); the output "
         "is identical to plain greedy (llama.cpp with parallel=1; elsewhere, and when sampling, it is not applied).", kind="choice", choices=("prompt-lookup", "draft"), cli=("--speculative",),
@@ -102,6 +108,16 @@ class GenerationParams:
             raise _bad("seed", self.seed, "an integer in [0, 2**32) or None for a random seed")
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
             raise _bad("grammar", self.grammar, "GBNF grammar text")
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                raise _bad("constraint", self.constraint, "an edgelm.Constraint (Constraint.json_schema(schema), "
+                           ".json_object(), .regex(r), .lark(text), .gbnf(text)) or None")
+            if self.grammar is not None:
+                raise InvalidParameterError(
+                    "grammar= and constraint= were both given; the output can follow only one of them.",
+                    fix="Pass the GBNF grammar as constraint=Constraint.gbnf(text), or drop one.",
+                    parameter="constraint", value=self.constraint.kind)
+            self.constraint.checked()
         if self.speculative not in (None, "prompt-lookup", "draft"):
             raise _bad("speculative", self.speculative, 'None, "prompt-lookup" or "draft"')
 
@@ -126,6 +142,7 @@ class GenerationParams:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["stop"] = list(self.stop)
+        data["constraint"] = self.constraint.to_dict() if self.constraint is not None else None
         return data
 
 
@@ -168,4 +185,5 @@ class GenerationKwargs(TypedDict, total=False):
     seed: int | None
     stop: str | Iterable[str] | None
     grammar: str | None
+    constraint: Constraint | None
     speculative: str | None

@@ -65,8 +65,9 @@ class LoadOptions:
         example=4, backends=LLAMA)
     chat_template: str | None = setting(
         None, "The chat format to talk to the model in, replacing the one in its file: a known name (chatml, "
-        "llama3, gemma, mistral, phi3) or Jinja text (@file.jinja on the command line). Its special tokens must be "
-        "in the model's vocabulary. [default: the model's own; a model without one is not chatted with]",
+        "llama3, gemma, mistral, phi3; or a tool-calling family's, which picks its call format too: hermes, "
+        "llama3.1, mistral-v3, phi4-mini, granite3, smollm3, functiongemma) or Jinja text (@file.jinja on the "
+        "command line). Its special tokens must be in the model's vocabulary. [default: the model's own; a model without one is not chatted with]",
         kind="template", cli=("--chat-template",), example="chatml")
     n_batch: int = setting(
         512, "Tokens evaluated per batch while reading a prompt.", kind="int", cli=("--n-batch",), example=256)

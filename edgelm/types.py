@@ -68,15 +68,53 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call the model asked for: ``arguments`` is a JSON text (as the OpenAI API gives it), valid against the
+    tool's schema when the call was generated under its constraint (every call edgelm parses is)."""
+
+    id: str
+    name: str
+    arguments: str
+    type: str = "function"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI shape: {"id", "type": "function", "function": {"name", "arguments"}}."""
+        return {"id": self.id, "type": self.type, "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed call, as OpenAI streams them: the first delta of call ``index`` carries its ``id`` and
+    ``name`` (and empty ``arguments``); the next ones carry fragments of ``arguments`` that join into the JSON text."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index}
+        if self.id is not None:
+            out["id"] = self.id
+            out["type"] = "function"
+        function: dict[str, Any] = {"arguments": self.arguments}
+        if self.name is not None:
+            function = {"name": self.name, **function}
+        out["function"] = function
+        return out
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One piece of a stream.  The last chunk of every stream has ``finish_reason``, ``usage`` and ``timings``."""
 
     text: str
-    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" on the last chunk
     usage: Usage | None = None
     timings: Timings | None = None
     tokens: tuple[int, ...] = ()  # ids generated since the previous chunk (text held back for a stop string or an
     # unfinished UTF-8 character may come in a later chunk); the end-of-generation token is not included
+    tool_calls: tuple[ToolCallDelta, ...] = ()  # chat with tools=: pieces of the calls (their text is not in text)
 
 
 @dataclass(frozen=True)
@@ -86,6 +124,7 @@ class Completion:
     usage: Usage
     timings: Timings | None = None
     tokens: tuple[int, ...] = ()  # every generated token id, in order
+    tool_calls: tuple[ToolCall, ...] = ()  # chat with tools=: the calls asked for (finish_reason "tool_calls")
 
     def __str__(self) -> str:
         return self.text

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generator, Iterator, Protocol, Sequence, runtime_checkable
 
+from edgelm.constraints import Constraint, Guide
 from edgelm.errors import BackendError, InvalidParameterError
 from edgelm.params import GenerationParams
 from edgelm.settings import LoadOptions  # the load settings' record, declared with them (edgelm.settings)
@@ -31,7 +32,8 @@ class Capabilities:
     """What a loaded backend can do; :class:`edgelm.Model` and the server read this instead of probing."""
 
     max_sequences: int = 1  # sequences that generate at the same time, batched (1: one after another)
-    grammar: bool = False  # GBNF-constrained sampling (grammar=, JSON schemas)
+    grammar: bool = False  # GBNF-constrained sampling (grammar=)
+    constraints: bool = False  # structured output through llguidance (constraint=: JSON schema, regex, Lark, GBNF)
     state: bool = False  # save_state / load_state of a sequence's KV cache
     embeddings: bool = False  # embed()
     speculative: bool = False  # speculative decoding (prompt-lookup, draft model)
@@ -195,6 +197,19 @@ class BackendBase:
 
     def sample(self, seq: Seq, sampler: Any) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # --- structured output (capabilities.constraints) -----------------------------------------------------------
+
+    def constraint_tokenizer(self) -> Any:
+        """This model's vocabulary as an llguidance ``LLTokenizer`` (built once, on first use)."""
+        raise BackendError(f"The {self.name} backend cannot constrain its output.",
+                           fix="Use the llama.cpp or onnxruntime backend for constraint=/response_format.")
+
+    def guide(self, constraint: Constraint | None) -> Guide | None:
+        """A :class:`~edgelm.constraints.Guide` for one generation under ``constraint`` (None: no constraint)."""
+        if constraint is None:
+            return None
+        return Guide(constraint, self.constraint_tokenizer(), self.token_bytes)
 
     # --- embeddings (capabilities.embeddings) ---------------------------------------------------------------
 

@@ -17,12 +17,13 @@ from edgelm.errors import BackendError, InvalidParameterError, StateMismatchErro
 from edgelm.formats import gguf, kv_state
 from edgelm.native import llamacpp as native  # before llama_cpp: it sets up OpenMP first
 from edgelm.native.llamacpp import llama_cpp
+from edgelm.optional import require
 from edgelm.params import GenerationParams
 from edgelm.rpc import attach
 from llama_cpp import _internals as internals
 
 from . import speculative
-from .base import BackendBase, Capabilities, LoadOptions, Seq, resolve_n_ctx
+from .base import BackendBase, Capabilities, Guide, LoadOptions, Seq, resolve_n_ctx
 
 
 # Model.embed's pooling names -> llama.cpp pooling types
@@ -31,13 +32,15 @@ POOLING = {"mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "last": llama_cpp.LLAMA_PO
 
 
 class _Sampler:
-    """A llama.cpp sampler chain (freed by close())."""
+    """A llama.cpp sampler chain (freed by close()), and the constraint's guide when there is one: it masks the
+    logits in place (forbidden tokens -inf) before the chain samples from them."""
 
-    __slots__ = ("chain", "_owner")
+    __slots__ = ("chain", "_owner", "guide")
 
     def __init__(self) -> None:
         self._owner = internals.LlamaSampler()
         self.chain = self._owner.sampler
+        self.guide: Guide | None = None
 
     def close(self) -> None:
         self._owner.close()
@@ -86,8 +89,9 @@ class LlamaCppBackend(BackendBase):
         self.draft: LlamaCppBackend | None = None
         self.rpc: dict[str, Any] | None = None  # where each part lives, when layers are on RPC workers
         self.speculation_stats: dict[str, Any] = {}
-        self.capabilities = Capabilities(max_sequences=self.parallel, grammar=True, state=True, embeddings=True,
-                                         speculative=self.parallel == 1)
+        self.capabilities = Capabilities(max_sequences=self.parallel, grammar=True, constraints=True, state=True,
+                                         embeddings=True, speculative=self.parallel == 1)
+        self._lltokenizer: Any = None
         self._embedders: dict[str, Any] = {}  # pooling -> an embedding context over the same weights
         self._embed_lock = threading.Lock()
         self._make_sequences(self.parallel)
@@ -344,9 +348,33 @@ class LlamaCppBackend(BackendBase):
 
     # --- sampling -------------------------------------------------------------------------------------------
 
+    def constraint_tokenizer(self) -> Any:
+        """The vocabulary for llguidance, read from llama.cpp, whose own tokenizer then does llguidance's
+        tokenizing; control tokens (and user-defined ones shaped like <...>) are marked special (a 0xFF byte
+        first, llguidance's convention); every end-of-generation token counts as EOS.  Built once (~0.5 s for 49k
+        tokens)."""
+        if self._lltokenizer is None:
+            llg = require("llguidance", extra="llamacpp", purpose="Structured output (constraint=)")
+            buf = ctypes.create_string_buffer(1024)
+            control, user = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL, llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+            pieces: list[bytes] = []
+            for t in range(self.n_vocab):
+                n = llama_cpp.llama_token_to_piece(self._vocab, t, buf, len(buf), 0, True)
+                piece = buf.raw[: max(n, 0)]
+                attr = llama_cpp.llama_vocab_get_attr(self._vocab, t)
+                if attr & control or (attr & user and piece.startswith(b"<") and piece.endswith(b">")):
+                    piece = b"\xff" + piece
+                pieces.append(piece)
+            eog = [t for t in range(self.n_vocab) if self.is_eog(t)]
+            tokenize = ctypes.cast(llama_cpp.llama_tokenize, ctypes.c_void_p).value
+            self._lltokenizer = llg.LLTokenizer.from_llamacpp(tokens=pieces, vocab_ptr=self._vocab,
+                                                               tokenize_fptr=tokenize, eos_token=eog or None)
+        return self._lltokenizer
+
     def sampler(self, params: GenerationParams, history: Sequence[int]) -> _Sampler:
         s = _Sampler()
         try:
+            s.guide = self.guide(params.constraint)
             self._build_chain(s._owner, params, history)
         except BaseException:
             s.close()
@@ -388,11 +416,22 @@ class LlamaCppBackend(BackendBase):
         llama_cpp.llama_sampler_chain_add(smpl.sampler, sampler)
 
     def sample(self, seq: Seq, sampler: _Sampler) -> int:
-        return llama_cpp.llama_sampler_sample(sampler.chain, self._ctx.ctx, -1)
+        return self.sample_row(sampler, -1)
 
     def sample_row(self, sampler: _Sampler, row: int) -> int:
         """Sample from the logits at ``row`` of the last batch (one sequence of a decode_batch)."""
-        return llama_cpp.llama_sampler_sample(sampler.chain, self._ctx.ctx, row)
+        guide = sampler.guide
+        if guide is None:
+            return llama_cpp.llama_sampler_sample(sampler.chain, self._ctx.ctx, row)
+        guide.mask(self._logits(row))  # in llama.cpp's own buffer: the chain samples from the masked logits
+        token = llama_cpp.llama_sampler_sample(sampler.chain, self._ctx.ctx, row)
+        guide.accept(token)
+        return token
+
+    def _logits(self, row: int) -> Any:
+        import numpy as np
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, row), shape=(self.n_vocab,))
 
     # --- generation -----------------------------------------------------------------------------------------
 
@@ -411,6 +450,8 @@ class LlamaCppBackend(BackendBase):
         except BaseException:
             smpl.close()
             raise
+        if smpl.guide is not None:
+            return self._loop(seq, smpl)  # the shared loop, through sample(): the guide masks each step
         return self._decode_loop(seq, smpl)
 
     def _decode_loop(self, seq: Seq, smpl: _Sampler) -> Generator[int, None, None]:

@@ -51,7 +51,7 @@ class OnnxBackend(OnnxFolderBackend):
         self._gen: Any = None  # onnxruntime_genai.Generator
         self._model: Any = None  # onnxruntime_genai.Model
         self._pending = False  # the generator picked a token (native greedy) that it has not evaluated
-        self.capabilities = Capabilities(max_sequences=1)
+        self.capabilities = Capabilities(max_sequences=1, grammar=True, constraints=True)
         self._make_sequences(1)
 
     # --- loading ------------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class OnnxBackend(OnnxFolderBackend):
         self._check_open()
         sampler = self.sampler(params, tokens)
         self.prepare(seq, tokens)
-        if _greedy_only(params):
+        if _greedy_only(params) and sampler.guide is None:
             return self._generate_native(seq)
         return self._generate_sampled(seq, sampler)
 

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from edgelm.constraints import Constraint, tokenizer_from_tokenizer_json
 from edgelm.errors import InvalidParameterError, ModelNotFoundError
 from edgelm.formats import onnx_folder
 from edgelm.params import GenerationParams
@@ -82,13 +83,18 @@ class OnnxFolderBackend(BackendBase):
     def is_eog(self, token: int) -> bool:
         return token in self.tok.eog
 
+    def constraint_tokenizer(self) -> Any:
+        """The vocabulary for llguidance, from the folder's tokenizer.json (built once); every end-of-generation
+        token counts as EOS."""
+        if getattr(self, "_lltokenizer", None) is None:
+            self._lltokenizer = tokenizer_from_tokenizer_json(
+                self.tok.file.read_text(encoding="utf-8"), n_vocab=self.n_vocab, eos_tokens=sorted(self.tok.eog))
+        return self._lltokenizer
+
     def sampler(self, params: GenerationParams, history: Sequence[int]) -> NumpySampler:
-        if params.grammar:
-            raise InvalidParameterError(
-                "Grammars (constrained decoding) are not available on the onnxruntime backend.",
-                fix="Use a GGUF model on the llama.cpp backend for grammar=..., or drop the grammar.",
-                parameter="grammar", value=params.grammar[:40])
-        return NumpySampler(params, history, self.n_ctx)
+        # a GBNF grammar goes through llguidance here (llama.cpp has its own)
+        constraint = Constraint.gbnf(params.grammar).checked("grammar") if params.grammar else params.constraint
+        return NumpySampler(params, history, self.n_ctx, guide=self.guide(constraint))
 
     # --- facts ------------------------------------------------------------------------------------------------------
 

@@ -91,7 +91,7 @@ class OnnxSessionBackend(OnnxFolderBackend):
 
     def __init__(self) -> None:  # use load()
         self.session: Any = None  # onnxruntime.InferenceSession
-        self.capabilities = Capabilities(max_sequences=1)
+        self.capabilities = Capabilities(max_sequences=1, grammar=True, constraints=True)
         self._make_sequences(1)
         self._last: np.ndarray | None = None  # logits of the last evaluated token
 

@@ -7,7 +7,7 @@ Same order and meaning as llama.cpp: penalties over the last ``repeat_last_n`` t
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -17,8 +17,9 @@ from edgelm.params import GenerationParams
 class NumpySampler:
     """llama.cpp's sampler chain in numpy: penalties -> top-k -> top-p -> min-p -> temperature -> draw."""
 
-    def __init__(self, params: GenerationParams, history: Sequence[int], n_ctx: int) -> None:
+    def __init__(self, params: GenerationParams, history: Sequence[int], n_ctx: int, guide: Any = None) -> None:
         self.p = params
+        self.guide = guide  # edgelm.constraints.Guide: masks the logits first, learns the chosen token after
         self.rng = np.random.default_rng(params.seed)
         self.penalize = params.repeat_penalty != 1.0 or params.presence_penalty != 0 or params.frequency_penalty != 0
         last_n = n_ctx if params.repeat_last_n == -1 else params.repeat_last_n
@@ -44,9 +45,20 @@ class NumpySampler:
         self.counts[token] += 1
 
     def __call__(self, logits: np.ndarray) -> int:
+        guide = self.guide
+        if guide is None:
+            return self._choose(logits)
+        if guide.active:
+            logits = np.array(logits, dtype=np.float32)  # a copy: the runtime's buffer stays as it was
+            guide.mask(logits)
+        token = self._choose(logits)
+        guide.accept(token)
+        return token
+
+    def _choose(self, logits: np.ndarray) -> int:
         p = self.p
         if self.penalize and self.counts:
-            logits = logits.astype(np.float32, copy=True)
+            logits = logits.astype(np.float32, copy=True)  # a copy: masked (-inf) logits stay -inf
             ids = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
             cnt = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
             ids_ok = ids < logits.shape[0]

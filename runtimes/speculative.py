@@ -181,7 +181,7 @@ def speculative_loop(v: Verifier, seq: Seq, drafter: Any, max_draft: int, stats:
 
 
 def plain_greedy(params: Any) -> bool:
-    """Speculation applies to plain greedy decoding only (temperature 0, no grammar, no penalties), where its
-    output is identical; anything else runs the plain path."""
-    return params.greedy and not params.grammar and params.repeat_penalty == 1.0 \
+    """Speculation applies to plain greedy decoding only (temperature 0, no grammar or constraint, no penalties),
+    where its output is identical; anything else runs the plain path."""
+    return params.greedy and not params.grammar and params.constraint is None and params.repeat_penalty == 1.0 \
         and not params.presence_penalty and not params.frequency_penalty

@@ -97,6 +97,7 @@ class JsonTokenizer:
                                         fix="Copy tokenizer.json from the source checkpoint, or convert again.",
                                         path=str(tok_file)) from exc
         self.text = TokenText(spec, self._tok)
+        self.file = tok_file  # llguidance reads it again for structured output (runtimes.onnx_base)
         tcfg: dict[str, Any] = {}
         if (folder / "tokenizer_config.json").is_file():
             try:

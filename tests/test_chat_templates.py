@@ -52,7 +52,8 @@ def _prompt(backend: FakeBackend) -> str:
 
 
 def test_known_names_resolve_case_insensitively_and_unknown_ones_are_refused():
-    assert NAMES == ("chatml", "llama3", "gemma", "mistral", "phi3")
+    assert NAMES == ("chatml", "llama3", "gemma", "mistral", "phi3", "hermes", "llama3.1", "mistral-v3", "phi4-mini",
+                     "granite3", "smollm3", "functiongemma")  # the last ones: tool-calling families (edgelm.tools)
     assert resolve("Gemma") == ("gemma", TEMPLATES["gemma"])
     assert resolve("{{ messages[0]['content'] }}")[0] == "custom"
     with pytest.raises(InvalidParameterError, match="gemmma") as err:

@@ -307,8 +307,10 @@ def test_stop_strings_limits_and_context_errors(onnx_models):
         stop = full[3:5]
         cut = m.generate("The", temperature=0, max_tokens=12, stop=[stop])
         assert stop not in cut.text and full.startswith(cut.text) and cut.finish_reason == "stop"
-        with pytest.raises(InvalidParameterError, match="[Gg]rammar"):
-            m.generate("The", grammar='root ::= "a"', max_tokens=2)
+        # GBNF goes through llguidance on this backend; a bad grammar fails naming the parameter
+        assert m.generate("The", grammar='root ::= "a"+', temperature=0, max_tokens=3).text.strip("a") == ""
+        with pytest.raises(InvalidParameterError, match="grammar"):
+            m.generate("The", grammar='root ::= (', max_tokens=2)
     with pytest.raises(InvalidParameterError, match="n_ctx=1000"):
         edgelm.load(onnx_models["llama-int4"], n_ctx=1000)
 

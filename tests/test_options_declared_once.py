@@ -30,10 +30,11 @@ from edgelm.plan import RECOMMEND, RecommendOptions
 from edgelm.cluster import recommend_cluster
 from edgelm.server import AppKwargs, create_app
 from edgelm.settings import DEVICES, GENERATION, LOAD, LoadKwargs, LoadOptions
+from edgelm.tools.spec import TOOLS, ChatKwargs, ToolOptions
 
 TABLES: dict[str, tuple[Setting, ...]] = {
     "generation": GENERATION, "load": LOAD, "compress": COMPRESS, "convert": CONVERT, "convert targets": TARGET_FLAGS,
-    "recommend": RECOMMEND, "recommend cluster": CLUSTER_FLAGS, "pull": PULL,
+    "recommend": RECOMMEND, "recommend cluster": CLUSTER_FLAGS, "pull": PULL, "tools": TOOLS,
 }
 # command -> the tables its flags come from
 COMMANDS: dict[str, tuple[tuple[Setting, ...], ...]] = {
@@ -66,7 +67,7 @@ def test_each_table_declares_each_name_once(table):
 def test_the_records_are_the_tables():
     """The dataclasses the library validates with are where the tables come from: same names, same defaults."""
     for record, table in ((GenerationParams, GENERATION), (CompressOptions, COMPRESS), (ConvertOptions, CONVERT),
-                          (RecommendOptions, RECOMMEND)):
+                          (RecommendOptions, RECOMMEND), (ToolOptions, TOOLS)):
         assert [f.name for f in dataclasses.fields(record)] == _names(table), record
         built = record()
         for s in table:
@@ -87,6 +88,7 @@ def test_the_records_are_the_tables():
 
 @pytest.mark.parametrize("typed, names", [
     (GenerationKwargs, _names(GENERATION)),
+    (ChatKwargs, _names(GENERATION) + _names(TOOLS)),
     (LoadKwargs, _names(LOAD)),
     (CompressKwargs, _names(COMPRESS)),
     (ConvertKwargs, _names(CONVERT) + sorted(_target_fields())),
@@ -117,9 +119,9 @@ def _unpacked(func: Any) -> str | None:
 
 @pytest.mark.parametrize("func, typed", [
     (edgelm.load, "LoadKwargs"), (Model.generate, "GenerationKwargs"), (Model.stream, "GenerationKwargs"),
-    (Model.chat, "GenerationKwargs"), (Model.stream_chat, "GenerationKwargs"),
+    (Model.chat, "ChatKwargs"), (Model.stream_chat, "ChatKwargs"),
     (Model.stream_tokens, "GenerationKwargs"), (Model.generate_batch, "GenerationKwargs"),
-    (Model.chat_batch, "GenerationKwargs"),
+    (Model.chat_batch, "ChatKwargs"), (Model.chat_tokens, "ChatKwargs"),
     (edgelm.convert, "ConvertKwargs"), (edgelm.compress, "CompressKwargs"), (edgelm.serve, "AppKwargs"),
 ], ids=lambda x: getattr(x, "__qualname__", str(x)))
 def test_public_functions_keep_their_keyword_names(func, typed):
@@ -200,7 +202,7 @@ def test_library_fills_defaults_and_refuses_unknown_names(tmp_path):
 
 def test_get_type_hints_of_the_typed_dicts_resolve():
     """The TypedDicts are real types at run time too (an editor or a validator may evaluate them)."""
-    for typed in (GenerationKwargs, LoadKwargs, CompressKwargs, ConvertKwargs, AppKwargs):
+    for typed in (GenerationKwargs, ChatKwargs, LoadKwargs, CompressKwargs, ConvertKwargs, AppKwargs):
         assert get_type_hints(typed)
 
 
@@ -210,6 +212,7 @@ import edgelm
 m = edgelm.load("x.gguf", n_ctxx=512)
 m.generate("hi", max_token=5)
 m.generate("hi", max_tokens="5")
+m.chat([{"role": "user", "content": "hi"}], tool_choise="required")
 edgelm.compress("a", "b", drop_layer=3)
 edgelm.convert("a", quantt="q8_0")
 edgelm.serve(keep_alivee=3)
@@ -220,6 +223,7 @@ import edgelm
 m = edgelm.load("x.gguf", n_ctx=512, device="cpu", kv_cache="q8_0")
 m.generate("hi", max_tokens=5, temperature=0.2, stop=["\\n"])
 m.stream_chat([{"role": "user", "content": "hi"}], top_k=5)
+m.chat([{"role": "user", "content": "hi"}], tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required")
 edgelm.compress("a", "b", drop_layers=[2, 3], heal="linear", budget="200k")
 edgelm.convert("a", to="onnx", quant="int4", output="o", algo="gptq", mixed_precision=True)
 edgelm.serve(port=0, keep_alive=3.0, ui=False)
@@ -237,6 +241,6 @@ def test_a_type_checker_catches_a_misspelt_keyword(tmp_path):
     out, _, status = api.run([*args, str(tmp_path / "typos.py"), str(tmp_path / "fine.py")])
     errors = [line for line in out.splitlines() if ": error:" in line]
     assert all("typos.py" in line for line in errors), out
-    for word in ("n_ctxx", "max_token", '"max_tokens"', "drop_layer", "quantt", "keep_alivee"):
+    for word in ("n_ctxx", "max_token", '"max_tokens"', "drop_layer", "quantt", "keep_alivee", "tool_choise"):
         assert any(word in line for line in errors), (word, out)
     assert status == 1

@@ -131,6 +131,10 @@ def test_openai_errors_are_typed(oai):
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model=NAME, messages=CAPITAL, temperature="hot")
     assert err.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as err:  # a schema that is not one: 400 naming the field
+        oai.chat.completions.create(model=NAME, messages=CAPITAL, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}})
+    assert err.value.body["param"] == "response_format.json_schema.schema" and "foo" in err.value.message
 
 
 def test_raw_http_errors(server):

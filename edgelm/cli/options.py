@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 import click
 
+from edgelm.constraints import Constraint
 from edgelm.declarations import Setting
+from edgelm.errors import InvalidParameterError
 from edgelm.settings import GENERATION, LOAD
 
 
@@ -44,6 +46,21 @@ class TemplateText(GrammarText):
 
     name = "NAME|@FILE"
     what = "chat template"
+
+
+class JsonSchemaText(GrammarText):
+    """A JSON schema's text, or @FILE to read it from a file: the "constraint" kind (an edgelm.Constraint)."""
+
+    name = "SCHEMA|@FILE"
+    what = "JSON schema"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, Constraint):
+            return value
+        try:
+            return Constraint.json_schema(super().convert(value, param, ctx))
+        except InvalidParameterError as exc:
+            self.fail(f"{exc} {exc.fix}", param, ctx)
 
 
 class Ints(click.ParamType):
@@ -77,6 +94,8 @@ def _option(s: Setting, required: bool = False) -> Callable[[Callable[..., Any]]
         kwargs["default"] = ()
     elif s.kind == "grammar":
         kwargs["type"] = GrammarText()
+    elif s.kind == "constraint":
+        kwargs["type"] = JsonSchemaText()
     elif s.kind == "template":
         kwargs["type"] = TemplateText()
     elif s.kind in ("path", "paths"):

@@ -9,14 +9,15 @@ within a step, freeing its sequence.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
+from edgelm.constraints import Constraint
 from edgelm.errors import InvalidParameterError
 from edgelm.types import Chunk
 
+from .errors import RequestError
 from .registry import Entry, Registry
 
 _END = object()
@@ -152,18 +153,10 @@ def embed_inputs(model: Any, inputs: Any, *, param: str, truncate: bool, normali
     return Embedded(vectors, sum(min(len(t), limit) for t in tokens))
 
 
-def json_grammar(kind: str, schema: Any = None) -> str:
-    """A GBNF grammar whose every output parses as JSON (matching ``schema`` when given)."""
-    from edgelm.native.llamacpp import llama_cpp  # noqa: F401  (llama.cpp through its one doorway)
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-    if kind == "json_object":
-        return JSON_GBNF
-    if not isinstance(schema, dict):
-        raise InvalidParameterError("The JSON schema must be an object.", fix="Send a JSON Schema object.",
-                                    parameter="response_format.json_schema.schema", value=schema)
+def json_constraint(schema: Any, *, param: str) -> Constraint:
+    """The constraint for a JSON answer: any JSON object (``schema`` None), else JSON valid under ``schema``; a
+    schema that is not one is a 400 naming the request field ``param``."""
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:
-        raise InvalidParameterError(f"Unsupported JSON schema: {exc}.", fix="Use a simpler schema.",
-                                    parameter="response_format.json_schema.schema", value=schema) from exc
+        return Constraint.json_object() if schema is None else Constraint.json_schema(schema)
+    except InvalidParameterError as exc:
+        raise RequestError(400, f"{param}: {exc} {exc.fix}", param=param) from None

@@ -16,8 +16,10 @@ from edgelm.chat import validate_messages
 from edgelm.chat_templates import resolve
 from edgelm.formats.gguf import read_header
 from edgelm.loader import inspect
+from edgelm.model import collect
 from edgelm.params import GenerationParams
 from edgelm.settings import field_table, generation
+from edgelm.tools.spec import TOOLS, split
 from edgelm.version import __version__
 
 from . import core
@@ -25,6 +27,8 @@ from .errors import RequestError, ollama_error
 
 # Ollama "options" key -> GenerationParams name, from edgelm.settings
 OPTIONS = field_table(generation(), "ollama")
+# ... -> tool option (tool_choice, parallel_tool_calls: edgelm's extensions; tools is a request field), edgelm.tools
+TOOL_OPTIONS = field_table(TOOLS, "ollama")
 
 
 def _now() -> str:
@@ -40,9 +44,9 @@ def params_from(body: dict[str, Any]) -> dict[str, Any]:
         params.pop("max_tokens")
     fmt = body.get("format")
     if fmt == "json":
-        params["grammar"] = core.json_grammar("json_object")
+        params["constraint"] = core.json_constraint(None, param="format")
     elif isinstance(fmt, dict):
-        params["grammar"] = core.json_grammar("json_schema", fmt)
+        params["constraint"] = core.json_constraint(fmt, param="format")
     elif fmt not in (None, ""):
         raise RequestError(400, f"Unsupported format {fmt!r}: use \"json\" or a JSON schema.", param="format")
     GenerationParams().merged(**params)
@@ -92,9 +96,19 @@ async def chat(request: Request, body: dict[str, Any]) -> Response:
     entry = _entry(app, body)
     messages = validate_messages(body.get("messages"))
     params = params_from(body)
+    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    tools = {TOOL_OPTIONS[k]: v for k, v in options.items() if k in TOOL_OPTIONS and v is not None}
+    if body.get("tools") is not None:
+        tools["tools"] = body["tools"]
+    split(dict(tools))  # a bad tool is a 400 naming its field, before any model loads
     started = time.perf_counter()
-    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params))
+    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params, **tools))
     return await _respond(app, entry, gen, body, chat=True, started=started)
+
+
+def _ollama_calls(calls: Any) -> list[dict[str, Any]]:
+    """Ollama's message.tool_calls: the arguments as an object."""
+    return [{"function": {"name": c.name, "arguments": json.loads(c.arguments or "{}")}} for c in calls]
 
 
 async def generate(request: Request, body: dict[str, Any]) -> Response:
@@ -132,27 +146,42 @@ async def _respond(app: Any, entry: Any, gen: core.Generation, body: dict[str, A
 
     def final(text: str, last: Any) -> dict[str, Any]:
         t, u = last.timings, last.usage
-        return {**piece(text), "done": True, "done_reason": last.finish_reason,
+        # Ollama ends an answer with calls as any other ("stop")
+        reason = "stop" if last.finish_reason == "tool_calls" else last.finish_reason
+        return {**piece(text), "done": True, "done_reason": reason,
                 "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": load_ns,
                 "prompt_eval_count": u.prompt_tokens, "prompt_eval_duration": int(t.prompt_seconds * 1e9),
                 "eval_count": u.completion_tokens, "eval_duration": int(t.generation_seconds * 1e9)}
 
     if body.get("stream", True) is False:
-        parts, last = [], None
-        async for chunk in gen.chunks():
-            parts.append(chunk.text)
-            last = chunk
+        chunks = [chunk async for chunk in gen.chunks()]
+        done, last = collect(iter(chunks)), chunks[-1]
         app.metrics.generation(entry.name, last)
-        return JSONResponse(final("".join(parts), last))
+        out = final(done.text, last)
+        if done.tool_calls:
+            out["message"]["tool_calls"] = _ollama_calls(done.tool_calls)
+        return JSONResponse(out)
 
     async def ndjson():
         last = None
+        seen: list[Any] = []  # every chunk with call pieces: Ollama streams each call whole, once it is complete
         try:
             async for chunk in gen.chunks():
                 last = chunk
-                if chunk.finish_reason is None:
+                if chunk.tool_calls:
+                    seen.append(chunk)
+                if chunk.finish_reason is None and chunk.text:
                     yield json.dumps({**piece(chunk.text), "done": False}, ensure_ascii=False) + "\n"
-            yield json.dumps(final(last.text, last), ensure_ascii=False) + "\n"
+            text = last.text
+            if seen:
+                calls = collect(iter([*seen, last] if last not in seen else seen)).tool_calls
+                if text:
+                    yield json.dumps({**piece(text), "done": False}, ensure_ascii=False) + "\n"
+                    text = ""
+                line = {**piece(""), "done": False}
+                line["message"]["tool_calls"] = _ollama_calls(calls)
+                yield json.dumps(line, ensure_ascii=False) + "\n"
+            yield json.dumps(final(text, last), ensure_ascii=False) + "\n"
             app.metrics.generation(entry.name, last)
         except Exception as exc:  # after the first byte: a final error line, never a hung connection
             yield json.dumps(ollama_error(exc)) + "\n"
@@ -226,7 +255,8 @@ async def show(request: Request, body: dict[str, Any]) -> Response:
     info = {f"general.{k}": v for k, v in facts.items() if isinstance(v, (str, int, float, bool))}
     return JSONResponse({"modelfile": f"FROM {facts['path']}", "parameters": "", "template": template,
                          "details": _details(facts), "model_info": info,
-                         "capabilities": ["completion", "embedding"] if facts.get("format") == "gguf" else ["completion"]})
+                         "capabilities": (["completion", "embedding"] if facts.get("format") == "gguf" else ["completion"])
+                         + (["tools"] if template else [])})  # any chat model calls tools (edgelm.tools)
 
 
 async def ps(request: Request) -> Response:

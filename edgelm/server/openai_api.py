@@ -13,8 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from edgelm.chat import validate_messages
+from edgelm.model import collect
 from edgelm.params import GenerationParams
 from edgelm.settings import field_table, generation
+from edgelm.tools.spec import TOOLS, split
 
 from . import core
 from .errors import RequestError, openai_error
@@ -33,14 +35,28 @@ def params_from(body: dict[str, Any]) -> dict[str, Any]:
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind == "json_object":
-            params["grammar"] = core.json_grammar("json_object")
+            params["constraint"] = core.json_constraint(None, param="response_format")
         elif kind == "json_schema":
-            spec = fmt.get("json_schema") or {}
-            params["grammar"] = core.json_grammar("json_schema", spec.get("schema") if isinstance(spec, dict) else None)
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise RequestError(400, "response_format.json_schema.schema must be a JSON Schema object.",
+                                   param="response_format.json_schema.schema")
+            params["constraint"] = core.json_constraint(spec["schema"], param="response_format.json_schema.schema")
         elif kind != "text":
             raise RequestError(400, f"Unsupported response_format {fmt!r}.", param="response_format")
     GenerationParams().merged(**params)  # validate now: errors name the field, before any model is loaded
     return params
+
+
+# OpenAI request field -> tool option (tools, tool_choice, parallel_tool_calls), from edgelm.tools.spec
+TOOL_FIELDS = field_table(TOOLS, "openai")
+
+
+def tool_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's tool options, checked now (a bad tool is a 400 naming its field, before any model loads)."""
+    given = {TOOL_FIELDS[k]: v for k, v in body.items() if k in TOOL_FIELDS and v is not None}
+    split(dict(given))
+    return given
 
 
 def _stream_options(body: dict[str, Any]) -> bool:
@@ -53,7 +69,8 @@ async def chat_completions(request: Request, body: dict[str, Any]) -> Response:
     entry = app.registry.entry(body.get("model", app.default_name()))
     messages = validate_messages(body.get("messages"))
     params = params_from(body)
-    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params))
+    tools = tool_kwargs(body)
+    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params, **tools))
     return await _respond(app, entry.name, gen, body, chat=True)
 
 
@@ -75,13 +92,16 @@ async def _respond(app: Any, name: str, gen: core.Generation, body: dict[str, An
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
     if not body.get("stream"):
-        parts, last = [], None
-        async for chunk in gen.chunks():
-            parts.append(chunk.text)
-            last = chunk
+        chunks = [chunk async for chunk in gen.chunks()]
+        done = collect(iter(chunks))
+        last = chunks[-1]
         app.metrics.generation(name, last)
-        text = "".join(parts)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason}
+        text = done.text
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if done.tool_calls:
+            message = {"role": "assistant", "content": text or None,
+                       "tool_calls": [c.to_dict() for c in done.tool_calls]}
+        choice = ({"index": 0, "message": message, "finish_reason": last.finish_reason}
                   if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason})
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": name, "choices": [choice],
                              "usage": last.usage.to_dict()})
@@ -104,6 +124,8 @@ async def _respond(app: Any, name: str, gen: core.Generation, body: dict[str, An
                 if chunk.text:
                     yield event({"index": 0, "delta": {"content": chunk.text}, "finish_reason": None} if chat else
                                 {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": None})
+                for delta in chunk.tool_calls:  # one call piece per event, as OpenAI streams them
+                    yield event({"index": 0, "delta": {"tool_calls": [delta.to_dict()]}, "finish_reason": None})
             yield event({"index": 0, "delta": {}, "finish_reason": last.finish_reason} if chat else
                         {"index": 0, "text": "", "logprobs": None, "finish_reason": last.finish_reason},
                         usage=None)
