@@ -35,7 +35,8 @@ class FakeBackend(BackendBase):
         self.calls: list[tuple[list[int], Any]] = []
         self.stopped_early = False
         self.options: LoadOptions | None = None
-        self.capabilities = Capabilities(max_sequences=1, scoring=False)
+        # grammar/constraints: it records them with the call (tests of the settings' surfaces), enforcing nothing
+        self.capabilities = Capabilities(max_sequences=1, scoring=False, grammar=True, constraints=True)
         self._make_sequences(1)
 
     @classmethod

@@ -41,10 +41,17 @@ def _cli_args(s) -> list[str]:
         return [on if s.example else off]
     if s.kind == "strings":
         return [a for v in s.example for a in (flag, v)]
+    if s.kind == "constraint":  # --json-schema takes a schema's JSON text
+        return [flag, SCHEMA]
     return [flag, str(s.example)]
 
 
-def _expected(s):
+SCHEMA = '{"type": "object", "properties": {"a": {"type": "integer"}}}'
+
+
+def _expected(s, surface="library"):
+    if s.kind == "constraint" and surface == "cli":
+        return edgelm.Constraint.json_schema(SCHEMA)
     return tuple(s.example) if s.kind == "strings" else s.example
 
 
@@ -56,7 +63,10 @@ def test_the_tables_are_complete():
     # every load setting reaches the backends through LoadOptions
     assert {s.name for s in LOAD} - {"backend"} <= {f.name for f in dataclasses.fields(runtimes.LoadOptions)}
     for s in GENERATION:
-        assert s.cli and s.openai and s.ollama, f"{s.name} is missing a surface"
+        # constraint's HTTP surfaces are response_format (OpenAI) and format (Ollama), translated by the server
+        # (edgelm/server/core.py json_constraint; tests/test_structured*.py use them)
+        http = (s.openai and s.ollama) or s.name == "constraint"
+        assert s.cli and http, f"{s.name} is missing a surface"
 
 
 @pytest.mark.parametrize("s", GENERATION, ids=lambda s: s.name)
@@ -83,7 +93,7 @@ def test_generation_setting_on_the_command_line(s, command, fake_model):
     r = CliRunner().invoke(main, [*args, *_cli_args(s)], input="Hi\n")
     assert r.exit_code == 0, r.output
     tokens, params = FakeBackend.loaded[-1].calls[-1]
-    assert getattr(params, s.name) == _expected(s)
+    assert getattr(params, s.name) == _expected(s, "cli")
 
 
 @pytest.mark.parametrize("command", ["run", "chat", "serve", "bench", "eval", "batch"])
