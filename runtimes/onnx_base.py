@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from edgelm.constraints import Constraint, tokenizer_from_tokenizer_json
-from edgelm.errors import ModelNotFoundError
+from edgelm.errors import InvalidParameterError, ModelNotFoundError
 from edgelm.formats import onnx_folder
 from edgelm.params import GenerationParams
 

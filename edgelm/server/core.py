@@ -9,7 +9,6 @@ within a step, freeing its sequence.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
