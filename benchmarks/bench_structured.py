@@ -2,7 +2,7 @@
 and llama.cpp's own server's ratio for the same schema.
 
 - edgelm, llama.cpp backend (SmolLM2 Q4_1 as shipped) and onnxruntime backend (int4 ONNX converted from the same
-  checkpoint): decode tok/s of a chat answer constrained by SCHEMA vs the same prompt unconstrained, runs
+  checkpoint, round-to-nearest): decode tok/s of a chat answer constrained by SCHEMA vs the same prompt unconstrained, runs
   alternating, medians                                                                          (goal >= 0.9x)
 - anchor: llama.cpp's server (built from the llama.cpp llama-cpp-python vendors, as bench_batching.py does; its
   response_format json_schema becomes a GBNF grammar) with the same schema and prompt, its own timings'
@@ -201,8 +201,9 @@ def onnx_model(path: str | None, keep: Path) -> Path:
     from edgelm.converters.onnx import convert_to_onnx
 
     out = keep / "smollm2-int4"
-    print("onnx        converting SmolLM2 to int4 ONNX (once per run; --onnx DIR reuses one)...", flush=True)
-    convert_to_onnx(default_checkpoint(), out, "int4")
+    print("onnx        converting SmolLM2 to int4 ONNX, round-to-nearest (once per run; --onnx DIR reuses one)...",
+          flush=True)
+    convert_to_onnx(default_checkpoint(), out, "int4", algo="rtn")  # the ratio does not depend on the rounding
     return out
 
 

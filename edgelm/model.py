@@ -179,11 +179,7 @@ class Model:
                 f"{given}= and tools= both constrain the answer; edgelm generates tool calls under their own grammar.",
                 fix=f'Drop {given}=, or pass tool_choice="none" to answer under {given}= without calls.',
                 parameter=given, value=str(p.constraint or p.grammar)[:80])
-        if not self.capabilities.constraints:  # never a call the schema was not enforced on
-            raise UnsupportedModelError(
-                f"The {self.info.backend} backend cannot constrain generation, so it cannot call tools with valid "
-                "arguments.", fix="Use a backend with constraints (llama.cpp, onnxruntime), or drop tools=.",
-                backend=self.info.backend)
+        # a backend that cannot constrain refuses it in _stream_tokens: never a call whose schema was not enforced
         return p.merged(constraint=grammar.constraint())
 
     def chat_tokens(self, messages: Any, **tools: Unpack[ChatKwargs]) -> list[int]:

@@ -91,7 +91,7 @@ ASK = [{"role": "user", "content": "Which city is the capital of France? Answer 
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_json_schema_output_validates_streamed_and_not(smollm):
     assert smollm.capabilities.constraints
     c = Constraint.json_schema(CITY)
@@ -106,7 +106,7 @@ def test_json_schema_output_validates_streamed_and_not(smollm):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_regex_grammars_and_json_object(smollm):
     c = smollm.generate("Is the sky blue? Answer:", constraint=Constraint.regex(r" (yes|no)\."), temperature=0,
                         max_tokens=8)
@@ -122,7 +122,7 @@ def test_regex_grammars_and_json_object(smollm):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_a_bad_constraint_leaves_the_cache_alone(smollm):
     before = smollm.generate("The sky is", temperature=0, max_tokens=4)
     with pytest.raises(InvalidParameterError):
@@ -164,7 +164,7 @@ def test_lazy_guide_masks_nothing_before_the_trigger_and_stops_after_the_grammar
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_lazy_trigger_on_generation(smollm):
     """Free text until the model writes the trigger (a few-shot prompt makes it), then a valid call and a stop."""
     prompt = ('Requests and tool calls.\nRequest: weather in Rome\nCall: <tool_call>{"city": "Rome"}</tool_call>\n'
@@ -182,7 +182,7 @@ def test_lazy_trigger_on_generation(smollm):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_constraints_on_a_batched_model(default_gguf):
     """parallel=2: each sequence has its own guide, sampled from its own row of the batch."""
     schemas = [CITY, {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},

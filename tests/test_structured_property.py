@@ -1,7 +1,7 @@
 """Structured output holds on both backends: for 100 generated JSON schemas (tests/schema_gen.py: nested objects,
 enums, arrays with bounds, numbers and integers with bounds, required fields), the real SmolLM2's constrained answer
 parses and validates with ``jsonschema`` (an independent validator), at temperature 0 and 1, on llama.cpp (the
-shipped Q4_1 GGUF) and onnxruntime (int4 ONNX converted from the same weights): 100 schemas per backend and
+shipped Q4_1 GGUF) and onnxruntime (int8 ONNX converted from the same weights): 100 schemas per backend and
 temperature, 400 generations.  And the OpenAI client's structured outputs (response_format json_schema, and its
 ``parse`` helper with a pydantic model) and Ollama's format against a real `edgelm serve` of the ONNX model.
 
@@ -59,12 +59,13 @@ def test_generated_schemas_hold_on_llamacpp(smollm, temperature):
 
 @pytest.fixture(scope="module")
 def smollm2_onnx(tmp_path_factory) -> Path:
-    """The real SmolLM2 as int4 ONNX, converted from the checkpoint tests/hf_fixtures.py derives from the GGUF."""
+    """The real SmolLM2 as int8 ONNX (round-to-nearest: seconds; int4's GPTQ takes minutes), converted from the
+    checkpoint tests/hf_fixtures.py derives from the GGUF."""
     from edgelm.converters.onnx import convert_to_onnx
 
     from .hf_fixtures import smollm2_hf_checkpoint
 
-    return convert_to_onnx(Path(smollm2_hf_checkpoint()), tmp_path_factory.mktemp("smollm2-onnx") / "int4", "int4")
+    return convert_to_onnx(Path(smollm2_hf_checkpoint()), tmp_path_factory.mktemp("smollm2-onnx") / "int8", "int8")
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,7 @@ def run_command(args: tuple[str, ...], raw: bool, system: str | None, stats: boo
       edgelm run --raw "Once upon a time" --stop "." --seed 1
       edgelm run gemma-3-270m-it.gguf "Hi" --chat-template gemma
       edgelm run "Is water wet?" --grammar 'root ::= "yes" | "no"' -t 0
+      edgelm run "A person as JSON" --json-schema @person.schema.json -t 0
       edgelm run --raw "def fib(n):" --repeat-penalty 1.1 --repeat-last-n 128 --kv-cache q8_0
       echo "Summarise: ..." | edgelm run model.gguf -
     """

@@ -60,7 +60,7 @@ class JsonSchemaText(GrammarText):
         try:
             return Constraint.json_schema(super().convert(value, param, ctx))
         except InvalidParameterError as exc:
-            self.fail(f"{exc} {exc.fix}", param, ctx)
+            self.fail(str(exc), param, ctx)
 
 
 class Ints(click.ParamType):
