@@ -65,6 +65,10 @@ class OnnxBackend(OnnxFolderBackend):
         folder, manifest = cls.open_folder(path)
         if onnx_folder.exporter_kind(manifest) == "optimum":  # a plain decoder graph: edgelm's own session loop
             return OnnxSessionBackend.load(folder, options)
+        if onnx_folder.exporter_kind(manifest) == "static":  # the NPU pair: prefill + decode graphs, host KV window
+            from .onnx_static import StaticPairBackend
+
+            return StaticPairBackend.load(folder, options)
         self = cls()
         self._setup(folder, manifest, options)
         self._load_model(_genai(), folder, self.provider, options)

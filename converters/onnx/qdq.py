@@ -190,6 +190,8 @@ def quantize(g: Graph, enc: dict[str, Encoding], weight_codes: dict[str, tuple[n
             codes, e = weight_codes[name]
             q.initializers[f"{name}.codes"] = codes
             dq(f"{name}.codes", name, e, f"{name}.dq")
+            if e.dtype == "int4":
+                q.int4 |= {f"{name}.codes", f"{name}.zero_point"}
         elif arr.dtype == np.float32:
             e = enc[name]
             q.initializers[f"{name}.codes"] = quantize_array(arr, e)

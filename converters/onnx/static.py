@@ -95,6 +95,7 @@ class Graph:
     inputs: list[tuple[str, int, list[int]]] = field(default_factory=list)
     outputs: list[tuple[str, int, list[int]]] = field(default_factory=list)
     weights: set[str] = field(default_factory=set)  # MatMul weight matrices [in, out] (quantized per channel)
+    int4: set[str] = field(default_factory=set)  # initializers held as int8 numpy arrays, stored as ONNX INT4
 
     def add(self, op: str, inputs: list[str], name: str, n_out: int = 1, **attrs: Any) -> Any:
         outs = [name] if n_out == 1 else [f"{name}:{k}" for k in range(n_out)]
@@ -215,9 +216,12 @@ def to_proto(g: Graph, *, external: dict[str, tuple[int, int]] | None = None, lo
     external = external or {}
     inits = []
     for name, arr in g.initializers.items():
-        if name in external:
+        if name in g.int4 and name not in external:
+            inits.append(helper.make_tensor(name, onnx.TensorProto.INT4, list(arr.shape), arr.flatten().tolist()))
+        elif name in external:
             t = onnx.TensorProto(name=name, dims=list(arr.shape),
-                                 data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+                                 data_type=onnx.TensorProto.INT4 if name in g.int4 else
+                                 helper.np_dtype_to_tensor_dtype(arr.dtype))
             t.data_location = onnx.TensorProto.EXTERNAL
             offset, length = external[name]
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
@@ -251,17 +255,25 @@ def write_pair(folder: Path, graphs: dict[str, Graph]) -> dict[str, Any]:
                 pad = (-position) % 64  # aligned, so onnxruntime can map it
                 f.write(b"\0" * pad)
                 position += pad
-                data = np.ascontiguousarray(arr).tobytes()
+                data = pack_int4(arr) if name in g.int4 else np.ascontiguousarray(arr).tobytes()
                 f.write(data)
                 offsets[name] = (position, len(data))
                 position += len(data)
     for file_name, g in graphs.items():
         external = {n: offsets[n] for n, a in g.initializers.items() if n in offsets}
         for n in external:
-            if g.initializers[n].nbytes != external[n][1]:
+            if n not in g.int4 and g.initializers[n].nbytes != external[n][1]:
                 raise ValueError(f"initializer {n} differs between the graphs")
         onnx.save(to_proto(g, external=external, location=static_pair.WEIGHTS_FILE), str(folder / file_name))
     return {"weights_file": static_pair.WEIGHTS_FILE, "weights_bytes": position}
+
+
+def pack_int4(arr: np.ndarray) -> bytes:
+    """ONNX INT4 storage: two values per byte, the first in the low nibble."""
+    flat = (np.ascontiguousarray(arr).reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if len(flat) % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
 
 
 def io_record(g: Graph) -> dict[str, Any]:
