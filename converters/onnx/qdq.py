@@ -75,8 +75,9 @@ def per_channel_u8(w: np.ndarray) -> tuple[np.ndarray, Encoding]:
 # --- calibration -------------------------------------------------------------------------------------------------
 
 def float_tensors(g: Graph) -> list[str]:
-    """Every float tensor a node produces (all of them are float except Gather's index inputs, which are inputs)."""
-    return [o for n in g.nodes for o in n.outputs]
+    """The float tensors whose ranges the encodings need: every node output except those of PASS_THROUGH ops
+    (they keep their input's encoding) and Softmax (fixed [0, 1])."""
+    return [o for n in g.nodes if n.op not in PASS_THROUGH and n.op != "Softmax" for o in n.outputs]
 
 
 def calibrate(g: Graph, windows: Iterable[Sequence[int]], shape: static_pair.PairShape, ar: int,
@@ -89,7 +90,7 @@ def calibrate(g: Graph, windows: Iterable[Sequence[int]], shape: static_pair.Pai
 
     from .static import to_proto
 
-    names = [n for n in float_tensors(g) if n not in {o[0] for o in g.outputs}]
+    names = [n for n in float_tensors(g) if n not in {o[0] for o in g.outputs}]  # present_* come anyway
     proto = to_proto(g)
     proto.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
     wanted = [o[0] for o in g.outputs] + names

@@ -34,6 +34,9 @@ DECODE_FILE = "decode.onnx"
 WEIGHTS_FILE = "weights.data"
 MASK_VALUE = -100.0  # exp(-100) is 0 in float32; a small range keeps the 16-bit mask encoding fine-grained
 NPU_QUANTS = ("w8a16", "w4a16", "fp32")
+# bytes per parameter of the folder as written (SmolLM2-135M: the uint16 embedding table and the separate 8-bit
+# output head weigh on a small model), for plans
+BYTES_PER_PARAMETER = {"w8a16": 1.45, "w4a16": 0.95, "fp32": 4.85}
 
 
 def input_names(layers: int) -> list[str]:
