@@ -143,7 +143,8 @@ def quantize_model(model: Any, batches: list[Any], *, block_size: int = 32, symm
                    damp: float = 0.01, int8: Any = (), progress: Progress | None = None) -> dict[str, Quantized]:
     """GPTQ every linear layer of the decoder blocks, in order, each on the outputs of the already-quantized ones,
     then the output head; the decoder's weights are replaced by their dequantized values (the head's stay float).
-    Returns module name -> Quantized; the modules named in ``int8`` get 8 bits, the others 4."""
+    Returns module name -> Quantized; the modules named in ``int8`` get 8 bits, the others 4.  block_size=0: one
+    scale per output channel (the NPU pair's int4), and the head is left to the caller."""
     import torch
 
     report = progress or (lambda message, fraction: None)
@@ -157,15 +158,16 @@ def quantize_model(model: Any, batches: list[Any], *, block_size: int = 32, symm
             hessians = _hessians(layer, inputs, kwargs, len(batches))
             for name, m in _linears(layer).items():
                 full = f"{prefix}.{index}.{name}"
-                q = quantize_layer(m.weight.data, hessians[name], block_size, symmetric, damp,
+                block = block_size or m.weight.shape[1]  # 0: one scale per output channel (per-channel int4)
+                q = quantize_layer(m.weight.data, hessians[name], block, symmetric, damp,
                                    bits=8 if full in eight else 4)
-                m.weight.data = dequantize(q, block_size)
+                m.weight.data = dequantize(q, block)
                 codes[full] = q
             outputs = [layer(x, **kwargs) for x in inputs]  # the next layer sees this layer quantized
             inputs = [o[0] if isinstance(o, tuple) else o for o in outputs]
         head = model.get_output_embeddings()
         norm = getattr(model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model, "norm", None)
-        if isinstance(head, torch.nn.Linear) and norm is not None and head.in_features % block_size == 0:
+        if block_size and isinstance(head, torch.nn.Linear) and norm is not None and head.in_features % block_size == 0:
             report("GPTQ: output head", 0.98)
             hessian = torch.zeros(head.in_features, head.in_features)
             for x in inputs:

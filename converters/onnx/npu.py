@@ -194,7 +194,7 @@ def gptq_int4(source_dir: Path, spec: static.Spec, text: str, report: Progress
     try:
         model, tokenizer = gptq._load(source_dir)
         batches = gptq.calibration_batches(tokenizer, text, gptq.DEFAULT_SAMPLES, 512)
-        found = gptq.quantize_model(model, batches, block_size=spec.hidden, symmetric=True,
+        found = gptq.quantize_model(model, batches, block_size=0, symmetric=True,
                                     progress=lambda m, f: report(m, 0.5 + 0.25 * f))
     except (ImportError, RuntimeError, ValueError, OSError) as exc:
         raise ConversionError(f"GPTQ could not quantize {source_dir}: {exc}",
