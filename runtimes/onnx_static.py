@@ -35,6 +35,9 @@ log = logging.getLogger("edgelm.onnx")
 
 
 class StaticPairBackend(OnnxFolderBackend):
+    ar: int  # the prefill graph's tokens per run
+    shape: static_pair.PairShape
+    window: static_pair.KVWindow
 
     def __init__(self) -> None:  # use load()
         self.sessions: dict[int, Any] = {}  # AR size -> InferenceSession

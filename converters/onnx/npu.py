@@ -23,10 +23,12 @@ import numpy as np
 from edgelm.errors import ConversionError, InvalidParameterError, OutputExistsError
 from edgelm.formats import ensure_free_space, hf, onnx_folder, static_pair
 from edgelm.platforms.ep_rules import ep_rules
+from edgelm.quality import eval_text
+from edgelm.version import __version__
 
 from .. import Progress, Verify
 from ..calibration import calibration_text
-from . import lint, qdq, static
+from . import gptq, lint, qdq, static
 from .options import OnnxOptions, read_calibration
 
 log = logging.getLogger("edgelm.converters.onnx")
@@ -41,8 +43,6 @@ def npu_calibration_text() -> tuple[str, str]:
     """The built-in mixed calibration text and how the manifest names it: the standard library's docstrings and
     the second half of the built-in evaluation text (perplexity is scored on its first 2,048 tokens, well inside
     the first half, so the report measures text the calibration never saw)."""
-    from edgelm.quality import eval_text
-
     ev = eval_text()
     return (calibration_text() + "\n\n" + ev[len(ev) // 2:],
             "built-in: Python standard library docstrings + the second half of edgelm/data/eval.txt")
@@ -189,8 +189,6 @@ def gptq_int4(source_dir: Path, spec: static.Spec, text: str, report: Progress
     """GPTQ (:mod:`.gptq`) with one block per row, i.e. a symmetric int4 scale per output channel."""
     import torch
 
-    from . import gptq
-
     try:
         model, tokenizer = gptq._load(source_dir)
         batches = gptq.calibration_batches(tokenizer, text, gptq.DEFAULT_SAMPLES, 512)
@@ -223,8 +221,6 @@ def make_manifest(source_dir: Path, folder: Path, config: dict[str, Any], spec: 
                   opts: OnnxOptions, prefill: static.Graph, decode: static.Graph, written: dict[str, Any],
                   calibration: dict[str, Any] | None, encodings: dict[str, Any] | None, lint_result: dict[str, Any],
                   seconds: float) -> dict[str, Any]:
-    from edgelm.version import __version__
-
     gen = {}
     if (source_dir / "generation_config.json").is_file():
         gen = json.loads((source_dir / "generation_config.json").read_text(encoding="utf-8"))

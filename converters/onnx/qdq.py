@@ -25,7 +25,7 @@ import numpy as np
 
 from edgelm.formats import static_pair
 
-from .static import Graph
+from .static import Graph, Node, to_proto
 
 # ops whose output holds (a subset of) the values of their first input: the output keeps its encoding
 PASS_THROUGH = ("Reshape", "Transpose", "Unsqueeze", "Tile", "Split", "Gather")
@@ -87,8 +87,6 @@ def calibrate(g: Graph, windows: Iterable[Sequence[int]], shape: static_pair.Pai
     from an empty KV window in chunks of ``ar`` (so attention sees real context).  ``session(model_bytes,
     outputs)`` returns a callable ``run(feeds) -> list of arrays`` (onnxruntime, CPU)."""
     from onnx import TensorProto, helper
-
-    from .static import to_proto
 
     names = [n for n in float_tensors(g) if n not in {o[0] for o in g.outputs}]  # present_* come anyway
     proto = to_proto(g)
@@ -230,6 +228,4 @@ def quantize(g: Graph, enc: dict[str, Encoding], weight_codes: dict[str, tuple[n
 
 
 def _node(op: str, inputs: list[str], output: str, name: str | None = None, **attrs: Any) -> Any:
-    from .static import Node
-
     return Node(op, inputs, [output], name or output, attrs)

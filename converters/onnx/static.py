@@ -147,7 +147,7 @@ def build(spec: Spec, shared: dict[str, np.ndarray], ar: int, context: int) -> G
     g = Graph(f"decoder_ar{ar}")
     g.initializers.update(shared)
     g.weights = {f"l{i}.{w}" for i in range(spec.layers) for w in MATMUL_WEIGHTS} | {"lm_head"}
-    nh, nkv, hd, H = spec.heads, spec.kv_heads, spec.head_size, spec.hidden
+    nh, nkv, hd = spec.heads, spec.kv_heads, spec.head_size
     group = nh // nkv
     total = context + ar
     g.inputs = [("input_ids", T.INT32, [1, ar]), ("position_ids", T.INT32, [1, ar]),
