@@ -61,9 +61,10 @@ class StaticPairBackend(OnnxFolderBackend):
         folder, manifest = cls.open_folder(path)
         ort = require("onnxruntime", extra="onnx", purpose="The onnxruntime backend", backend="onnxruntime")
         self = cls()
-        if options.device in ("npu", "auto") and not options.providers:  # an NPU EP where one is installed
+        if options.device in ("npu", "auto"):  # an NPU EP where onnxruntime has one, before the platform's others
             found = [p for p in NPU_PROVIDERS if p in available_providers()]
-            options = _with_providers(options, found or (list(NPU_PROVIDERS) if options.device == "npu" else []))
+            if found or options.device == "npu":
+                options = _with_providers(options, found or list(NPU_PROVIDERS))
         self._setup(folder, manifest, options)
         self.shape = static_pair.PairShape.of(manifest)
         graphs = manifest["graphs"]
