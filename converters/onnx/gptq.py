@@ -27,6 +27,7 @@ from ..calibration import calibration_text
 from .mixed import INT8_FILE
 
 DEFAULT_SAMPLES = 16  # calibration windows
+LAZY_BATCH = 128  # GPTQ's lazy batch: the rest of the matrix is updated once per this many columns
 # each block's scale: the fraction of its largest weight's that rounds with the least energy-weighted error (False: 1.0)
 CLIP_SEARCH = True
 CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
@@ -279,8 +280,9 @@ def quantize(w: Any, hessian: Any, block_size: int, symmetric: bool, damp: float
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros(n_out, n_in, dtype=torch.int32)
-    for start in range(0, n_in, block_size):
-        end = start + block_size
+    step = min(block_size, LAZY_BATCH)  # columns per lazy update (exact for any size; per-row scales need a bound)
+    for start in range(0, n_in, step):
+        end = min(start + step, n_in)
         W1, Hinv1 = W[:, start:end].clone(), Hinv[start:end, start:end]
         errors = torch.zeros_like(W1)
         for i in range(end - start):
