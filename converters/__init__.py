@@ -41,8 +41,10 @@ class Target(Protocol):
     options: type  # the typed option record (a frozen dataclass built by option_record)
     auto_quants: tuple[str, ...]  # quant="auto" tries these, smallest first
 
-    def check_quant(self, quant: str) -> str:
-        """The canonical name of ``quant``; UnknownQuantizationError listing the valid ones."""
+    def check_quant(self, quant: str, options: Any = None, given: bool = True) -> str:
+        """The canonical name of ``quant`` for these ``options``; UnknownQuantizationError listing the valid ones.
+        ``given``: the user named it (else it is ConvertOptions' default, which a target may replace: the NPU pair's
+        quant follows its weights option)."""
 
     def stage(self, source: Path, name: str, quant: str, out: Path, options: Any, *, allow_pickle: bool,
               progress: Progress) -> ContextManager[Staged]:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from edgelm.errors import (ConversionError, InvalidParameterError, InvalidSourceError, OutputExistsError,
                            UnknownQuantizationError)
@@ -101,7 +101,7 @@ class GGUFTarget:
     options = GGUFOptions
     auto_quants = ("q2_k", "q3_k_m", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
 
-    def check_quant(self, quant: str) -> str:
+    def check_quant(self, quant: str, options: Any = None, given: bool = True) -> str:
         quant_id(quant)
         return str(quant).strip().lower()
 

@@ -133,8 +133,9 @@ TARGET_FLAGS = (
             "the same speed, slower to convert), default (round to nearest), k_quant, k_quant_mixed [default: gptq "
             "for int4 when the fp32 model fits easily in memory, else round to nearest].", cli=("--algo",),
             example="gptq"),
-    Setting("calibration", "path", None, "ONNX --algo gptq: a UTF-8 text file like what the model will see "
-            "[default: Python's docstrings].", cli=("--calibration",), example="calibration.txt"),
+    Setting("calibration", "path", None, "ONNX --algo gptq and --target npu: a UTF-8 text file like what the model "
+            "will see [default: Python's docstrings; for npu mixed with held-out reference prose].",
+            cli=("--calibration",), example="calibration.txt"),
     Setting("mixed_precision", "bool", None, "ONNX int4 with GPTQ: keep the input embedding and the late MLP down "
             "projections at 8 bits (better on text unlike the calibration: SmolLM2 1.16x -> 1.11x fp32 perplexity "
             "on licence prose; larger: 128 vs 92 MB) [default: off].", cli=("--mixed-precision",), example=True),
@@ -142,6 +143,15 @@ TARGET_FLAGS = (
             "(optimum-onnx, for GPT-2, GPT-NeoX, OPT, BLOOM, Falcon, ...: `edgelm install-converter --optimum` "
             "once) [default: auto, the builder where it supports the architecture, optimum otherwise].",
             choices=("auto", "genai", "optimum"), cli=("--exporter",), example="optimum"),
+    Setting("target", "choice", None, "ONNX: npu writes the static-shape prefill + decode pair NPU execution "
+            "providers take (QNN, OpenVINO, VitisAI; QDQ with 16-bit activations, 8-bit KV) [default: the dynamic "
+            "graph for CPUs and GPUs].", choices=("npu",), cli=("--target",), example="npu"),
+    Setting("prefill", "int", None, "ONNX --target npu: tokens per prefill run (the AR-N graph) [default: 128].",
+            cli=("--prefill",), example=64),
+    Setting("context", "int", None, "ONNX --target npu: the KV window the host keeps, in tokens [default: 1024].",
+            cli=("--context",), example=2048),
+    Setting("weights", "choice", None, "ONNX --target npu: w8 (8-bit per channel) or w4 (GPTQ int4 per channel) "
+            "[default: w8].", choices=("w8", "w4"), cli=("--weights",), example="w4"),
 )
 
 
@@ -172,6 +182,10 @@ class ConvertKwargs(TypedDict, total=False):
     execution_provider: str
     builder_options: dict[str, Any] | None
     exporter: str
+    target: str | None
+    prefill: int
+    context: int
+    weights: str
 
 
 def convert(src: str | os.PathLike[str], *, progress: Progress | None = None,
@@ -213,7 +227,7 @@ def convert(src: str | os.PathLike[str], *, progress: Progress | None = None,
             f"(got quant={quant!r}, to={target.name!r}).", fix="Add --quant auto and a budget (--max-ppl-increase "
             "10%), or drop --parallel.", parameter="parallel", value=given.parallel)
     if quant != "auto":
-        quant = target.check_quant(quant)  # an unknown type is refused before minutes of conversion
+        quant = target.check_quant(quant, opts, given="quant" in options)  # refused before minutes of work
     source = resolve(src, revision=given.revision)
     if output is None:
         raise InvalidParameterError("No output path given.", fix="Pass output= (-o on the command line).",
@@ -361,6 +375,9 @@ def _remove(path: Path) -> None:
 
 
 def _perplexity(path: Path) -> float:
+    context = int(inspect(path).get("context_length") or 512)
+    if context < 512:  # an NPU pair exported for a short window: windows of half of it
+        return evaluate(str(path), window=context // 2, n_ctx=context)[0].perplexity
     return evaluate(str(path))[0].perplexity
 
 

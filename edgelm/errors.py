@@ -112,6 +112,13 @@ class ConversionError(EdgelmError, RuntimeError):
     code = "conversion_failed"
 
 
+class GraphLintError(ConversionError):
+    """An exported graph breaks a rule of the execution provider it is meant for (a dynamic dimension, an op the EP
+    does not list, an illegal MatMul type pair, int64 arithmetic); ``node`` names the offending node."""
+
+    code = "graph_lint_failed"
+
+
 class InvalidSourceError(EdgelmError, ValueError):
     """A conversion source is not a usable Hugging Face checkpoint (no config.json, no tokenizer, ...)."""
 

@@ -20,6 +20,7 @@ CPUs without AVX2.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 
 from .declarations import from_dataclass, setting
 from .errors import DoesNotFitError, ModelNotFoundError, UnsupportedModelError
-from .formats import hf, onnx_folder
+from .formats import hf, onnx_folder, static_pair
 from .formats.gguf import AttentionShape, estimate_file_bytes, file_type_bpw, is_gguf, read_header
 from .platforms import detect
 from .platforms.profiles import DECODE_GFLOPS_PER_CORE, SIMD_TITLES, resolve, this_machine
@@ -308,6 +309,8 @@ def recommend(model: str | os.PathLike[str] | ModelFacts, profile: str = RECOMME
     t = _Target(dev=dev, threads=threads, gflops=dev.gflops_per_core * threads, gpu=dev.gpu_offload is not None,
                 budget=int(dev.usable_bytes * HEADROOM), wanted_ctx=n_ctx or min(f.context_length, 4096),
                 parallel=parallel)
+    if f.format == "hf" and dev.npu:
+        return _plan_npu(f, t)
     if f.format == "hf":
         return _plan_checkpoint(f, t)
     if f.format == "onnx":
@@ -459,6 +462,41 @@ def _plan_checkpoint(f: ModelFacts, t: _Target) -> Plan:
     notes += _notes(f, t, fit)
     return _plan(f, t, fit, backend="llamacpp", fmt="gguf", needs_conversion=True,
                  convert_command=rows[best]["convert_command"], notes=notes, alternatives=[], quantizations=rows)
+
+
+def npu_convert_command(source: str, export: dict[str, Any]) -> str:
+    """The `edgelm convert` command that writes the static NPU pair a device profile's "npu" section asks for."""
+    stem = Path(source.rstrip("/")).name or "model"
+    weights = export.get("weights", "w8")
+    return (f"edgelm convert {shlex.quote(source)} --to onnx --target npu --weights {weights} "
+            f"--prefill {int(export.get('prefill', 128))} --context {int(export.get('context', 1024))} "
+            f"-o {shlex.quote(f'{stem}-npu-{weights}a16')}")
+
+
+def _plan_npu(f: ModelFacts, t: _Target) -> Plan:
+    """A checkpoint for a device with an NPU: the static pair its profile asks for (weights, prefill, context), on
+    onnxruntime with the NPU's execution provider.  Memory from the pair's bytes per parameter and its uint8 KV
+    window; the speed figure is the CPU estimate (no NPU speed is modelled)."""
+    npu = t.dev.npu
+    export = npu.get("export") or {}
+    quant = f"{export.get('weights', 'w8')}a16"
+    wbytes = int(f.parameters * static_pair.BYTES_PER_PARAMETER[quant])
+    t = dataclasses.replace(t, wanted_ctx=int(export.get("context", 1024)))
+    fit = _fit(f, t, quant, wbytes, ("q8_0",), [])
+    if not fit.fits:
+        raise DoesNotFitError(
+            f"{f.source or f.path} as a {quant} NPU pair needs {human_bytes(fit.memory_bytes)}, and "
+            f"{t.dev.title} has {human_bytes(t.dev.usable_bytes)} usable.", fix="Use a smaller model.",
+            device=t.dev.name, needed=fit.memory_bytes, available=t.dev.usable_bytes)
+    notes = [f"{t.dev.title}: the NPU runs the static prefill + decode pair (edgelm convert --to onnx --target npu) "
+             f"through {npu['provider']} ({npu.get('package', '')}); edgelm.load picks that EP with the profile's "
+             "options.",
+             "Verified on this kind of machine: graph legality (the EP rule tables), numerics on onnxruntime's CPU EP "
+             "and OpenVINO's CPU device; not verified: the NPU compile and its speed (the tokens/s here are a CPU "
+             "estimate)."]
+    notes += [n for n in _notes(f, t, fit) if not n.startswith("KV cache quantized")]  # the pair's KV is 8-bit anyway
+    return _plan(f, t, fit, backend="onnxruntime", fmt="onnx", needs_conversion=True,
+                 convert_command=npu_convert_command(f.source or f.path, export), notes=notes, alternatives=[])
 
 
 def default_parallel(model: str | os.PathLike[str], *, n_ctx: int | None = None, kv_cache: str | None = None,

@@ -62,6 +62,7 @@ class Device:
     install: str | None = None
     notes: str | None = None
     measured: bool = False  # True when bandwidth/compute were measured on this machine
+    npu: dict[str, Any] | None = None  # an NPU's EP, its options and the export it needs (profiles' "npu" key)
 
     @property
     def simd(self) -> str:
@@ -103,6 +104,7 @@ def resolve(name: str) -> Device:
         performance_cores=p["cores"]["performance"], gflops_per_core=p["gflops_per_core"],
         gpu_offload=p.get("gpu_offload"), backends=list(p["backends"]), onnx_providers=p.get("onnx_providers"),
         cpu_features=list(p.get("cpu_features", [])), install=p.get("install"), notes=p.get("notes"),
+        npu=p.get("npu"),
     )
 
 

@@ -31,6 +31,7 @@ from .base import BackendBase, Capabilities, LoadOptions, Seq
 from .onnx_base import OnnxFolderBackend, package_version
 from .onnx_providers import PROVIDERS, ort_version
 from .onnx_session import OnnxSessionBackend
+from .onnx_static import StaticPairBackend
 from .sampling import NumpySampler
 
 log = logging.getLogger("edgelm.onnx")
@@ -65,6 +66,8 @@ class OnnxBackend(OnnxFolderBackend):
         folder, manifest = cls.open_folder(path)
         if onnx_folder.exporter_kind(manifest) == "optimum":  # a plain decoder graph: edgelm's own session loop
             return OnnxSessionBackend.load(folder, options)
+        if onnx_folder.exporter_kind(manifest) == "static":  # the NPU pair: prefill + decode graphs, host KV window
+            return StaticPairBackend.load(folder, options)
         self = cls()
         self._setup(folder, manifest, options)
         self._load_model(_genai(), folder, self.provider, options)

@@ -22,6 +22,7 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "XnnpackExecutionProvider": ("xnnpack", "an onnxruntime build with XNNPACK (e.g. onnxruntime-android)"),
     "WebGpuExecutionProvider": ("webgpu", "an onnxruntime build with WebGPU"),
     "OpenVINOExecutionProvider": ("OpenVINO", "onnxruntime-openvino (Intel CPUs, GPUs and NPUs)"),
+    "VitisAIExecutionProvider": ("VitisAI", "AMD's Ryzen AI Software (onnxruntime-vitisai, Ryzen AI NPUs, Windows)"),
 }
 # edgelm device -> onnxruntime providers that serve it, best first
 DEVICE_PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -34,14 +35,15 @@ DEVICE_PROVIDERS: dict[str, tuple[str, ...]] = {
     "qnn": ("QNNExecutionProvider",),
     "nnapi": ("NnapiExecutionProvider",),
     "xnnpack": ("XnnpackExecutionProvider",),
-    "npu": ("QNNExecutionProvider", "NnapiExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider"),
+    "npu": ("QNNExecutionProvider", "NnapiExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider",
+            "VitisAIExecutionProvider"),
     "vulkan": ("WebGpuExecutionProvider",),
 }
 # provider -> edgelm device name reported in info
 PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "directml",
                    "CoreMLExecutionProvider": "coreml", "QNNExecutionProvider": "qnn", "NnapiExecutionProvider": "nnapi",
                    "XnnpackExecutionProvider": "xnnpack", "WebGpuExecutionProvider": "gpu",
-                   "OpenVINOExecutionProvider": "npu"}
+                   "OpenVINOExecutionProvider": "npu", "VitisAIExecutionProvider": "npu"}
 
 
 def ort_version() -> str:

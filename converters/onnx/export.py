@@ -28,7 +28,7 @@ from edgelm.formats import ensure_free_space, hf, onnx_folder
 
 from .. import Progress, Staged, Verify, as_is, option_record
 from ..source import read_checkpoint
-from . import gptq, optimum  # gptq.gptq_checkpoint is looked up when called (a test replaces it)
+from . import gptq, npu, optimum  # gptq.gptq_checkpoint is looked up when called (a test replaces it)
 from .builder import builder_target, run_builder
 from .graph import embed_from_head, embed_int8
 from .mixed import apply_int8, read_int8
@@ -84,6 +84,9 @@ def convert_to_onnx(source_dir: Path, output: Path, quant: str, *, progress: Pro
     opts = options or option_record(OnnxOptions, kwargs, "ONNX conversion")
     quant = opts.check(quant)
     config = check_source(source_dir, allow_pickle=allow_pickle)
+    if opts.target == "npu":
+        return npu.convert_npu(source_dir, output, quant, config, opts, overwrite=overwrite, report=report,
+                               verify=verify)
     arch = config["architectures"][0]
     exporter = choose_exporter(source_dir, config, opts.exporter)
     chosen_by_auto = opts.algo == "auto"
@@ -287,6 +290,7 @@ def _put_in_place(tmp: Path, output: Path) -> None:
 @dataclass
 class OnnxStaged(Staged):
     exporter: str = "auto"  # the reference (fp32) is exported the same way as the output
+    npu: OnnxOptions | None = None  # target="npu": the options the fp32 reference pair is written with
 
 
 class OnnxTarget:
@@ -294,8 +298,8 @@ class OnnxTarget:
     options = OnnxOptions
     auto_quants = ("int4", "int8", "fp16")
 
-    def check_quant(self, quant: str) -> str:
-        return OnnxOptions().check(quant)
+    def check_quant(self, quant: str, options: OnnxOptions | None = None, given: bool = True) -> str:
+        return (options or OnnxOptions()).check(quant, given)
 
     @contextlib.contextmanager
     def stage(self, source: Path, name: str, quant: str, out: Path, options: OnnxOptions, *, allow_pickle: bool,
@@ -304,6 +308,10 @@ class OnnxTarget:
             raise InvalidSourceError(f"ONNX conversion needs a Hugging Face folder; {source} is a file.",
                                      fix="Pass the folder with config.json and the safetensors weights.",
                                      path=str(source))
+        if options.target == "npu":
+            yield OnnxStaged(source, source, "fp32 static pair of the same shapes", allow_pickle=allow_pickle,
+                             npu=options.replace(calibration=None))
+            return
         yield OnnxStaged(source, source, "fp32 ONNX of the same source", allow_pickle=allow_pickle,
                          exporter=options.exporter)
 
@@ -314,12 +322,17 @@ class OnnxTarget:
 
     @contextlib.contextmanager
     def reference(self, staged: Staged, out: Path, quant: str | None) -> Iterator[Path]:
-        """The output itself when it is fp32, else an fp32 export of the same source, removed afterwards."""
+        """The output itself when it is fp32, else an fp32 export of the same source, removed afterwards (for the
+        NPU pair: the fp32 pair of the same shapes)."""
         if quant == "fp32":
             with as_is(out) as path:
                 yield path
             return
         with tempfile.TemporaryDirectory(prefix=".edgelm-ref-", dir=out.parent) as tmp:
+            if isinstance(staged, OnnxStaged) and staged.npu is not None:
+                yield convert_to_onnx(staged.path, Path(tmp) / "fp32", "fp32", allow_pickle=staged.allow_pickle,
+                                      options=staged.npu)
+                return
             yield convert_to_onnx(staged.path, Path(tmp) / "fp32", "fp32", allow_pickle=staged.allow_pickle,
                                   exporter=getattr(staged, "exporter", "auto"))
 

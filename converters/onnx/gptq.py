@@ -27,6 +27,7 @@ from ..calibration import calibration_text
 from .mixed import INT8_FILE
 
 DEFAULT_SAMPLES = 16  # calibration windows
+LAZY_BATCH = 128  # GPTQ's lazy batch: the rest of the matrix is updated once per this many columns
 # each block's scale: the fraction of its largest weight's that rounds with the least energy-weighted error (False: 1.0)
 CLIP_SEARCH = True
 CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
@@ -143,7 +144,8 @@ def quantize_model(model: Any, batches: list[Any], *, block_size: int = 32, symm
                    damp: float = 0.01, int8: Any = (), progress: Progress | None = None) -> dict[str, Quantized]:
     """GPTQ every linear layer of the decoder blocks, in order, each on the outputs of the already-quantized ones,
     then the output head; the decoder's weights are replaced by their dequantized values (the head's stay float).
-    Returns module name -> Quantized; the modules named in ``int8`` get 8 bits, the others 4."""
+    Returns module name -> Quantized; the modules named in ``int8`` get 8 bits, the others 4.  block_size=0: one
+    scale per output channel (the NPU pair's int4), and the head is left to the caller."""
     import torch
 
     report = progress or (lambda message, fraction: None)
@@ -157,15 +159,16 @@ def quantize_model(model: Any, batches: list[Any], *, block_size: int = 32, symm
             hessians = _hessians(layer, inputs, kwargs, len(batches))
             for name, m in _linears(layer).items():
                 full = f"{prefix}.{index}.{name}"
-                q = quantize_layer(m.weight.data, hessians[name], block_size, symmetric, damp,
+                block = block_size or m.weight.shape[1]  # 0: one scale per output channel (per-channel int4)
+                q = quantize_layer(m.weight.data, hessians[name], block, symmetric, damp,
                                    bits=8 if full in eight else 4)
-                m.weight.data = dequantize(q, block_size)
+                m.weight.data = dequantize(q, block)
                 codes[full] = q
             outputs = [layer(x, **kwargs) for x in inputs]  # the next layer sees this layer quantized
             inputs = [o[0] if isinstance(o, tuple) else o for o in outputs]
         head = model.get_output_embeddings()
         norm = getattr(model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model, "norm", None)
-        if isinstance(head, torch.nn.Linear) and norm is not None and head.in_features % block_size == 0:
+        if block_size and isinstance(head, torch.nn.Linear) and norm is not None and head.in_features % block_size == 0:
             report("GPTQ: output head", 0.98)
             hessian = torch.zeros(head.in_features, head.in_features)
             for x in inputs:
@@ -277,8 +280,9 @@ def quantize(w: Any, hessian: Any, block_size: int, symmetric: bool, damp: float
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros(n_out, n_in, dtype=torch.int32)
-    for start in range(0, n_in, block_size):
-        end = start + block_size
+    step = min(block_size, LAZY_BATCH)  # columns per lazy update (exact for any size; per-row scales need a bound)
+    for start in range(0, n_in, step):
+        end = min(start + step, n_in)
         W1, Hinv1 = W[:, start:end].clone(), Hinv[start:end, start:end]
         errors = torch.zeros_like(W1)
         for i in range(end - start):

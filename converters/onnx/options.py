@@ -11,6 +11,7 @@ from typing import Any
 from edgelm.errors import InvalidParameterError, UnknownQuantizationError, UnsupportedModelError
 from edgelm.formats import hf
 from edgelm.formats.onnx_folder import QUANTS
+from edgelm.formats.static_pair import NPU_QUANTS
 from edgelm.platforms import detect
 
 from .gptq import unimportable_tensor
@@ -26,6 +27,10 @@ EXECUTION_PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
 # who writes the graph: onnxruntime-genai's model builder, optimum-onnx (converters/onnx/optimum.py), or auto: the
 # builder for the architectures it supports (converters/onnx/export.py ARCHITECTURES), optimum for the others
 EXPORTERS = ("auto", "genai", "optimum")
+# what the graph is for: None (the builder's / optimum's dynamic graph for CPU and GPU EPs) or "npu" (the static
+# prefill + decode pair of converters/onnx/npu.py); the NPU pair's weights: w8 (per channel) or w4 (GPTQ)
+TARGETS = ("npu",)
+NPU_WEIGHTS = ("w8", "w4")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,11 @@ class OnnxOptions:
     timeout: seconds the exporter may run.
     exporter: auto (onnxruntime-genai's builder where it supports the architecture, optimum-onnx otherwise), genai or
       optimum (installed apart: `edgelm install-converter --optimum`; decoded by edgelm's own onnxruntime loop).
+    target: "npu" writes the static-shape prefill + decode pair NPU execution providers take (QDQ, 16-bit
+      activations, 8-bit KV; converters/onnx/npu.py) instead of the dynamic graph; quant is then w8a16, w4a16
+      (from ``weights``) or fp32.  prefill: tokens per prefill run (AR-N).  context: the KV window the host keeps.
+      weights: w8 (8-bit per channel) or w4 (GPTQ int4 per channel).  calibration: the text the activation ranges
+      are measured on (default: a built-in mix, see npu.npu_calibration_text).
     """
 
     block_size: int = 32
@@ -63,8 +73,19 @@ class OnnxOptions:
     builder_options: dict[str, Any] | None = None
     timeout: float | None = None
     exporter: str = "auto"
+    target: str | None = None
+    prefill: int = 128
+    context: int = 1024
+    weights: str = "w8"
 
     def __post_init__(self) -> None:
+        if self.target is not None and self.target not in TARGETS:
+            raise _bad("target", self.target, f"Use {', '.join(TARGETS)}, or leave it out for CPU/GPU graphs.")
+        if self.weights not in NPU_WEIGHTS:
+            raise _bad("weights", self.weights, f"Use {' or '.join(NPU_WEIGHTS)}.")
+        for name in ("prefill", "context"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise _bad(name, getattr(self, name), "Use a positive number of tokens.")
         if self.exporter not in EXPORTERS:
             raise _bad("exporter", self.exporter, f"Use one of: {', '.join(EXPORTERS)}.")
         if self.block_size not in (16, 32, 64, 128, 256):
@@ -79,13 +100,29 @@ class OnnxOptions:
         if not isinstance(self.mixed_precision, bool):
             raise _bad("mixed_precision", self.mixed_precision, "Use True or False.")
         if self.calibration is not None:
-            if self.algo not in ("gptq", "auto"):
+            if self.algo not in ("gptq", "auto") and self.target != "npu":
                 raise InvalidParameterError("calibration text is used by algo='gptq' only.", fix='Add algo="gptq".',
                                             parameter="calibration", value=str(self.calibration))
             read_calibration(self.calibration)  # a missing or unreadable file is refused before any work
 
-    def check(self, quant: str) -> str:
-        """The canonical quant name, after checking it goes with these options."""
+    def check(self, quant: str, given: bool = True) -> str:
+        """The canonical quant name, after checking it goes with these options.  With target="npu" the quant is
+        w8a16 / w4a16 (from ``weights``) unless fp32 is asked for; ``given``: the caller named it (else it is
+        another format's default and is replaced)."""
+        if self.target == "npu":
+            wanted = f"{self.weights}a16"
+            if not given:
+                return wanted
+            q = str(quant).lower()
+            if q not in NPU_QUANTS:
+                raise UnknownQuantizationError(f"Unknown NPU quantization {quant!r}.",
+                                               fix=f"Use one of: {', '.join(NPU_QUANTS)} (or --weights w8|w4).",
+                                               quant=quant)
+            if q != "fp32" and q != wanted:
+                raise InvalidParameterError(f"quant={q!r} does not match weights={self.weights!r}.",
+                                            fix=f"Use --weights {q[:2]}, or leave --quant out.", parameter="quant",
+                                            value=quant)
+            return q
         if not isinstance(quant, str) or quant.lower() not in QUANTS:
             raise UnknownQuantizationError(f"Unknown ONNX quantization {quant!r}.",
                                            fix=f"Use one of: {', '.join(QUANTS)}.", quant=quant)

@@ -21,7 +21,7 @@ from typing import Any
 from edgelm.errors import InvalidModelFileError, ModelNotFoundError, UnsupportedModelError
 from edgelm.optional import available
 
-from . import disk_size
+from . import disk_size, static_pair
 from .gguf import AttentionShape
 
 MANIFEST = "edgelm.json"
@@ -122,8 +122,11 @@ def make_manifest(folder: Path, config: dict[str, Any], *, name: str, quant: str
 
 def exporter_kind(manifest: dict[str, Any]) -> str:
     """Which exporter wrote a folder, as the runtime cares: "optimum" (optimum-onnx: a plain decoder graph that
-    edgelm's own onnxruntime loop runs, see runtimes/onnx_session.py) or "genai" (onnxruntime-genai's builder)."""
+    edgelm's own onnxruntime loop runs, see runtimes/onnx_session.py), "static" (the NPU prefill + decode pair,
+    formats/static_pair.py, run by runtimes/onnx_static.py) or "genai" (onnxruntime-genai's builder)."""
     name = str((manifest.get("exporter") or {}).get("name") or "")
+    if static_pair.is_static_pair(manifest):
+        return "static"
     return "optimum" if name.startswith("optimum") else "genai"
 
 
@@ -237,9 +240,11 @@ def check_folder(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     manifest = read_manifest(folder)
     model_file = folder / manifest.get("model_file", "model.onnx")
-    if not model_file.is_file():
-        raise ModelNotFoundError(f"{folder} has no {model_file.name}.", fix="Convert the model again.",
-                                 path=str(model_file))
+    graph_files = [model_file] + [folder / g["file"] for g in (manifest.get("graphs") or {}).values()]
+    for graph_file in graph_files:
+        if not graph_file.is_file():
+            raise ModelNotFoundError(f"{folder} has no {graph_file.name}.", fix="Convert the model again.",
+                                     path=str(graph_file))
     for name in (GENAI_CONFIG, "tokenizer.json") if exporter_kind(manifest) == "genai" else ("tokenizer.json",):
         if not (folder / name).is_file():
             raise ModelNotFoundError(f"{folder} has no {name}; the folder is incomplete.",
