@@ -15,6 +15,7 @@ from .errors import *  # noqa: F401,F403  (the typed errors are part of the publ
 from .errors import EdgelmError
 from .hub import pull
 from .default_model import default_model_path
+from .deploy import bundle, verify_bundle
 from .loader import load
 from .model import Model, collect
 from .params import GenerationParams
@@ -28,5 +29,5 @@ from .version import __version__
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "EdgelmError",
     "default_model_path", "collect", "recommend", "Plan", "serve", "convert", "compress", "pull", "worker",
-    "recommend_cluster", "__version__",
+    "recommend_cluster", "bundle", "verify_bundle", "__version__",
 ]

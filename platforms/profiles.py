@@ -62,6 +62,9 @@ class Device:
     install: str | None = None
     notes: str | None = None
     measured: bool = False  # True when bandwidth/compute were measured on this machine
+    # what an offline bundle for it is built for (`edgelm bundle`): machine, Python, wheel platform tags, the CPU
+    # target llama.cpp is compiled for and its CMake flags, the QEMU core that emulates it (None: not a profile's)
+    bundle: dict[str, Any] | None = None
 
     @property
     def simd(self) -> str:
@@ -103,6 +106,7 @@ def resolve(name: str) -> Device:
         performance_cores=p["cores"]["performance"], gflops_per_core=p["gflops_per_core"],
         gpu_offload=p.get("gpu_offload"), backends=list(p["backends"]), onnx_providers=p.get("onnx_providers"),
         cpu_features=list(p.get("cpu_features", [])), install=p.get("install"), notes=p.get("notes"),
+        bundle=p.get("bundle"),
     )
 
 

@@ -10,7 +10,7 @@ import click
 
 from edgelm.version import __version__
 
-from . import batch, compress, convert, generate, measure, platforms, rpc, serve, store
+from . import batch, bundle, compress, convert, generate, measure, platforms, rpc, serve, store
 from .common import EXIT_CODES, exit_code_for, handle_errors, with_progress
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     """
 
 
-for _module in (generate, batch, convert, compress, measure, platforms, serve, rpc, store):
+for _module in (generate, batch, convert, compress, measure, platforms, serve, rpc, store, bundle):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 
