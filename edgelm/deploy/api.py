@@ -390,7 +390,7 @@ def verify_bundle(path: str | os.PathLike[str], profile: str | None = None, *,
     for wheel in wheel_names:
         parts = wheel[:-len(".whl")].split("-")
         py, wabi, plat = parts[-3], parts[-2], parts[-1]
-        if not set(plat.split(".")) & tags or not (wabi in ("none", "abi3", abi)) or \
+        if not set(plat.split(".")) & tags or wabi not in ("none", "abi3", abi) or \
                 not any(p in ("py3", abi) or (p.startswith("cp3") and wabi == "abi3") for p in py.split(".")):
             raise BundleBuildError(f"The bundle's wheel {wheel} does not install on {built['machine']} with Python "
                                    f"{built['python']}.", fix="Build the bundle again.", wheel=wheel)

@@ -42,12 +42,17 @@ CROSS = {"aarch64": ("aarch64-linux-gnu-", "crossbuild-essential-arm64"),
          "x86_64": ("x86_64-linux-gnu-", "crossbuild-essential-amd64"),
          "armv7l": ("arm-linux-gnueabihf-", "crossbuild-essential-armhf")}
 ELF_MACHINE = {"aarch64": 183, "x86_64": 62, "armv7l": 40}
+ENV_VAR = "EDGELM_WHEEL_CACHE"  # another folder for the built wheels (the tests keep theirs between runs with it)
 CACHE_VERSION = 1  # bump when the wheel's layout changes: a cached wheel of an older layout is rebuilt
 
 Progress = Callable[[str, float], None]
 
 
 def cache_home() -> Path:
+    """$EDGELM_WHEEL_CACHE, else $XDG_CACHE_HOME/edgelm/wheels/llama-cpp-python (~/.cache/...)."""
+    override = os.environ.get(ENV_VAR)
+    if override:
+        return Path(override).expanduser()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return cache / "edgelm" / "wheels" / PACKAGE
 
