@@ -57,7 +57,12 @@ def python_tag(version: str) -> tuple[str, str]:
 
 
 def _source_dir(dist: metadata.Distribution) -> Path | None:
-    """The source folder of an install from a folder (pip install -e . or pip install .), else None."""
+    """The source folder edgelm runs from (an editable install or a checkout on sys.path), or the folder it was
+    installed from (pip install .), else None."""
+    here = Path(__file__).resolve().parents[2]  # edgelm/deploy/wheels.py -> the folder holding edgelm/
+    project = here / "pyproject.toml"
+    if project.is_file() and re.search(r'^name\s*=\s*"edgelm"', project.read_text(encoding="utf-8"), re.M):
+        return here
     text = dist.read_text("direct_url.json")
     if not text:
         return None
@@ -110,7 +115,10 @@ def edgelm_wheel(out: Path, progress: Progress | None = None) -> Path:
         path = base / rel
         if path.is_file():
             files[rel] = path.read_bytes()
-    meta = dist.read_text("METADATA") or ""
+    meta = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+    if "\nVersion:" not in meta:
+        raise BundleBuildError(f"The installed edgelm ({dist.locate_file('')}) has no readable metadata.",
+                               fix="Reinstall edgelm (pip install edgelm, or pip install -e . in its checkout).")
     entry_points = dist.read_text("entry_points.txt")
     info = f"edgelm-{dist.version}.dist-info"
     if entry_points:
