@@ -279,3 +279,28 @@ def test_x86_bundle_installs_into_a_fresh_venv_with_no_route(x86_bundle, default
     shared = _common_tokens(default_gguf, run.stdout.strip(), host)
     print(f"x86-64-v2 bundle: {run.stdout.strip()!r}; native build: {host!r}; {shared} tokens shared")
     assert shared >= TOKENS // 2
+
+
+@pytest.mark.timeout(1800)
+def test_a_quant_other_than_the_file_s_is_converted_and_archived(pi5_bundle, default_gguf, tmp_path):
+    """--quant q4_0 on the Q4_1 file: re-quantized into the bundle (the wheel is cached by the Pi 5 bundle), written
+    as .tar.zst too; `edgelm verify` passes on it and names the file it changed after one byte is flipped."""
+    from .conftest import run_cli
+
+    out = tmp_path / "q4_0"
+    report = edgelm.bundle(default_gguf, profile="raspberry-pi-5", output=out, quant="q4_0", archive="tar.zst",
+                           jobs=2)
+    assert report.converted and report.quant == "Q4_0" and Path(report.archive).name == "q4_0.tar.zst"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    listing = subprocess.run(["tar", "-I", "zstd", "-tf", report.archive], capture_output=True, text=True, check=True)
+    assert "q4_0/install.sh" in listing.stdout.split()
+    ok = run_cli("verify", str(out))
+    assert ok.returncode == 0 and "files match" in ok.stdout, ok.stderr
+    model = next((out / "model").glob("*.gguf"))
+    with open(model, "r+b") as fh:
+        fh.seek(model.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    bad = run_cli("verify", str(out))
+    assert bad.returncode == 4 and f"model/{model.name}" in bad.stderr, bad.stderr
