@@ -73,7 +73,8 @@ chmod 755 "$PREFIX/bin/@LAUNCHER@"
 if [ -f "$HERE/@ENV_FILE@" ]; then
   (umask 077; cp "$HERE/@ENV_FILE@" "$PREFIX/@ENV_FILE@")
 fi
-sed -e "s|@@PREFIX@@|$PREFIX|g" -e "s|@@USER@@|$(id -un 2>/dev/null || id -u)|g" "$HERE/@UNIT@" > "$PREFIX/@UNIT@"
+user=$(id -un 2>/dev/null) || user=$(id -u)  # a user with no name (no passwd entry): its number
+sed -e "s|@@PREFIX@@|$PREFIX|g" -e "s|@@USER@@|$user|g" "$HERE/@UNIT@" > "$PREFIX/@UNIT@"
 cp "$HERE/manifest.json" "$PREFIX/bundle-manifest.json"
 
 echo "installed. Try:"
