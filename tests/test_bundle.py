@@ -186,3 +186,14 @@ def test_written_wheels_carry_a_record_pip_accepts(tmp_path):
                            "--target", str(target), str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (target / "demo_pkg" / "__init__.py").read_text() == "X = 1\n"
+
+
+def test_verify_reads_an_archive_too(tmp_path):
+    root = _fake_bundle(tmp_path / "pi5")
+    archive = tmp_path / "pi5.tar.gz"
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(tmp_path), "pi5"], check=True)
+    assert edgelm.verify_bundle(archive).bundle == str(archive)
+    (root / "model" / "tiny.gguf").write_bytes(b"changed")
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(tmp_path), "pi5"], check=True)
+    with pytest.raises(edgelm.BundleCorruptError, match="model/tiny.gguf"):
+        edgelm.verify_bundle(archive)

@@ -59,7 +59,7 @@ def bundle_command(model: str, as_json: bool, **kwargs: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def verify_command(bundle_dir: str, profile: str | None, as_json: bool) -> None:
-    """Check an offline bundle: every file's sha256 against its manifest (changed, missing and extra files named),
+    """Check an offline bundle (its folder, or the .tar.gz / .tar.zst --archive wrote): every file's sha256 against its manifest (changed, missing and extra files named),
     and that it fits the device profile (memory, machine, Python, wheel platforms).  Exit code 4 when a file
     differs."""
     report = verify_bundle(bundle_dir, profile)

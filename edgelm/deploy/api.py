@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
 from edgelm.conversion import convert
 from edgelm.declarations import check_names, from_dataclass, setting
-from edgelm.errors import (BundleBuildError, DoesNotFitError, InvalidParameterError, OutputExistsError,
-                           ToolchainMissingError)
+from edgelm.errors import (BundleBuildError, BundleCorruptError, DoesNotFitError, InvalidParameterError,
+                           OutputExistsError, ToolchainMissingError)
 from edgelm.formats import gguf
 from edgelm.platforms.profiles import Device
 from edgelm.platforms.profiles import resolve as resolve_device
@@ -354,13 +354,26 @@ def _readme(title: str, t: Target) -> str:
 
 def verify_bundle(path: str | os.PathLike[str], profile: str | None = None, *,
                   progress: Progress | None = None) -> VerifyReport:
-    """Check a bundle folder: every file against its manifest (BundleCorruptError names what differs), and that it
+    """Check a bundle folder (or its .tar.gz / .tar.zst): every file against its manifest (BundleCorruptError names what differs), and that it
     fits the device ``profile`` (default: the one it was built for): memory, machine, Python, wheel platforms."""
     root = Path(path).expanduser()
+    if root.is_file() and root.name.endswith(tuple(f".{kind}" for kind in ARCHIVES)):
+        with tempfile.TemporaryDirectory(prefix="edgelm-verify-") as tmp:
+            flags = ["-I", "zstd"] if root.name.endswith(".zst") else ["-z"]
+            proc = subprocess.run(["tar", *flags, "-xf", str(root), "-C", tmp], capture_output=True, text=True,
+                                  errors="replace")
+            folders = [p for p in Path(tmp).iterdir() if p.is_dir()]
+            if proc.returncode != 0 or len(folders) != 1:
+                raise BundleCorruptError(f"{root} could not be unpacked into one bundle folder: "
+                                         f"{proc.stderr.strip()[-300:]}", fix="Copy the archive again.",
+                                         files=[root.name])
+            report = verify_bundle(folders[0], profile, progress=progress)
+            report.bundle = str(root)
+            return report
     if not root.is_dir():
-        raise InvalidParameterError(f"{root} is not a bundle folder.", fix="Pass the folder `edgelm bundle` wrote "
-                                    "(unpack an archive first: tar -xf BUNDLE.tar.zst).", parameter="bundle",
-                                    value=str(root))
+        raise InvalidParameterError(f"{root} is not a bundle folder or archive.",
+                                    fix="Pass the folder (or the .tar.gz / .tar.zst) `edgelm bundle` wrote.",
+                                    parameter="bundle", value=str(root))
     data = manifest.read(root)
     files = manifest.check_files(root, data, progress)
     name = profile or data["profile"]
