@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from .declarations import Setting, from_dataclass, setting
 from .errors import ConversionError, EdgelmError, InvalidParameterError, OutputExistsError, QualityBudgetError
 from .formats import disk_size
 from .loader import inspect, load
-from .measure import bench, evaluate
+from .measure import bench, evaluate, step_seconds, streams_per_second
 from .runtimes import detect_backend
 from .store import record_output, remove_stale
 
@@ -112,6 +113,10 @@ class ConvertOptions:
     max_size: str | int | None = setting(
         None, 'Largest acceptable output, e.g. "120MB" (with --quant auto).', kind="str", cli=("--max-size",),
         example="120MB")
+    parallel: int = setting(
+        1, "Streams the model will serve at once. With --quant auto and N > 1 (GGUF), of the quantizations within the "
+        "budgets keep the one that serves N streams the most tokens per second on this CPU (each measured: llama.cpp "
+        "repacks some types for batched kernels).", kind="int", cli=("--parallel",), example=4)
     allow_pickle: bool = setting(
         False, "Accept *.bin pickle weights. They can run code when loaded: only for sources you trust.",
         kind="bool", cli=("--allow-pickle",), example=True)
@@ -152,6 +157,7 @@ class ConvertKwargs(TypedDict, total=False):
     eval: bool
     max_ppl_increase: str | float | None
     max_size: str | int | None
+    parallel: int
     allow_pickle: bool
     # GGUF and ONNX
     threads: int | None
@@ -198,6 +204,14 @@ def convert(src: str | os.PathLike[str], *, progress: Progress | None = None,
     if quant == "auto" and budget_ppl is None and budget_size is None:
         raise InvalidParameterError('quant="auto" needs a budget.', fix="Add max_size and/or max_ppl_increase.",
                                     parameter="quant", value="auto")
+    if not isinstance(given.parallel, int) or given.parallel < 1:
+        raise InvalidParameterError(f"Invalid parallel: {given.parallel!r}.", fix="Pass an integer >= 1.",
+                                    parameter="parallel", value=given.parallel)
+    if given.parallel > 1 and (quant != "auto" or target.name != "gguf"):
+        raise InvalidParameterError(
+            f"parallel={given.parallel} chooses among quantizations, so it needs quant='auto' and to='gguf' "
+            f"(got quant={quant!r}, to={target.name!r}).", fix="Add --quant auto and a budget (--max-ppl-increase "
+            "10%), or drop --parallel.", parameter="parallel", value=given.parallel)
     if quant != "auto":
         quant = target.check_quant(quant)  # an unknown type is refused before minutes of conversion
     source = resolve(src, revision=given.revision)
@@ -211,7 +225,7 @@ def convert(src: str | os.PathLike[str], *, progress: Progress | None = None,
     if out.parent.is_dir():
         remove_stale(out.parent)  # what a killed conversion left there (hidden temporary files and folders)
     job = _Job(target, opts, out, given.overwrite, eval, budget_ppl, budget_size,
-               progress or (lambda message, fraction: None))
+               progress or (lambda message, fraction: None), parallel=given.parallel)
     name = source.name if Path(src).expanduser().exists() else str(src)  # a Hub id, not its snapshot hash
     with target.stage(source, name, quant, out, opts, allow_pickle=given.allow_pickle, progress=job.report) as staged:
         job.staged = staged
@@ -233,6 +247,7 @@ class _Job:
     budget_size: int | None
     report: Progress
     staged: Any = None
+    parallel: int = 1  # > 1: auto keeps the quantization that serves this many streams fastest
 
     def one(self, quant: str, overwrite: bool | None = None, reference: tuple[str, float] | None = None
             ) -> ConversionReport:
@@ -280,21 +295,54 @@ class _Job:
             return label, _perplexity(path)
 
     def auto(self) -> ConversionReport:
-        """Try quantizations smallest first; keep the first that meets every budget."""
+        """Try quantizations smallest first; keep the first that meets every budget, or with ``parallel`` > 1 the
+        one of those that serves ``parallel`` streams the most tokens per second here (each measured)."""
         reference = self.reference(None) if self.evaluate else None
         tried: list[dict[str, Any]] = []
-        for quant in self.target.auto_quants:
-            self.report(f"trying {quant}", 0.0)
-            try:
-                result = self.one(quant, overwrite=True, reference=reference)
-            except QualityBudgetError as exc:
-                tried.append({"quant": quant, "kept": False, "reason": exc.message,
-                              **{k: exc.details.get(k) for k in ("size", "perplexity") if k in exc.details}})
-                continue
-            tried.append({"quant": quant, "kept": True, "size_bytes": result.size_bytes,
-                          "perplexity": result.perplexity})
-            result.tried = tried
-            return result
+        final, best, best_speed = self.out, None, 0.0
+        # with parallel > 1 the candidates are written to a hidden folder beside the output, which a killed run
+        # leaves for remove_stale (edgelm.store) to find; it goes at the end either way
+        candidates = final.with_name(f".{final.name}.{secrets.token_hex(4)}.convert")
+        try:
+            for quant in self.target.auto_quants:
+                self.report(f"trying {quant}", 0.0)
+                if self.parallel > 1:
+                    candidates.mkdir(exist_ok=True)
+                    self.out = candidates / f"{quant}{final.suffix}"
+                try:
+                    result = self.one(quant, overwrite=True, reference=reference)
+                except QualityBudgetError as exc:
+                    tried.append({"quant": quant, "kept": False, "reason": exc.message,
+                                  **{k: exc.details.get(k) for k in ("size", "perplexity") if k in exc.details}})
+                    continue
+                row = {"quant": quant, "kept": True, "size_bytes": result.size_bytes, "perplexity": result.perplexity}
+                tried.append(row)
+                if self.parallel == 1:
+                    result.tried = tried
+                    return result
+                self.report(f"timing a {self.parallel}-token step of {quant}", 0.9)
+                speed = streams_per_second(step_seconds(self.out, (1, self.parallel),
+                                                        threads=getattr(self.options, "threads", None)),
+                                           self.parallel)
+                row["tokens_per_second"] = round(speed, 1)
+                if best is None or speed > best_speed:
+                    if best is not None:
+                        _remove(Path(best.output))
+                    best, best_speed = result, speed
+                else:
+                    _remove(self.out)
+            if best is not None:
+                for row in tried:
+                    if "tokens_per_second" in row:
+                        row["kept"] = row["quant"] == best.quant
+                        row.setdefault("reason", f"slower to {self.parallel} streams")
+                _remove(final)  # overwrite was checked before the conversion began
+                os.replace(best.output, final)
+                best.output, best.tried = str(final), tried
+                return best
+        finally:
+            self.out = final
+            _remove(candidates)
         b_size, b_ppl = self.budget_size, self.budget_ppl
         raise QualityBudgetError(
             f"No quantization of {self.staged.source.name} meets the budget "

@@ -20,10 +20,9 @@ from .formats import disk_size
 from .model import Model
 from .params import GenerationParams
 from .platforms import DEVICES, runtime_defaults
-from .runtimes.remote import load_with_workers
 from .settings import BACKEND, LoadKwargs, Setting, load_settings
 from .sources import resolve_model_path
-from .store import touch
+from .store_index import touch
 from .types import ModelInfo
 
 if TYPE_CHECKING:
@@ -123,6 +122,8 @@ def load(model: str | os.PathLike[str] | None = None, *,
                 "runs in a child process that serves one sequence at a time.",
                 fix="Use parallel=1 with workers=, or batch on one machine.", parameter="parallel",
                 value=load_options.parallel)
+
+        from .runtimes.remote import load_with_workers  # off the cold path of a model on this machine
 
         load_options.progress = None  # a function does not cross into the child process: 0.0 and 1.0 only
         instance = load_with_workers(cls, path, load_options)

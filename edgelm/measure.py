@@ -6,6 +6,7 @@ Each benchmarked configuration runs in a fresh child process, so load time and p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -18,8 +19,11 @@ from typing import Any, Iterable, Sequence
 from . import errors, loader
 from .errors import EdgelmError, InvalidParameterError
 from .optional import require
+from .formats.gguf import read_header
+from .platforms import cpu_signature
 from .platforms.process import peak_rss_bytes
 from .quality import eval_text, perplexity
+from .store_index import edgelm_home
 
 
 @dataclass(frozen=True)
@@ -209,3 +213,86 @@ def plot(results: Sequence[BenchResult], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- batched step costs: what several users cost on this CPU -----------------------------------------------------
+
+STEP_COSTS_NAME = "step-costs.json"
+STEP_PROMPT = 64  # tokens in the cache before the timed steps (a serving sequence is never empty)
+
+
+def step_seconds(model: str | os.PathLike[str], sizes: Sequence[int] = (1, 4), *, threads: int | None = None,
+                 runs: int = 7, cache: bool = True) -> dict[int, float]:
+    """Median seconds of one llama.cpp step of ``n`` tokens, for each ``n`` in ``sizes``: the cost of serving ``n``
+    streams at once.  A weight type whose batched kernel is cheap here (llama.cpp repacks some types for AVX2,
+    AVX-512 and NEON) serves several users faster than its one-stream speed suggests.  Measured once per file,
+    CPU and thread count, then read from $EDGELM_HOME/step-costs.json (keyed by the file's size and mtime, which a
+    rename keeps, so a conversion's measurement serves the file it keeps)."""
+    path = os.path.abspath(os.fspath(model))
+    st = os.stat(path)
+    key = f"{st.st_size}|{st.st_mtime_ns}|{cpu_signature()}|{threads}"
+    store = edgelm_home() / STEP_COSTS_NAME
+    known: dict[str, Any] = {}
+    if cache:
+        try:
+            known = json.loads(store.read_text())
+        except (OSError, ValueError):
+            known = {}
+    have = known.get(key, {})
+    if all(str(n) in have for n in sizes):
+        return {n: float(have[str(n)]) for n in sizes}
+    m = loader.load(path, threads=threads, n_ctx=STEP_PROMPT + max(sizes) + 8, backend="llamacpp")
+    with m:
+        backend, seq = m.backend, m.backend.sequences[0]
+        ids = (m.tokenize(eval_text(), add_special=False) * 2)[:STEP_PROMPT + max(sizes)]
+        backend.evaluate(seq, ids[:STEP_PROMPT])
+        out = {}
+        for n in sizes:
+            times = []
+            for i in range(runs + 1):  # the first of each size warms up and is not counted
+                t = time.perf_counter()
+                backend.evaluate(seq, ids[STEP_PROMPT:STEP_PROMPT + n])
+                if i:
+                    times.append(time.perf_counter() - t)
+                backend.rewind(seq, STEP_PROMPT)
+            out[n] = statistics.median(times)
+    if cache:
+        header = read_header(path)
+        known[key] = {**have, **{str(n): s for n, s in out.items()}, "quant": header.quantization,
+                      "architecture": header.architecture, "parameters": header.parameters}
+        with contextlib.suppress(OSError):
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(store)
+    return out
+
+
+def measured_alternatives(model: str | os.PathLike[str], parallel: int, *,
+                          threads: int | None = None) -> list[dict[str, Any]]:
+    """Other quantizations of the same model (architecture and parameter count) measured on this CPU, faster than
+    ``model`` at ``parallel`` streams, fastest first: {"quant", "speedup"}.  Only what :func:`step_seconds` has
+    measured (a conversion with parallel > 1 measures every candidate); nothing is assumed about unmeasured types."""
+    try:
+        known = json.loads((edgelm_home() / STEP_COSTS_NAME).read_text())
+    except (OSError, ValueError):
+        return []
+    header, cpu = read_header(model), cpu_signature()
+    others = [entry for key, entry in known.items()
+              if key.split("|", 2)[2] == f"{cpu}|{threads}" and str(parallel) in entry
+              and entry.get("architecture") == header.architecture and entry.get("parameters") == header.parameters
+              and entry.get("quant") != header.quantization]
+    if not others:
+        return []  # nothing to compare with: the model itself is not timed
+    ours = streams_per_second(step_seconds(model, (1, parallel), threads=threads), parallel)
+    out: dict[str, float] = {}
+    for entry in others:
+        speedup = streams_per_second({parallel: float(entry[str(parallel)])}, parallel) / ours
+        if speedup > 1.05:  # within the noise of one measurement each: not worth a hint
+            out[entry["quant"]] = max(speedup, out.get(entry["quant"], 0.0))
+    return [{"quant": q, "speedup": round(s, 2)} for q, s in sorted(out.items(), key=lambda kv: -kv[1])]
+
+
+def streams_per_second(costs: dict[int, float], parallel: int) -> float:
+    """Tokens per second to ``parallel`` streams from :func:`step_seconds`' figures (one token each per step)."""
+    return parallel / costs[parallel]

@@ -249,6 +249,8 @@ class Model:
                                            fix="Load it again with edgelm.load().")
                 finish = "cancelled"
         finally:
+            # read before the source lets go: the next generation resets them
+            drafts = backend.stats().get("speculative", {}) if backend.capabilities.speculative else {}
             # the source lets go of the model before the last chunk: a caller that stops there keeps nothing busy
             source.close()
         if stopped_by_string:
@@ -263,7 +265,8 @@ class Model:
                 tail, finish = tail[:cut], "stop"
         end = time.perf_counter()
         first = first or end
-        timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start)
+        timings = Timings(prompt_seconds=first - start, generation_seconds=end - first, total_seconds=end - start,
+                          drafted_tokens=drafts.get("drafted", 0), accepted_tokens=drafts.get("accepted", 0))
         yield Chunk(tail, finish_reason=finish, usage=Usage(n_prompt, n_out, source.reused), timings=timings,
                     tokens=tuple(ids))
 

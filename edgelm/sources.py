@@ -19,7 +19,6 @@ from typing import Any
 
 from .default_model import DEFAULT_MODEL_NAMES, default_model_path, is_default
 from .errors import InvalidParameterError, ModelNotFoundError
-from .hub import hub_checkpoint, resolve_reference
 from .plan import RECOMMEND_DEFAULTS, ModelFacts, Plan, file_facts
 from .plan import recommend as plan_for
 
@@ -36,6 +35,8 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
     if path.exists():
         return path
     # --- models by name (edgelm.hub): ORG/REPO[:QUANT] comes from the Hugging Face cache, pulled on first use ---
+    from .hub import resolve_reference  # off the cold path of a local file
+
     pulled = resolve_reference(model)
     if pulled is not None:
         return pulled
@@ -55,6 +56,8 @@ def model_facts(model: str | os.PathLike[str] | None) -> ModelFacts:
     if not is_default(model) and isinstance(model, (str, os.PathLike)) and Path(model).expanduser().exists():
         return file_facts(model)
     if not is_default(model) and isinstance(model, str):
+        from .hub import hub_checkpoint  # off the cold path of a local file
+
         checkpoint = hub_checkpoint(model)
         if isinstance(checkpoint, ModelFacts):
             return checkpoint

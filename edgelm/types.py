@@ -53,6 +53,13 @@ class Timings:
     prompt_seconds: float
     generation_seconds: float
     total_seconds: float
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and how many of them the model kept
+    accepted_tokens: int = 0
+
+    @property
+    def draft_acceptance(self) -> float | None:
+        """The share of drafted tokens the model kept (None: nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
     def tokens_per_second(self, completion_tokens: int) -> float:
         # the first token comes out of prompt processing; decode speed counts the ones after it

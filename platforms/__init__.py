@@ -12,7 +12,7 @@ from edgelm.errors import BackendError
 from edgelm.settings import DEVICES  # declared with the device setting, a layer below
 
 from . import darwin, linux, windows
-from .detect import Host, detect
+from .detect import Host, cpu_signature, detect
 from .probes import Probes
 from .profiles import Device, device_names, profiles, resolve, this_machine
 
@@ -85,5 +85,5 @@ def runtime_defaults(backend: str, device: str = "auto", *, gpu_offload: bool | 
     return RuntimeDefaults(device, threads, 0)
 
 
-__all__ = ["Host", "Probes", "Device", "RuntimeDefaults", "DEVICES", "detect", "profiles", "device_names", "resolve",
+__all__ = ["Host", "Probes", "Device", "RuntimeDefaults", "DEVICES", "detect", "cpu_signature", "profiles", "device_names", "resolve",
            "this_machine", "runtime_defaults", "default_threads", "preferred_providers", "available_memory"]

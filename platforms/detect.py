@@ -58,6 +58,14 @@ def _llama_backend(caps: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def cpu_signature(probes: Probes | None = None) -> str:
+    """This CPU's model and instruction-set features, as one string: what a kernel's measured speed depends on (a
+    cache of such measurements is keyed by it), without the slower probes of :func:`detect`."""
+    p = probes or Probes()
+    cpu = _OS_MODULES.get(p.system, linux).cpu(p)
+    return f"{_arch(p.machine)}|{cpu.get('model')}|{','.join(sorted(cpu.get('features') or []))}"
+
+
 def detect(probes: Probes | None = None) -> Host:
     """Detect the machine through ``probes`` (the real one by default)."""
     p = probes or Probes()

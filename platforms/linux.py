@@ -46,7 +46,7 @@ def cpu(probes: Probes) -> dict[str, Any]:
     perf, eff = _core_classes(probes, logical)
     if physical < logical and eff == 0:  # SMT: one thread per physical core is what llama.cpp wants
         perf = physical
-    return {"model": model or probes.processor or "unknown", "features": features, "cores_logical": logical,
+    return {"model": model or probes.processor_name() or "unknown", "features": features, "cores_logical": logical,
             "cores_physical": physical, "performance_cores": perf, "efficiency_cores": eff}
 
 

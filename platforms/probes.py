@@ -69,7 +69,7 @@ class Probes:
     root: Path = Path("/")
     system: str = field(default_factory=platform.system)  # Linux | Darwin | Windows
     machine: str = field(default_factory=platform.machine)  # x86_64 | aarch64 | arm64 | AMD64
-    processor: str = field(default_factory=platform.processor)
+    processor: str | None = None  # platform.processor() when None: on Linux it runs `uname -p`, so only if asked
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     cpu_count: Callable[[], int] = field(default=lambda: os.cpu_count() or 1)
     usable_cpus: Callable[[], int] = field(default=_affinity)
@@ -77,6 +77,11 @@ class Probes:
     llama_caps: Callable[[], dict[str, Any] | None] = field(default=_llama_caps)
     onnx_providers: Callable[[], dict[str, Any] | None] = field(default=_onnx_providers)
     rpc_caps: Callable[[], dict[str, Any] | None] = field(default=_rpc_caps)
+
+    def processor_name(self) -> str:
+        if self.processor is None:
+            self.processor = platform.processor()
+        return self.processor
 
     def read(self, path: str) -> str | None:
         """Text of ``path`` below root, or None when it is absent or unreadable."""

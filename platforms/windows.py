@@ -10,7 +10,7 @@ from .probes import Probes
 
 def cpu(probes: Probes) -> dict[str, Any]:
     logical = probes.cpu_count()
-    return {"model": probes.processor or probes.env.get("PROCESSOR_IDENTIFIER", "unknown"), "features": [],
+    return {"model": probes.processor_name() or probes.env.get("PROCESSOR_IDENTIFIER", "unknown"), "features": [],
             "cores_logical": logical, "performance_cores": logical, "efficiency_cores": 0}
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,6 +77,8 @@ def get_backend(name: str) -> type[Backend]:
 
 
 def _entry_points():
+    from importlib import metadata  # ~20 ms (email parsing): only when a name is not built in
+
     try:
         return list(metadata.entry_points(group="edgelm.backends"))
     except Exception:  # broken metadata of some other distribution must not break edgelm

