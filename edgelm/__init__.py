@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time __getattr__
     from .constraints import Constraint
     from .conversion import convert
     from .default_model import default_model_path
+    from .deploy import bundle, verify_bundle
     from .hub import pull
     from .loader import load
     from .model import Model, collect
@@ -53,5 +54,5 @@ def __dir__() -> list[str]:
 __all__ = [
     "load", "Model", "ModelInfo", "Chunk", "Completion", "Usage", "Timings", "GenerationParams", "Constraint",
     "EdgelmError", "ToolCall", "ToolCallDelta", "default_model_path", "collect", "recommend", "Plan", "serve",
-    "convert", "compress", "pull", "worker", "recommend_cluster", "__version__",
+    "convert", "compress", "pull", "worker", "recommend_cluster", "bundle", "verify_bundle", "__version__",
 ]

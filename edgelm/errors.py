@@ -182,6 +182,27 @@ class DoesNotFitError(EdgelmError, ValueError):
     code = "does_not_fit"
 
 
+# --- offline bundles (edgelm bundle / verify) -------------------------------------------------------------
+
+class ToolchainMissingError(EdgelmError, FileNotFoundError):
+    """A compiler or build tool a bundle needs (a cross compiler for the device's CPU, cmake, zstd) is not
+    installed; the fix names the command or the packages that install it."""
+
+    code = "toolchain_missing"
+
+
+class BundleBuildError(EdgelmError, RuntimeError):
+    """Building a bundle failed (llama.cpp's cross build, fetching the device's wheels); nothing was left behind."""
+
+    code = "bundle_build_failed"
+
+
+class BundleCorruptError(EdgelmError, ValueError):
+    """A bundle's files do not match its manifest (changed, missing or extra); ``files`` names them."""
+
+    code = "bundle_corrupt"
+
+
 # --- serving --------------------------------------------------------------------------------------------
 
 class UnknownModelNameError(EdgelmError, LookupError):

@@ -22,5 +22,7 @@ LAZY = {
     "pull": "edgelm.hub",
     "worker": "edgelm.rpc.worker:serve_worker",
     "recommend_cluster": "edgelm.cluster",
+    "bundle": "edgelm.deploy",
+    "verify_bundle": "edgelm.deploy",
     "__version__": "edgelm.version",  # read from the package metadata: importlib.metadata costs ~20 ms
 }

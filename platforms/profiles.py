@@ -63,6 +63,9 @@ class Device:
     notes: str | None = None
     measured: bool = False  # True when bandwidth/compute were measured on this machine
     npu: dict[str, Any] | None = None  # an NPU's EP, its options and the export it needs (profiles' "npu" key)
+    # what an offline bundle for it is built for (`edgelm bundle`): machine, Python, wheel platform tags, the CPU
+    # target llama.cpp is compiled for and its CMake flags, the QEMU core that emulates it (None: not a profile's)
+    bundle: dict[str, Any] | None = None
 
     @property
     def simd(self) -> str:
@@ -105,6 +108,7 @@ def resolve(name: str) -> Device:
         gpu_offload=p.get("gpu_offload"), backends=list(p["backends"]), onnx_providers=p.get("onnx_providers"),
         cpu_features=list(p.get("cpu_features", [])), install=p.get("install"), notes=p.get("notes"),
         npu=p.get("npu"),
+        bundle=p.get("bundle"),
     )
 
 

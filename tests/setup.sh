@@ -6,8 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian/Ubuntu packages the tests use: chromium and its fonts drive the chat page's browser tests (-m browser);
-# xvfb and the X libraries Qt's xcb plugin links run the desktop example's window (-m desktop).
-APT_PACKAGES="chromium fonts-liberation xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0"
+# xvfb and the X libraries Qt's xcb plugin links run the desktop example's window (-m desktop);
+# the offline-bundle tests (tests/test_bundle_device.py) cross-compile llama.cpp for arm64 (crossbuild-essential-arm64,
+# cmake) and for x86-64-v2 (g++), build an arm64 Debian userland (debootstrap) and run it under qemu-user
+# (qemu-user-static, binfmt-support) in a network namespace (iproute2); zstd writes .tar.zst bundles.
+APT_PACKAGES="chromium fonts-liberation xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0
+  qemu-user-static binfmt-support debootstrap crossbuild-essential-arm64 cmake g++ iproute2 zstd"
 
 # The Python that runs the tests: pip installs into it and the edgelm commands run from it.
 PYTHON="${PYTHON:-python}"

@@ -24,6 +24,7 @@ from edgelm.cli.store import PULL
 from edgelm.compression.api import COMPRESS, CompressKwargs, CompressOptions
 from edgelm.conversion import CONVERT, TARGET_FLAGS, ConvertKwargs, ConvertOptions
 from edgelm.declarations import KINDS, Setting
+from edgelm.deploy.api import BUNDLE, BundleKwargs, BundleOptions
 from edgelm.model import Model
 from edgelm.params import GenerationKwargs, GenerationParams
 from edgelm.plan import RECOMMEND, RecommendOptions
@@ -34,13 +35,13 @@ from edgelm.tools.spec import TOOLS, ChatKwargs, ToolOptions
 
 TABLES: dict[str, tuple[Setting, ...]] = {
     "generation": GENERATION, "load": LOAD, "compress": COMPRESS, "convert": CONVERT, "convert targets": TARGET_FLAGS,
-    "recommend": RECOMMEND, "recommend cluster": CLUSTER_FLAGS, "pull": PULL, "tools": TOOLS,
+    "recommend": RECOMMEND, "recommend cluster": CLUSTER_FLAGS, "pull": PULL, "tools": TOOLS, "bundle": BUNDLE,
 }
 # command -> the tables its flags come from
 COMMANDS: dict[str, tuple[tuple[Setting, ...], ...]] = {
     "run": (GENERATION, LOAD), "chat": (GENERATION, LOAD), "serve": (GENERATION, LOAD), "batch": (GENERATION, LOAD),
     "compress": (COMPRESS,), "convert": (CONVERT, TARGET_FLAGS), "recommend": (RECOMMEND, CLUSTER_FLAGS),
-    "pull": (PULL,),
+    "pull": (PULL,), "bundle": (BUNDLE,),
 }
 
 
@@ -67,7 +68,7 @@ def test_each_table_declares_each_name_once(table):
 def test_the_records_are_the_tables():
     """The dataclasses the library validates with are where the tables come from: same names, same defaults."""
     for record, table in ((GenerationParams, GENERATION), (CompressOptions, COMPRESS), (ConvertOptions, CONVERT),
-                          (RecommendOptions, RECOMMEND), (ToolOptions, TOOLS)):
+                          (RecommendOptions, RECOMMEND), (ToolOptions, TOOLS), (BundleOptions, BUNDLE)):
         assert [f.name for f in dataclasses.fields(record)] == _names(table), record
         built = record()
         for s in table:
@@ -92,6 +93,7 @@ def test_the_records_are_the_tables():
     (LoadKwargs, _names(LOAD)),
     (CompressKwargs, _names(COMPRESS)),
     (ConvertKwargs, _names(CONVERT) + sorted(_target_fields())),
+    (BundleKwargs, _names(BUNDLE)),
     (AppKwargs, [n for n, p in inspect.signature(create_app).parameters.items()
                  if p.kind is p.KEYWORD_ONLY and n != "api_key"]),
 ], ids=lambda x: getattr(x, "__name__", ""))
@@ -102,7 +104,8 @@ def test_the_typed_dicts_match_the_tables(typed, names):
 
 def test_the_typed_dicts_type_what_the_records_type():
     """Where the record holds the value as given, the TypedDict spells the same type (compared as written)."""
-    for record, typed in ((CompressOptions, CompressKwargs), (ConvertOptions, ConvertKwargs)):
+    for record, typed in ((CompressOptions, CompressKwargs), (ConvertOptions, ConvertKwargs),
+                          (BundleOptions, BundleKwargs)):
         for f in dataclasses.fields(record):
             written = typed.__annotations__[f.name]
             assert getattr(written, "__forward_arg__", written) == f.type, (record, f.name)
@@ -123,6 +126,7 @@ def _unpacked(func: Any) -> str | None:
     (Model.stream_tokens, "GenerationKwargs"), (Model.generate_batch, "GenerationKwargs"),
     (Model.chat_batch, "ChatKwargs"), (Model.chat_tokens, "ChatKwargs"),
     (edgelm.convert, "ConvertKwargs"), (edgelm.compress, "CompressKwargs"), (edgelm.serve, "AppKwargs"),
+    (edgelm.bundle, "BundleKwargs"),
 ], ids=lambda x: getattr(x, "__qualname__", str(x)))
 def test_public_functions_keep_their_keyword_names(func, typed):
     assert _unpacked(func) == typed
@@ -141,7 +145,8 @@ def test_no_signature_restates_a_default():
         for s in table:
             by_name.setdefault(s.name, {})[id(table)] = s.default
     checked = [edgelm.load, edgelm.convert, edgelm.compress, edgelm.recommend, edgelm.pull, edgelm.serve,
-               Model.generate, Model.stream, Model.chat, Model.stream_chat, Model.embed]
+               Model.generate, Model.stream, Model.chat, Model.stream_chat, Model.embed, edgelm.bundle,
+               edgelm.verify_bundle]
     for func in checked:
         for name, p in inspect.signature(func).parameters.items():
             if p.default is p.empty or name not in by_name:

@@ -24,6 +24,7 @@ COMMAND_MODULES = {
     "serve": "serve",
     "worker": "rpc", "install-rpc": "rpc",
     "pull": "store", "list": "store", "rm": "store",
+    "bundle": "bundle", "verify": "bundle", "install-cross-toolchain": "bundle",
 }
 
 

@@ -22,9 +22,11 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (errors.DownloadCorruptError, 4),  # a download that does not match its sha256 (deleted)
     (errors.HubError, 3),
     (errors.InvalidModelFileError, 4),
+    (errors.BundleCorruptError, 4),  # a bundle whose files do not match its manifest
     (errors.NoChatTemplateError, 4),  # chat asked of a model without a chat template (--chat-template, or run)
     (errors.UnsupportedModelError, 4),
     (errors.BackendNotInstalledError, 5),
+    (errors.ToolchainMissingError, 5),  # a cross compiler / cmake / zstd `edgelm bundle` needs
     (errors.ExecutionProviderError, 5),  # an onnxruntime execution provider's package is not installed
     (errors.ContextLengthExceededError, 6),
     (errors.QualityBudgetError, 7),
