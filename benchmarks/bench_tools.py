@@ -53,7 +53,16 @@ def tools(n: int = 10) -> list[dict]:
 
 
 def request(url: str, nonce: int, choice: str, max_tokens: int) -> tuple[float, float, int, dict | None]:
-    """(time to first streamed piece, time to the end, prompt tokens, the first call or None) of one request."""
+    """(time to first streamed piece, time to the end, prompt tokens, the first call or None) of one request; a
+    server that drops the connection gives (nan, nan, 0, None) and the run goes on."""
+    try:
+        return _request(url, nonce, choice, max_tokens)
+    except httpx.HTTPError as exc:
+        print(f"failed     {url}: {type(exc).__name__}: {exc}", flush=True)
+        return float("nan"), float("nan"), 0, None
+
+
+def _request(url: str, nonce: int, choice: str, max_tokens: int) -> tuple[float, float, int, dict | None]:
     body = {"model": "bench", "stream": True, "temperature": 0, "max_tokens": max_tokens, "tools": tools(),
             "tool_choice": choice, "stream_options": {"include_usage": True},
             "messages": [{"role": "system", "content": f"Request {nonce}. You are a helpful assistant."},
