@@ -202,8 +202,10 @@ def test_w8a16_keeps_the_perplexity(npu_pairs):
 @pytest.mark.timeout(900)
 def test_runtime_reuses_a_prompt_and_rewinds(npu_pairs):
     """A second prompt that extends the first evaluates only the new tokens, and decodes exactly as a fresh model;
-    a prompt that diverges rewinds to the shared prefix."""
-    folder = npu_pairs("w8a16")
+    a prompt that diverges rewinds to the shared prefix.  On the fp32 pair: the QDQ pair's chunked prefill and
+    one-token decode round differently, so its greedy tokens may part where two are nearly tied (seen once in a full
+    run), which says nothing about the host's KV window."""
+    folder = npu_pairs("fp32")
     first = "The Python language reference describes the syntax"
     second = first + " and the core semantics of the language. It is terse, but"
     with edgelm.load(folder, threads=2) as fresh:
