@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from edgelm.constraints import Constraint, tokenizer_from_tokenizer_json
-from edgelm.errors import InvalidParameterError, ModelNotFoundError
+from edgelm.errors import BackendError, InvalidParameterError, ModelNotFoundError
 from edgelm.formats import onnx_folder
 from edgelm.params import GenerationParams
 
-from .base import BackendBase, LoadOptions, resolve_n_ctx
+from .base import BackendBase, LoadOptions, Seq, resolve_n_ctx
 from .onnx_providers import PROVIDER_DEVICE, available_providers, choose_provider
 from .sampling import NumpySampler
 from .tokenizer_json import JsonTokenizer
@@ -123,3 +123,17 @@ class OnnxFolderBackend(BackendBase):
                 **self.runtime_facts(),
             },
         }
+
+
+class HostLogitsBackend(OnnxFolderBackend):
+    """A backend running its own onnxruntime sessions (plain graphs, the NPU's static pair): the last evaluated
+    token's logits are kept on the host in ``_last``, and sampling reads them."""
+
+    _last: Any = None  # np.ndarray of the last evaluated token's logits, None when nothing was evaluated
+
+    def sample(self, seq: Seq, sampler: NumpySampler) -> int:
+        if self._last is None:
+            raise BackendError("No logits to sample from: nothing was evaluated.", fix="Evaluate a prompt first.")
+        token = sampler(self._last)
+        sampler.accept(token)
+        return token

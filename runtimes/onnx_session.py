@@ -39,9 +39,8 @@ from edgelm.formats import onnx_folder, onnx_plain
 from edgelm.optional import require
 
 from .base import Capabilities, LoadOptions, Seq
-from .onnx_base import OnnxFolderBackend
+from .onnx_base import HostLogitsBackend
 from .onnx_providers import ort_version
-from .sampling import NumpySampler
 
 log = logging.getLogger("edgelm.onnx")
 
@@ -87,7 +86,7 @@ class _KV:
         self.swap()
 
 
-class OnnxSessionBackend(OnnxFolderBackend):
+class OnnxSessionBackend(HostLogitsBackend):
 
     def __init__(self) -> None:  # use load()
         self.session: Any = None  # onnxruntime.InferenceSession
@@ -221,13 +220,6 @@ class OnnxSessionBackend(OnnxFolderBackend):
         del seq.tokens[n:]
         self._last = None  # the kept prefix's last logits are gone: the caller evaluates at least one token
         return True
-
-    def sample(self, seq: Seq, sampler: NumpySampler) -> int:
-        if self._last is None:
-            raise BackendError("No logits to sample from: nothing was evaluated.", fix="Evaluate a prompt first.")
-        token = sampler(self._last)
-        sampler.accept(token)
-        return token
 
     def logits_all(self, seq: Seq, tokens: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         for i in range(0, len(tokens), self.n_batch):

@@ -27,14 +27,13 @@ from edgelm.optional import require
 from edgelm.platforms.npu import NPU_PROVIDERS, runtime_options
 
 from .base import Capabilities, LoadOptions, Seq
-from .onnx_base import OnnxFolderBackend
+from .onnx_base import HostLogitsBackend
 from .onnx_providers import available_providers, ort_version
-from .sampling import NumpySampler
 
 log = logging.getLogger("edgelm.onnx")
 
 
-class StaticPairBackend(OnnxFolderBackend):
+class StaticPairBackend(HostLogitsBackend):
     ar: int  # the prefill graph's tokens per run
     shape: static_pair.PairShape
     window: static_pair.KVWindow
@@ -162,13 +161,6 @@ class StaticPairBackend(OnnxFolderBackend):
         del seq.tokens[n:]  # the mask hides the window's positions past n; the next run overwrites them
         self._last = None
         return True
-
-    def sample(self, seq: Seq, sampler: NumpySampler) -> int:
-        if self._last is None:
-            raise BackendError("No logits to sample from: nothing was evaluated.", fix="Evaluate a prompt first.")
-        token = sampler(self._last)
-        sampler.accept(token)
-        return token
 
     def logits_all(self, seq: Seq, tokens: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         for i, chunk in self._chunks(tokens):
