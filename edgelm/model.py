@@ -21,7 +21,7 @@ from .params import GenerationKwargs, GenerationParams
 from .runtimes.scheduler import Direct, Scheduler
 from .tools import grammar as tool_grammar
 from .tools.formats import ToolFormat, detect
-from .tools.parse import ToolCallParser
+from .tools.parse import ToolCallParser, held_back
 from .tools.prompt import prepare
 from .tools.spec import ChatKwargs, ToolOptions, split
 from .types import Chunk, Completion, ModelInfo, Timings, ToolCall, Usage
@@ -294,7 +294,7 @@ class Model:
                             pending = pending[:cut]
                             finish, stopped_by_string = "stop", True
                             break
-                        keep = _partial_stop_suffix(pending, stops)
+                        keep = held_back(pending, stops)
                         emit = pending[: len(pending) - keep]
                         pending = pending[len(pending) - keep :]
                         if emit:
@@ -587,14 +587,3 @@ def _find_stop(text: str, stops: Sequence[str], window: int) -> int:
         if i >= 0 and (best < 0 or i < best):
             best = i
     return best
-
-
-def _partial_stop_suffix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that could still become a stop string: hold it back."""
-    keep = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), keep, -1):
-            if text.endswith(s[:n]):
-                keep = n
-                break
-    return keep

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from edgelm.types import ToolCall, ToolCallDelta
 
@@ -330,7 +330,7 @@ class ToolCallParser:
                 self._open(marker, "")
                 text = buf[i + len(marker):]
                 continue
-            keep = 0 if final else _held(buf, self.fmt.starts)
+            keep = 0 if final else held_back(buf, self.fmt.starts)
             shown = buf[:len(buf) - keep]
             if shown:
                 out.append(shown)
@@ -365,7 +365,7 @@ class ToolCallParser:
             if j >= 0:
                 region, rest, closed = region[:j], region[j + len(self.fmt.end):], True
             elif not final:
-                keep = _held(region, (self.fmt.end,))
+                keep = held_back(region, (self.fmt.end,))
                 # the end marker may be arriving: parse only what cannot be part of it
                 self._region = region
                 self._emit(region[:len(region) - keep] if keep else region, deltas, final=False)
@@ -426,8 +426,9 @@ class _Sent:
     arguments: str = ""
 
 
-def _held(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that may be the beginning of one of ``markers``."""
+def held_back(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that may be the beginning of one of ``markers``: a stream holds it
+    back until the next text says (a call marker here, a stop string in edgelm.model)."""
     keep = 0
     for m in markers:
         for n in range(min(len(m) - 1, len(text)), keep, -1):
