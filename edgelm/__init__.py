@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time __getattr__
     from .plan import Plan
     from .rpc.worker import serve_worker as worker
     from .server import serve
-    from .sources import recommend
+    from .planning import recommend
     from .version import __version__
 
 

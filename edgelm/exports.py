@@ -14,7 +14,7 @@ LAZY = {
     "GenerationParams": "edgelm.params",
     "Constraint": "edgelm.constraints",
     "default_model_path": "edgelm.default_model",
-    "recommend": "edgelm.sources",
+    "recommend": "edgelm.planning",
     "Plan": "edgelm.plan",
     "serve": "edgelm.server",
     "convert": "edgelm.conversion",

@@ -19,15 +19,15 @@ from .errors import (BackendError, ContextLengthExceededError, InvalidParameterE
 from .native.memory import trim_heap
 from .params import GenerationKwargs, GenerationParams
 from .runtimes.scheduler import Direct, Scheduler
-from .tools import grammar as tool_grammar
-from .tools.formats import ToolFormat, detect
-from .tools.parse import ToolCallParser, held_back
-from .tools.prompt import prepare
 from .tools.spec import ChatKwargs, ToolOptions, split
 from .types import Chunk, Completion, ModelInfo, Timings, ToolCall, Usage
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from .tools.formats import ToolFormat
+    from .tools.grammar import ToolGrammar
+    from .tools.parse import ToolCallParser
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11; type checkers ship typing_extensions
 
 
@@ -111,6 +111,8 @@ class Model:
         Hermes/Qwen, Llama 3.1, Mistral, Phi-4-mini, Granite, SmolLM3, FunctionGemma, or the generic format (a
         template with no tools branch).  ``chat_template=`` at load picks a family's template, and with it its
         format."""
+        from .tools.formats import detect  # the tools' modules load with the first call that uses tools
+
         return detect(self.require_chat_template())
 
     def apply_chat_template(self, messages: Any, *, add_generation_prompt: bool = True,
@@ -126,6 +128,9 @@ class Model:
         msgs = chat_templates.validate_messages(messages)
         extra: dict[str, Any] = {}
         if options.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs):
+            from .tools.formats import detect
+            from .tools.prompt import prepare
+
             msgs, extra = prepare(msgs, options, detect(template))
         return chat_templates.render(template, msgs, bos_token=backend.bos_token, eos_token=backend.eos_token,
                                      add_generation_prompt=add_generation_prompt, **extra)
@@ -158,6 +163,9 @@ class Model:
         tokens = self._prompt_tokens(self._chat_prompt(messages, options))
         if not options.active:
             return self._stream_tokens(tokens, p)
+        from .tools import grammar as tool_grammar
+        from .tools.parse import ToolCallParser
+
         fmt = self.tool_format
         p = self._constrained(p, tool_grammar.build(fmt, options, token=self._special_token))
         stream = self._stream_tokens(tokens, p)
@@ -171,7 +179,7 @@ class Model:
             return ids[0]
         return None
 
-    def _constrained(self, p: GenerationParams, grammar: "tool_grammar.ToolGrammar") -> GenerationParams:
+    def _constrained(self, p: GenerationParams, grammar: ToolGrammar) -> GenerationParams:
         """``p`` with the calls' grammar as its constraint (one engine on every backend: edgelm.constraints)."""
         if p.constraint is not None or p.grammar is not None:
             given = "constraint" if p.constraint is not None else "grammar"
@@ -267,6 +275,8 @@ class Model:
                 p: GenerationParams) -> Generator[Chunk, None, None]:
         stops = p.stop
         longest_stop = max((len(s) for s in stops), default=0)
+        if stops:
+            from .tools.parse import held_back  # the text a stop string may still begin with (one helper for both)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         token_bytes, is_eog = backend.token_bytes, backend.is_eog
         pending = ""

@@ -7,8 +7,8 @@ quantization it could be converted to, with its size, memory, fit and speed, and
 convert` command that makes it.
 
 This module neither loads models nor resolves names, so the Hub's file choice can plan with it:
-:mod:`edgelm.sources` turns the default model and Hub names into paths or facts, then plans here
-(``edgelm.recommend`` is :func:`edgelm.sources.recommend`).
+:mod:`edgelm.planning` turns the default model and Hub names into facts (through :mod:`edgelm.sources`), then plans here
+(``edgelm.recommend`` is :func:`edgelm.planning.recommend`).
 
 Memory = weights + KV cache at the planned n_ctx + runtime overhead (compute buffers, logits, the runtime itself),
 and it must fit the device's usable memory with head-room.  Decode speed is estimated from what one token costs:
@@ -114,7 +114,7 @@ class Plan:
 def file_facts(model: str | os.PathLike[str], *, source: str | None = None) -> ModelFacts:
     """Read what a plan needs from a model on disk, without loading it: a GGUF file, an ONNX folder, or a Hugging Face
     checkpoint folder (config.json + *.safetensors; its config.json names it too).  ``source``: the name it was given
-    by (a Hub id), for the convert command.  Names (the default model, ORG/REPO) are :mod:`edgelm.sources`' job."""
+    by (a Hub id), for the convert command.  Names (the default model, ORG/REPO) are :mod:`edgelm.planning`' job."""
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelNotFoundError(
@@ -295,7 +295,7 @@ def recommend(model: str | os.PathLike[str] | ModelFacts, profile: str = RECOMME
     """Plan how to run ``model`` (its facts, or a file or folder on disk) on the device ``profile`` ("auto" = this
     machine, or a profile name from `edgelm devices`, e.g. "raspberry-pi-5-8gb").  Raises :class:`DoesNotFitError` when no option
     fits.  ``parallel``: sequences generated at the same time (a server's concurrent requests), each with its own
-    KV cache of n_ctx tokens.  (The default model and Hub names: :func:`edgelm.sources.recommend`.)
+    KV cache of n_ctx tokens.  (The default model and Hub names: :func:`edgelm.planning.recommend`.)
 
     ``model`` may be a GGUF file, an ONNX folder, or a Hugging Face checkpoint: for a checkpoint,
     ``plan.quantizations`` lists every GGUF and ONNX quantization it could be converted to (size, memory, fits,

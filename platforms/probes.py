@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +49,8 @@ def _onnx_providers() -> dict[str, Any] | None:
 
 
 def _sysctl(name: str) -> str | None:
+    import subprocess  # ~4 ms of imports, wanted only on macOS
+
     try:
         out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):

@@ -19,7 +19,6 @@ from edgelm.native import llamacpp as native  # before llama_cpp: it sets up Ope
 from edgelm.native.llamacpp import llama_cpp
 from edgelm.optional import require
 from edgelm.params import GenerationParams
-from edgelm.rpc import attach
 from llama_cpp import _internals as internals
 
 from . import speculative
@@ -134,6 +133,8 @@ class LlamaCppBackend(BackendBase):
         mp.use_extra_bufts = (not native.amx_present()) if extra is None else bool(extra)
         rpc = None
         if options.workers:  # layers on llama.cpp RPC workers (edgelm.rpc); edgelm.load runs this in a child process
+            from edgelm.rpc import attach  # off the cold path of a model on this machine
+
             rpc = attach.prepare(header, options, n_ctx)
             rpc.apply(mp)
         callback = _progress_callback(options.progress)

@@ -169,8 +169,12 @@ def cycles(imports: list[Import]) -> list[list[str]]:
 # a CLI call, a desktop app's launch and a Pi's slow Python pay for every module imported): their importers may
 # import them inside the function that needs them, as they do the heavy ones.  Each with where it is deferred.
 COLD_PATH_DEFERRED = {
-    "edgelm.hub": "edgelm.sources: only a name that is not a local path goes to the Hub cache",
+    "edgelm.hub": "edgelm.sources, edgelm.planning: only a name that is not a local path goes to the Hub cache",
     "edgelm.runtimes.remote": "edgelm.loader: only a load with workers= splits the model across RPC workers",
+    "edgelm.tools.formats": "edgelm.model: a chat without tools reads no call formats",
+    "edgelm.tools.prompt": "edgelm.model: only a chat with tools or earlier calls rewrites the messages",
+    "edgelm.tools.grammar": "edgelm.model: only a chat with tools builds the calls' grammar",
+    "edgelm.tools.parse": "edgelm.model: only a chat with tools, or stop strings (held_back), parses the answer",
 }
 
 

@@ -70,3 +70,21 @@ def test_help_and_version_list_every_command():
         assert f"  {name}" in result.output
     version = CliRunner().invoke(main, ["--version"])
     assert version.exit_code == 0 and edgelm.__version__ in version.output
+
+
+# what loading a local GGUF and generating must not import (tests/layers.py COLD_PATH_DEFERRED says why for each)
+NOT_FOR_A_LOCAL_LOAD = ("edgelm.plan", "edgelm.hub", "edgelm.rpc", "edgelm.rpc.attach", "edgelm.runtimes.remote",
+                        "edgelm.tools.formats", "edgelm.tools.grammar", "edgelm.tools.parse", "edgelm.tools.prompt",
+                        "edgelm.measure", "edgelm.store")
+
+
+@pytest.mark.slow
+def test_loading_a_local_file_imports_no_planner_hub_rpc_or_tools():
+    loaded = _modules_after(f"import edgelm\nm = edgelm.load({str(edgelm.default_model_path())!r}, n_ctx=256)\n"
+                            "m.generate('Hi', max_tokens=2, temperature=0)\nm.close()")
+    assert "edgelm.runtimes.llamacpp" in loaded and "edgelm.tools.spec" in loaded
+    assert not loaded & set(NOT_FOR_A_LOCAL_LOAD), sorted(loaded & set(NOT_FOR_A_LOCAL_LOAD))
+    # with stop strings, the held-back helper (edgelm.tools.parse) comes along, and nothing else of the tools
+    with_stop = _modules_after(f"import edgelm\nm = edgelm.load({str(edgelm.default_model_path())!r}, n_ctx=256)\n"
+                               "m.generate('Hi', max_tokens=2, temperature=0, stop=['zz'])")
+    assert "edgelm.tools.parse" in with_stop and "edgelm.tools.grammar" not in with_stop

@@ -19,7 +19,7 @@ from edgelm.formats.onnx_folder import BYTES_PER_PARAMETER
 from edgelm.plan import PLAN_ONNX_QUANTS, PLAN_QUANTS, default_parallel
 from edgelm.platforms import Probes, detect
 from edgelm.platforms.profiles import DECODE_GFLOPS_PER_CORE, simd_level
-from edgelm.sources import model_facts, recommend
+from edgelm.planning import model_facts, recommend
 
 from .conftest import run_cli
 from .hub_standin import FakeHub, online_hub

@@ -13,7 +13,7 @@ from edgelm.converters.hf_gguf import converter_home, find_converter
 from edgelm.converters.onnx.optimum import find_optimum, optimum_home
 from edgelm.declarations import Setting, resolve
 from edgelm.plan import RECOMMEND
-from edgelm.sources import recommend
+from edgelm.planning import recommend
 from edgelm.platforms import detect
 from edgelm.platforms.profiles import profiles
 from edgelm.cluster import LINKS, print_plan, recommend_cluster

@@ -30,7 +30,8 @@ from edgelm.platforms.profiles import resolve as resolve_device
 from edgelm.plan import Plan
 from edgelm.server import check_bind
 from edgelm.settings import LOAD
-from edgelm.sources import recommend, resolve_model_path
+from edgelm.planning import recommend
+from edgelm.sources import resolve_model_path
 from edgelm.version import __version__
 
 from . import crossbuild, manifest, scripts, wheels

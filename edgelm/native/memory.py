@@ -8,7 +8,6 @@ closing the default model).  :func:`trim_heap` asks glibc to return them; elsewh
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 _libc: ctypes.CDLL | None | bool = None  # None: not looked up yet; False: not glibc
@@ -20,10 +19,10 @@ def trim_heap() -> bool:
     if _libc is None:
         _libc = False
         if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            try:  # glibc's soname; ctypes.util.find_library would fork `ldconfig -p` to find it
+                libc = ctypes.CDLL("libc.so.6")
                 _libc = libc if hasattr(libc, "malloc_trim") else False
-            except OSError:
+            except OSError:  # not glibc (musl: no malloc_trim)
                 pass
     if _libc is False:
         return False

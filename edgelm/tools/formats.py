@@ -12,7 +12,6 @@ again (by the template, or written into the assistant's content by edgelm, ``cal
 from __future__ import annotations
 
 import json
-import secrets
 import string
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -53,6 +52,8 @@ class ToolFormat:
         return self.starts + self.leading
 
     def new_id(self) -> str:
+        import secrets  # ~5 ms of imports (base64, hmac), wanted only once a call is made
+
         if self.call_id == "alnum9":
             return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
         return "call_" + secrets.token_hex(12)
