@@ -299,6 +299,113 @@ def test_auto_for_several_streams_keeps_the_fastest_within_the_budget(tiny_llama
     assert measured_alternatives(tmp_path / "again.gguf", 4) == []
 
 
+def _counting_conversions(monkeypatch) -> list[str]:
+    """The conversions edgelm.autoconvert starts (the real edgelm.convert, counted)."""
+    import edgelm.autoconvert
+
+    calls: list[str] = []
+    real = edgelm.autoconvert.convert
+
+    def counted(src, **options):
+        calls.append(src)
+        return real(src, **options)
+
+    monkeypatch.setattr(edgelm.autoconvert, "convert", counted)
+    return calls
+
+
+def test_serve_tells_a_checkpoint_from_a_model_and_checks_the_budget_first(tmp_path, default_gguf, monkeypatch):
+    """Which sources the server converts (a checkpoint folder; not a GGUF, not a name the cache lacks), and a bad
+    budget refused before any conversion starts."""
+    from edgelm import server
+    from edgelm.autoconvert import find_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = bare_llama(tmp_path / "src", tokenizer=True)
+    assert find_checkpoint(src) == src.resolve() and find_checkpoint(str(src)) == src.resolve()
+    assert find_checkpoint(default_gguf) is None and find_checkpoint("org/not-cached") is None
+    calls = _counting_conversions(monkeypatch)
+    with pytest.raises(edgelm.InvalidParameterError, match="max_ppl_increase"):
+        server.model_names([str(src)], max_ppl_increase="a little")
+    assert calls == [] and server.model_names([str(default_gguf)]) == {default_gguf.stem: default_gguf.resolve()}
+
+
+@pytest.mark.slow  # converts the checkpoint and times each candidate, as the test above
+def test_serve_converts_a_checkpoint_once_for_several_streams(tiny_llama, tmp_path, monkeypatch):
+    """`edgelm serve --parallel 4 CHECKPOINT`: the server's sources convert the checkpoint as `edgelm convert
+    --quant auto --parallel 4` would, keep the GGUF under $EDGELM_HOME/converted, say which quantization and why,
+    and serve it; a second serve reuses the file."""
+    from click.testing import CliRunner
+
+    from edgelm import server
+    from edgelm.cli import main
+    from edgelm.formats.gguf import read_header
+    from edgelm.measure import STEP_COSTS_NAME
+    from edgelm.store import list_models
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("EDGELM_HOME", str(home))
+    calls = _counting_conversions(monkeypatch)
+    heard: list[str] = []
+    names = server.model_names([str(tiny_llama)], parallel=4, max_ppl_increase="400%",
+                               progress=lambda message, fraction: heard.append(message))
+    assert list(names) == ["tiny-llama"] and len(calls) == 1  # served under the checkpoint's name
+    path = names["tiny-llama"]
+    assert path.parent.parent == home / "converted" and path.suffix == ".gguf"
+    choice = json.loads((path.parent / "choice.json").read_text())
+    quant = choice["quant"]
+    assert read_header(path).quantization.lower() == quant and path.name == f"tiny-llama-{quant}.gguf"
+    # the kept quantization is one of the candidates measured (each timed at 4 streams and cached), the fastest
+    timed = {t["quant"]: t["tokens_per_second"] for t in choice["tried"] if "tokens_per_second" in t}
+    assert len(timed) >= 2 and quant in timed and timed[quant] == max(timed.values())
+    cached = json.loads((home / STEP_COSTS_NAME).read_text())
+    assert quant in {e["quant"].lower() for e in cached.values() if "4" in e}
+    # progress while converting, then one line naming the quantization and why
+    assert heard[0].startswith("converting tiny-llama to GGUF once, for 4 streams within +400% perplexity")
+    assert heard[-1].startswith(f"serving {path.name}: {quant.upper()}: 4 streams at ") and "the next fastest" in heard[-1]
+    assert "perplexity" in heard[-1] and "budget 5.00x" in heard[-1]
+    # `edgelm list` shows it (by its final name)
+    assert [m.path for m in list_models() if m.source == "converted"] == [str(path)]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["choice.json", path.name]
+
+    # the second serve, on the command line, reuses the file: no conversion, the same line again
+    served: dict = {}
+    monkeypatch.setattr(server, "serve", lambda names, **kw: served.update(names=names, **kw))
+    r = CliRunner().invoke(main, ["serve", "--parallel", "4", "--max-ppl-increase", "400%", str(tiny_llama)])
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 1 and served["names"] == {"tiny-llama": path} and served["load_kwargs"]["parallel"] == 4
+    assert f"serving {path.name}, converted earlier from tiny-llama: {quant.upper()}: 4 streams" in r.output
+    assert "hint:" not in r.output  # nothing measured serves 4 streams faster than the kept one
+
+
+@pytest.mark.slow  # converts the checkpoint (one candidate: one stream keeps the smallest within the budget)
+def test_serve_converts_a_hub_checkpoint_from_the_cache_offline(tiny_llama, tmp_path, monkeypatch):
+    """A Hub id naming a checkpoint, in the Hugging Face cache with HF_HUB_OFFLINE=1: converted once, served under
+    the id as typed."""
+    from huggingface_hub import snapshot_download
+
+    from edgelm import server
+
+    from .hub_standin import online_hub
+
+    with online_hub(tmp_path, monkeypatch, private_caches=True) as hub:
+        hub.add("org/tiny-llama", {p.name: p.read_bytes() for p in tiny_llama.iterdir() if p.is_file()})
+        snapshot_download("org/tiny-llama", cache_dir=str(tmp_path / "hf" / "hub"), endpoint=hub.endpoint)
+        hub.stop()
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        asked = len(hub.log)
+        calls = _counting_conversions(monkeypatch)
+        heard: list[str] = []
+        names = server.model_names(["org/tiny-llama"], max_ppl_increase="400%",
+                                   progress=lambda message, fraction: heard.append(message))
+        assert list(names) == ["org/tiny-llama"] and len(calls) == 1
+        assert calls[0].startswith(str(tmp_path / "hf" / "hub")) and len(hub.log) == asked  # the cached snapshot
+        path = names["org/tiny-llama"]
+        assert path.parent.parent == tmp_path / "edgelm" / "converted" and path.name.startswith("tiny-llama-")
+        assert heard[-1].startswith(f"serving {path.name}: ") and "the smallest quantization within the budget" in heard[-1]
+        assert server.model_names(["org/tiny-llama"], max_ppl_increase="400%") == names and len(calls) == 1
+
+
 def test_parallel_needs_auto_gguf(tmp_path):
     """Refused before the source is even looked at."""
     with pytest.raises(edgelm.InvalidParameterError, match="quant='auto'"):

@@ -4,7 +4,7 @@ derived from it or checked against it here.
 
 The tables: generation (GenerationParams), load (settings.LoadOptions + BACKEND), compress (CompressOptions),
 convert (ConvertOptions, and TARGET_FLAGS for the targets' own options), recommend (RecommendOptions, and the
-cluster flags with recommend_cluster's defaults).
+cluster flags with recommend_cluster's defaults), a served checkpoint's conversion (AutoConvertOptions).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 
 import edgelm
 from edgelm import converters
+from edgelm.autoconvert import AUTO_CONVERT, AutoConvertOptions
 from edgelm.cli import main
 from edgelm.cli.platforms import CLUSTER_FLAGS
 from edgelm.cli.store import PULL
@@ -36,10 +37,12 @@ from edgelm.tools.spec import TOOLS, ChatKwargs, ToolOptions
 TABLES: dict[str, tuple[Setting, ...]] = {
     "generation": GENERATION, "load": LOAD, "compress": COMPRESS, "convert": CONVERT, "convert targets": TARGET_FLAGS,
     "recommend": RECOMMEND, "recommend cluster": CLUSTER_FLAGS, "pull": PULL, "tools": TOOLS, "bundle": BUNDLE,
+    "serve conversion": AUTO_CONVERT,
 }
 # command -> the tables its flags come from
 COMMANDS: dict[str, tuple[tuple[Setting, ...], ...]] = {
-    "run": (GENERATION, LOAD), "chat": (GENERATION, LOAD), "serve": (GENERATION, LOAD), "batch": (GENERATION, LOAD),
+    "run": (GENERATION, LOAD), "chat": (GENERATION, LOAD), "serve": (GENERATION, LOAD, AUTO_CONVERT),
+    "batch": (GENERATION, LOAD),
     "compress": (COMPRESS,), "convert": (CONVERT, TARGET_FLAGS), "recommend": (RECOMMEND, CLUSTER_FLAGS),
     "pull": (PULL,), "bundle": (BUNDLE,),
 }
@@ -68,7 +71,8 @@ def test_each_table_declares_each_name_once(table):
 def test_the_records_are_the_tables():
     """The dataclasses the library validates with are where the tables come from: same names, same defaults."""
     for record, table in ((GenerationParams, GENERATION), (CompressOptions, COMPRESS), (ConvertOptions, CONVERT),
-                          (RecommendOptions, RECOMMEND), (ToolOptions, TOOLS), (BundleOptions, BUNDLE)):
+                          (RecommendOptions, RECOMMEND), (ToolOptions, TOOLS), (BundleOptions, BUNDLE),
+                          (AutoConvertOptions, AUTO_CONVERT)):
         assert [f.name for f in dataclasses.fields(record)] == _names(table), record
         built = record()
         for s in table:

@@ -13,7 +13,7 @@ from ..errors import HubError, UnsupportedModelError
 from ..formats import hf
 from ..optional import available
 from ..plan import ModelFacts, config_facts
-from .cache import hf_cache_dir, hub_endpoint, hub_offline
+from .cache import find_cached, hf_cache_dir, hub_endpoint, hub_offline
 from .reference import parse_reference
 
 
@@ -35,6 +35,8 @@ def hub_checkpoint(name: str) -> Path | ModelFacts | None:
             return snapshot
     if hub_offline():
         return None  # edgelm.hub says what is missing from the cache
+    if find_cached(ref, verify=False) is not None:
+        return None  # a GGUF or ONNX copy in the cache: edgelm.hub serves it, without asking the Hub
     return _remote_checkpoint(ref.repo_id, hub_endpoint(), str(hf_cache_dir()))
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypedDict
 
+from edgelm.autoconvert import find_checkpoint, serve_checkpoint
 from edgelm.errors import InsecureBindError, InvalidParameterError, ModelNotFoundError
 from edgelm.hub import served_reference
 
@@ -48,8 +49,13 @@ class ServerState:
         return names[0] if len(names) == 1 else None
 
 
-def model_names(paths: list[str] | None) -> dict[str, Path | None]:
-    """Served names for model paths: NAME=PATH, or the file (or folder) name without .gguf."""
+def model_names(paths: list[str] | None, *, parallel: int | None = None, threads: int | None = None,
+                max_ppl_increase: str | float | None = None,
+                progress: Callable[[str, float], None] | None = None) -> dict[str, Path | None]:
+    """Served names for model paths: NAME=PATH, or the file (or folder) name without .gguf; a Hub id is served as
+    typed.  A Hugging Face checkpoint (a folder, or a Hub id from the HF cache) is converted to GGUF once and its
+    GGUF served (:func:`edgelm.autoconvert.serve_checkpoint`: the quantization that serves ``parallel`` streams
+    fastest here within ``max_ppl_increase``; ``progress(message, fraction)`` hears the conversion and the choice)."""
     if not paths:
         return {DEFAULT_NAME: None}
     out: dict[str, Path | None] = {}
@@ -57,6 +63,13 @@ def model_names(paths: list[str] | None) -> dict[str, Path | None]:
         name, sep, path = item.partition("=")
         if not sep:
             path, name = item, Path(item).name.removesuffix(".gguf")
+        checkpoint = find_checkpoint(path)
+        if checkpoint is not None:  # converted once, then the GGUF is served under the source's name
+            exists = Path(path).expanduser().exists()
+            name = name if sep or exists else path  # a Hub id is served as typed
+            path = str(serve_checkpoint(checkpoint, label=Path(path).name if exists else path, parallel=parallel,
+                                        threads=threads, max_ppl_increase=max_ppl_increase,
+                                        progress=progress).path)
         # --- models by name (edgelm.hub): ORG/REPO[:QUANT] pulled (or taken from the cache), served as typed ---
         path, name = served_reference(path, name if sep else None) or (path, name)
         # --- end of models by name ---
@@ -85,8 +98,9 @@ def create_app(models: dict[str, Any] | list[str] | None = None, *, api_key: str
 
     from . import ollama_api, openai_api  # they import starlette (the optional "serve" extra)
 
-    if models is None or isinstance(models, list):
-        models = model_names(models)
+    if models is None or isinstance(models, list):  # a checkpoint among them is converted for load_kwargs' parallel
+        models = model_names(models, parallel=(load_kwargs or {}).get("parallel"),
+                             threads=(load_kwargs or {}).get("threads"))
     state = ServerState(Registry(models, keep_alive=keep_alive, load_kwargs=load_kwargs), api_key, max_body_bytes)
 
     def route(handler: Callable[..., Awaitable[Response]], dialect: str, name: str, *, body: bool = True):
