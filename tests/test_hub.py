@@ -19,6 +19,7 @@ import pytest
 import edgelm
 from edgelm import hub, store
 from edgelm.errors import DoesNotFitError, DownloadCorruptError, HubError, ModelNotFoundError, QuantNotFoundError
+from edgelm.sources import resolve_model_path
 
 from .conftest import run_cli
 from .hub_standin import FakeHub, make_gguf, online_hub
@@ -173,9 +174,9 @@ def test_a_damaged_cached_file_is_deleted_before_use(gguf_repo):
     with open(blob, "r+b") as fh:  # truncated on disk after the download
         fh.truncate(len(Q4) - 4096)
     with pytest.raises(DownloadCorruptError, match="truncated or corrupted"):
-        edgelm.loader.resolve_model_path("org/repo:Q4_K_M")
+        resolve_model_path("org/repo:Q4_K_M")
     assert not blob.exists() and not path.exists()
-    assert edgelm.loader.resolve_model_path("org/repo:Q4_K_M").read_bytes() == Q4  # pulled again
+    assert resolve_model_path("org/repo:Q4_K_M").read_bytes() == Q4  # pulled again
 
 
 def test_split_files_are_fetched_together(env):
@@ -271,7 +272,7 @@ def test_offline_against_a_cache_filled_by_huggingface_hub_itself(gguf_repo, mon
 
 
 def test_load_by_name_pulls_once_then_uses_the_cache_without_the_hub(gguf_repo, monkeypatch):
-    resolve = edgelm.loader.resolve_model_path
+    resolve = resolve_model_path
     first = resolve("org/repo:Q2_K")
     assert first.read_bytes() == Q2
     gguf_repo.stop()  # the Hub is gone (no HF_HUB_OFFLINE): the cached copy is used as it is
@@ -454,4 +455,4 @@ def test_load_by_name_generates_with_llama_cpp(env, default_gguf, smollm, monkey
     assert store.list_models()[0].last_used is not None  # the load was noted
     env.stop()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # afterwards: offline, from the cache
-    assert edgelm.loader.resolve_model_path("org/smollm2:Q4_1") == Path(m.info.path)
+    assert resolve_model_path("org/smollm2:Q4_1") == Path(m.info.path)
