@@ -77,11 +77,11 @@ def speculative(model: str, runs: int, threads: int) -> None:
                 pairs.append((fast.timings.tokens_per_second(fast.usage.completion_tokens),
                               plain.timings.tokens_per_second(plain.usage.completion_tokens)))
                 acceptance.append(fast.timings.draft_acceptance or 0.0)
-                paused = m.backend.speculation_stats.get("paused", 0)
+                skipped = m.backend.speculation_stats.get("skipped", 0)
             print(f"speculative    {task}: prompt-lookup {statistics.median(p[0] for p in pairs):.1f} tok/s vs plain "
                   f"{statistics.median(p[1] for p in pairs):.1f} -> {median_ratio(pairs):.2f}x (goal >= {goal}x); "
                   f"identical output: {same}; draft acceptance {statistics.median(acceptance):.2f}, "
-                  f"drafting paused {paused}x in the last run")
+                  f"{skipped} proposals skipped (not worth drafting) in the last run")
 
 
 def kv_cache(model: str, threads: int) -> None:
