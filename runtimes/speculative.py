@@ -168,14 +168,22 @@ class Costs:
         s = self.seconds
         one = s[1]
         if size in s:
-            return s[size] / one
-        below = max(m for m in s if m < size)
-        above = min((m for m in s if m > size), default=0)
-        low = s[below] / one
-        if above:
-            return low + (s[above] / one - low) * (size - below) / (above - below)
-        extra = min((low - 1) / (below - 1), self.PRIOR_EXTRA) if below > 1 else self.PRIOR_EXTRA
-        return low + extra * (size - below)
+            cost = s[size] / one
+        else:
+            below = max(m for m in s if m < size)
+            above = min((m for m in s if m > size), default=0)
+            low = s[below] / one
+            if above:
+                cost = low + (s[above] / one - low) * (size - below) / (above - below)
+            else:
+                extra = min((low - 1) / (below - 1), self.PRIOR_EXTRA) if below > 1 else self.PRIOR_EXTRA
+                cost = low + extra * (size - below)
+        # per drafted token a longer draft costs no more than a shorter one (a batch shares its fixed costs): so a
+        # size measured once while the machine was busy is not shunned for good
+        for m in s:
+            if 1 < m < size:
+                cost = min(cost, 1 + (s[m] / one - 1) * (size - 1) / (m - 1))
+        return cost
 
 
 class Pacer:

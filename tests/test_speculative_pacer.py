@@ -158,7 +158,7 @@ def test_no_draft_reaches_past_the_callers_limit():
     assert sum(script.sizes) == 20 - 1  # evaluated: every token but the last (the caller takes it and stops)
 
 
-def test_costs_interpolate_between_measured_sizes_and_extrapolate_at_the_cheaper_slope():
+def test_costs_interpolate_between_measured_sizes_and_a_longer_draft_is_never_dearer_per_token():
     c = Costs()
     assert c.wants_plain()
     c.record(1, 2.0)
@@ -169,6 +169,8 @@ def test_costs_interpolate_between_measured_sizes_and_extrapolate_at_the_cheaper
     assert c.relative(2) == pytest.approx(1.75)
     assert c.relative(6) == pytest.approx(2.5 + 2.5 * 3 / 6)
     assert c.relative(10) == pytest.approx(5 + 0.5)  # beyond 9: its 0.5 per drafted token (below PRIOR_EXTRA)
+    c.record(5, 20.0)  # measured while the machine was busy: 10 plain steps
+    assert c.relative(5) == pytest.approx(1 + 0.75 * 4)  # no dearer per drafted token than 3 tokens: still tried
     for _ in range(Costs.REFRESH):
         c.record(9, 10.0)
     assert c.wants_plain()  # a plain step is measured again now and then
