@@ -72,16 +72,17 @@ def speculative(model: str, runs: int, threads: int) -> None:
                 for mode in ((None, "prompt-lookup") if i % 2 else ("prompt-lookup", None)):  # alternated
                     m.reset_cache()
                     results[mode] = m.generate(prompt, temperature=0, max_tokens=128, speculative=mode)
+                    if mode:  # read now: the plain run after it resets the counters
+                        skipped = m.stats().get("speculative", {}).get("skipped", 0)
                 plain, fast = results[None], results["prompt-lookup"]
                 same &= fast.text == plain.text
                 pairs.append((fast.timings.tokens_per_second(fast.usage.completion_tokens),
                               plain.timings.tokens_per_second(plain.usage.completion_tokens)))
                 acceptance.append(fast.timings.draft_acceptance or 0.0)
-                paused = m.backend.speculation_stats.get("paused", 0)
             print(f"speculative    {task}: prompt-lookup {statistics.median(p[0] for p in pairs):.1f} tok/s vs plain "
                   f"{statistics.median(p[1] for p in pairs):.1f} -> {median_ratio(pairs):.2f}x (goal >= {goal}x); "
                   f"identical output: {same}; draft acceptance {statistics.median(acceptance):.2f}, "
-                  f"drafting paused {paused}x in the last run")
+                  f"{skipped} proposals skipped (not worth drafting) in the last prompt-lookup run")
 
 
 def kv_cache(model: str, threads: int) -> None:

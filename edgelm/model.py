@@ -446,7 +446,7 @@ class Model:
 
     def stats(self) -> dict[str, Any]:
         """Counters: the scheduler's (active and waiting sequences, batch size, tokens/s) under "sequences", and the
-        backend's of the last generation, e.g. {"speculative": {"rounds", "drafted", "accepted", "mode"}}."""
+        backend's of the last generation, e.g. {"speculative": {"mode", "rounds", "drafted", "accepted", "skipped"}}."""
         return {**self.backend.stats(), "sequences": self._engine.snapshot()}
 
     # --- prompt cache ---------------------------------------------------------------------------------------

@@ -88,6 +88,8 @@ class LlamaCppBackend(BackendBase):
         self.draft: LlamaCppBackend | None = None
         self.rpc: dict[str, Any] | None = None  # where each part lives, when layers are on RPC workers
         self.speculation_stats: dict[str, Any] = {}
+        # what drafting costs on this model and machine, by mode: learned once, used by every generation
+        self._draft_costs: dict[str, speculative.Costs] = {}
         self.capabilities = Capabilities(max_sequences=self.parallel, grammar=True, constraints=True, state=True,
                                          embeddings=True, speculative=self.parallel == 1)
         self._lltokenizer: Any = None
@@ -444,7 +446,9 @@ class LlamaCppBackend(BackendBase):
             drafter = (speculative.PromptLookup(tokens) if mode == "prompt-lookup"
                        else speculative.DraftModel(self.draft, tokens))
             self.speculation_stats = {"mode": mode}
-            return speculative.speculative_loop(self, seq, drafter, self.options.max_draft, self.speculation_stats)
+            pacer = speculative.Pacer(costs=self._draft_costs.setdefault(mode, speculative.Costs()))
+            return speculative.speculative_loop(self, seq, drafter, self.options.max_draft, self.speculation_stats,
+                                                pacer, limit=params.max_tokens)
         smpl = self.sampler(params, tokens)  # before touching the cache: a bad grammar leaves it intact
         try:
             self.prepare(seq, tokens)
