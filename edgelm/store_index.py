@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from .home import edgelm_home
+
 log = logging.getLogger("edgelm.store")
 
 INDEX_VERSION = 1
@@ -34,13 +36,6 @@ MAX_LAST_USED = 2000  # entries kept in the "last used" table (oldest dropped fi
 # .out.gguf.k2j4_x9a.convert, and the fp32 reference an ONNX conversion scores against
 # (TemporaryDirectory(prefix=".edgelm-ref-")); the store removes them, and their use is never recorded
 STALE_NAME = re.compile(r"^\.(?:.+\.[a-z0-9_]{6,12}\.(?:convert|part|partial)|edgelm-ref-[a-z0-9_]{6,12})$")
-
-
-def edgelm_home() -> Path:
-    """edgelm's own folder: $EDGELM_HOME, else $XDG_CACHE_HOME/edgelm, else ~/.cache/edgelm (read at each call)."""
-    if os.environ.get("EDGELM_HOME"):
-        return Path(os.environ["EDGELM_HOME"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "edgelm"
 
 
 def index_path() -> Path:
