@@ -107,8 +107,8 @@ def load(model: str | os.PathLike[str] | None = None, *,
     _check_types(values)
     if values["chat_template"] is not None:  # a bad name or Jinja text fails before anything loads
         resolve_chat_template(values["chat_template"])
-    resolved = runtime_defaults(name, values["device"])
-    values.update(threads=values["threads"] or resolved.threads, device=resolved.device,
+    resolved = runtime_defaults(name, values["device"], threads=values["threads"])
+    values.update(threads=resolved.threads, device=resolved.device,
                   n_gpu_layers=resolved.n_gpu_layers if values["n_gpu_layers"] is None else values["n_gpu_layers"])
     if values["draft_model"] is not None:
         values["draft_model"] = str(values["draft_model"])

@@ -59,10 +59,11 @@ def preferred_providers(probes: Probes | None = None) -> list[str] | None:
 
 
 def runtime_defaults(backend: str, device: str = "auto", *, gpu_offload: bool | None = None,
-                     probes: Probes | None = None) -> RuntimeDefaults:
+                     probes: Probes | None = None, threads: int | None = None) -> RuntimeDefaults:
     """Resolve ``device`` for ``backend`` on this machine: llama.cpp offloads every layer when its build can,
-    onnxruntime gets the execution providers that match the platform; threads = performance cores."""
-    threads = default_threads(probes)
+    onnxruntime gets the execution providers that match the platform; threads = performance cores, unless
+    ``threads`` is given (then the CPU is not examined for it)."""
+    threads = threads or default_threads(probes)
     if backend == "llamacpp":
         if gpu_offload is None:
             caps = (probes or Probes()).llama_caps()

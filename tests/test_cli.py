@@ -91,3 +91,58 @@ def test_quickstart_example_runs():
     r = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "tok/s" in r.stdout and "raw completion:" in r.stdout
+
+
+def test_one_shot_context_covers_every_token_and_stays_below_the_default():
+    from edgelm.runtimes.base import DEFAULT_MAX_CTX, context_for
+
+    assert context_for(2, 1) == 256  # at least 256
+    assert context_for(300, 16) == 512  # one token per byte at most, plus specials, rounded up to 256
+    assert context_for(0, 248) == 256 and context_for(0, 249) == 512
+    assert context_for(DEFAULT_MAX_CTX, 1) is None  # not smaller than the default: the default then
+    assert context_for(100, 100, trained=256) is None  # nor than what the model was trained for
+
+
+def _spy_loads(monkeypatch) -> list:
+    from edgelm.cli import generate
+
+    seen: list = []
+    real = generate.loader.load
+
+    def load(model, **kwargs):
+        seen.append(kwargs.get("n_ctx"))
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(generate.loader, "load", load)
+    return seen
+
+
+@pytest.mark.slow
+def test_a_one_shot_run_loads_a_window_for_its_prompt_and_answer(default_gguf, monkeypatch):
+    from click.testing import CliRunner
+
+    from edgelm.cli import main
+
+    loads = _spy_loads(monkeypatch)
+    r = CliRunner().invoke(main, ["run", "--raw", str(default_gguf), "Once upon a time", "-n", "8", "-t", "0"])
+    assert r.exit_code == 0, r.output
+    assert loads == [256] and r.output.strip()
+    loads.clear()
+    r = CliRunner().invoke(main, ["run", "--raw", str(default_gguf), "Hi", "-n", "8", "--n-ctx", "1024"])
+    assert r.exit_code == 0 and loads == [1024]  # a window the user asked for is theirs
+    loads.clear()
+    r = CliRunner().invoke(main, ["run", "--raw", str(default_gguf), "Hi"])
+    assert r.exit_code == 0 and loads == [None]  # no answer length: the default window
+
+
+@pytest.mark.slow
+def test_a_chat_template_longer_than_allowed_for_loads_the_default_window(default_gguf, monkeypatch):
+    from click.testing import CliRunner
+
+    from edgelm.cli import generate, main
+
+    monkeypatch.setattr(generate, "CHAT_TEMPLATE_ALLOWANCE", 0)  # SmolLM2's template adds a system prompt
+    loads = _spy_loads(monkeypatch)
+    r = CliRunner().invoke(main, ["run", str(default_gguf), "Hi", "-n", "240", "-t", "0", "--stats"])
+    assert r.exit_code == 0, r.output
+    assert loads == [256, None]  # 2 bytes + 240 fit 256, the template's ~30 tokens did not: loaded again

@@ -10,9 +10,15 @@ import click
 
 from edgelm import loader
 from edgelm.model import Model
+from edgelm.runtimes.base import context_for
 
 from .common import handle_errors
 from .options import generation_options, load_options, pop_generation, pop_load
+
+
+# bytes allowed for what a chat template adds around one message (markers, a default system prompt); a template
+# that adds more only costs a second load with the default window (run_command checks the count)
+CHAT_TEMPLATE_ALLOWANCE = 1024
 
 
 def load_model(model: str | None, kwargs: dict[str, Any]) -> Model:
@@ -75,19 +81,29 @@ def run_command(args: tuple[str, ...], raw: bool, system: str | None, stats: boo
     if prompt == "-":
         prompt = sys.stdin.read()
     params = pop_generation(kwargs)
-    with load_model(model, kwargs) as m:
+    load = pop_load(kwargs)
+    sized = None  # one prompt, a known answer length: a KV cache for that, not for the default window
+    if load.get("n_ctx") is None and params.get("max_tokens"):
+        text = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
+        sized = context_for(text + (0 if raw else CHAT_TEMPLATE_ALLOWANCE), params["max_tokens"])
+    m = loader.load(model, **load, **({"n_ctx": sized} if sized else {}))
+    try:
         if not raw and m.chat_template is None and not system:  # never a guessed chat format (edgelm.chat_templates)
             click.secho(f"{m.info.name or m.info.path} has no chat template: running a plain completion of the prompt "
                         "(--chat-template NAME to chat with it; --raw skips this notice).", dim=True, err=True)
             raw = True
-        if raw:
-            chunks = m.stream(prompt, **params)
-        else:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            chunks = m.stream_chat(messages, **params)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        if sized:
+            n_prompt = len(m.tokenize(prompt) if raw else m.chat_tokens(messages))
+            if n_prompt + params["max_tokens"] > m.n_ctx:  # the template added more than allowed for
+                m.close()
+                m = loader.load(model, **load)
+        chunks = m.stream(prompt, **params) if raw else m.stream_chat(messages, **params)
         last = stream_to_terminal(chunks)
         if stats:
             _print_stats(last)
+    finally:
+        m.close()
 
 
 CHAT_HELP = "Commands: /reset clears the conversation, /bye (or Ctrl-D) quits, /help shows this."
