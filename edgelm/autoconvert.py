@@ -29,6 +29,7 @@ from .converters.source import resolve as download_checkpoint
 from .declarations import from_dataclass, setting
 from .formats import hf
 from .hub import hub_checkpoint
+from .plan import PARALLEL_PPL_BUDGET
 from .platforms import cpu_signature
 from .runtimes import detect_backend
 from .store_index import edgelm_home, forget, record_output
@@ -46,7 +47,7 @@ class AutoConvertOptions:
     """How a served checkpoint is converted, each option declared once; `edgelm serve` derives its flags."""
 
     max_ppl_increase: str | float = setting(
-        "10%", "A Hugging Face checkpoint (folder or Hub id) is converted to GGUF once before it is served: of the "
+        PARALLEL_PPL_BUDGET, "A Hugging Face checkpoint (folder or Hub id) is converted to GGUF once before it is served: of the "
         "quantizations within this perplexity increase over the 16-bit reference, the one that serves --parallel N "
         "streams the most tokens per second here (the smallest, for one stream).", kind="str",
         cli=("--max-ppl-increase",), example="5%")

@@ -50,6 +50,10 @@ PLAN_ONNX_QUANTS = ("int8", "int4")
 # little quality).  F16 is listed for reference, never recommended.
 SMALL_MODEL_PARAMETERS = 2_000_000_000
 RECOMMEND_CAP = {"small": "Q8_0", "large": "Q4_K_M"}
+# the quality budget within which a model for several streams is converted to its fastest quantization (measured on
+# the CPU that will serve it: llama.cpp's batched kernels differ by weight type); `edgelm serve --parallel N
+# CHECKPOINT` (edgelm.autoconvert) converts with it, and a plan for parallel > 1 names that conversion
+PARALLEL_PPL_BUDGET = "10%"
 # ... and a context of at least this many tokens (or the wanted n_ctx, if smaller) comes before quality: a Pi Zero
 # 2 W fits SmolLM2-135M at Q8_0 only with n_ctx 512, at Q4_K_M with 2048.
 RECOMMEND_MIN_CTX = 2048
@@ -401,6 +405,14 @@ def convert_command(source: str, quant: str, to: str = "gguf") -> str:
     return f"edgelm convert {shlex.quote(source)} --to {to} --quant {quant.lower()} -o {shlex.quote(out)}"
 
 
+def parallel_convert_command(source: str, parallel: int) -> str:
+    """The `edgelm convert` command that keeps, of the GGUF quantizations within PARALLEL_PPL_BUDGET, the one that
+    serves ``parallel`` streams the most tokens per second on the machine that runs it (each timed there)."""
+    stem = Path(source.rstrip("/")).name or "model"
+    return (f"edgelm convert {shlex.quote(source)} --to gguf --quant auto --parallel {parallel} "
+            f"--max-ppl-increase {PARALLEL_PPL_BUDGET} -o {shlex.quote(f'{stem}-for-{parallel}.gguf')}")
+
+
 def recommend_cap(parameters: int) -> str:
     """The largest GGUF quantization a checkpoint plan recommends for a model of this size."""
     return RECOMMEND_CAP["small" if parameters < SMALL_MODEL_PARAMETERS else "large"]
@@ -459,9 +471,16 @@ def _plan_checkpoint(f: ModelFacts, t: _Target) -> Plan:
         notes.append(f"The hidden size ({f.shape.n_embd}) is not a multiple of 256, which k-quants (Q*_K) need: "
                      "llama.cpp stores those tensors as Q5_0/Q5_1/IQ4_NL/Q8_0 instead (counted in the sizes), so "
                      "the k-quants gain little over Q4_0/Q8_0 here.")
+    command = rows[best]["convert_command"]
+    if t.parallel > 1:  # the batched step's cost is the CPU's kernels' to say, not an estimate's
+        command = parallel_convert_command(f.source or f.path, t.parallel)
+        notes.append(f"For {t.parallel} streams at once, the command converts to the quantization that serves them the "
+                     f"most tokens per second on the machine that runs it (each within {PARALLEL_PPL_BUDGET} of the "
+                     "16-bit perplexity timed there: llama.cpp repacks some types for cheaper batched kernels); run it "
+                     f"on the device, or `edgelm serve --parallel {t.parallel}` with the checkpoint does it there.")
     notes += _notes(f, t, fit)
     return _plan(f, t, fit, backend="llamacpp", fmt="gguf", needs_conversion=True,
-                 convert_command=rows[best]["convert_command"], notes=notes, alternatives=[], quantizations=rows)
+                 convert_command=command, notes=notes, alternatives=[], quantizations=rows)
 
 
 def npu_convert_command(source: str, export: dict[str, Any]) -> str:

@@ -380,3 +380,12 @@ def test_cli_prints_the_table_and_the_convert_command(smol):
         assert f" {q.lower()} " in out
     assert f"edgelm convert {smol} --to gguf --quant q4_0 -o SmolLM2-135M-Instruct-q4_0.gguf" in out
     assert "Raspberry Pi Zero 2 W" in out
+
+
+def test_a_plan_for_several_streams_names_the_conversion_that_measures_them(smol):
+    plan = recommend(smol, "x86-laptop-16gb", parallel=4)
+    assert plan.convert_command == (f"edgelm convert {smol} --to gguf --quant auto --parallel 4 "
+                                    "--max-ppl-increase 10% -o SmolLM2-135M-Instruct-for-4.gguf")
+    assert any("4 streams at once" in n for n in plan.notes)
+    one = recommend(smol, "x86-laptop-16gb")
+    assert "--quant q8_0" in one.convert_command  # one stream: the estimate's pick, as before
