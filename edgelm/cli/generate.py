@@ -85,7 +85,8 @@ def run_command(args: tuple[str, ...], raw: bool, system: str | None, stats: boo
     sized = None  # one prompt, a known answer length: a KV cache for that, not for the default window
     if load.get("n_ctx") is None and params.get("max_tokens"):
         text = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
-        sized = context_for(text + (0 if raw else CHAT_TEMPLATE_ALLOWANCE), params["max_tokens"])
+        trained = loader.inspect(model).get("context_length")  # from the header: an ONNX graph's window is a limit
+        sized = context_for(text + (0 if raw else CHAT_TEMPLATE_ALLOWANCE), params["max_tokens"], trained=trained)
     m = loader.load(model, **load, **({"n_ctx": sized} if sized else {}))
     try:
         if not raw and m.chat_template is None and not system:  # never a guessed chat format (edgelm.chat_templates)
