@@ -32,6 +32,7 @@ from .hub import hub_checkpoint
 from .plan import PARALLEL_PPL_BUDGET
 from .platforms import cpu_signature
 from .runtimes import detect_backend
+from .home import write_atomic
 from .store_index import edgelm_home, forget, record_output
 
 log = logging.getLogger("edgelm")
@@ -188,9 +189,7 @@ def serve_checkpoint(folder: str | os.PathLike[str], *, label: str | None = None
     reason = _reason(report, n, budget)
     choice = {"file": path.name, "source": str(source), "quant": report.quant, "parallel": n, "reason": reason,
               "tried": report.tried}
-    tmp = home / f".{CHOICE_NAME}.tmp"
-    tmp.write_text(json.dumps(choice, indent=1), encoding="utf-8")
-    os.replace(tmp, home / CHOICE_NAME)
+    write_atomic(home / CHOICE_NAME, json.dumps(choice, indent=1))
     _say(progress, f"serving {path.name}: {reason}")
     return ServedCheckpoint(path, str(source), report.quant, n, reason, converted=True, tried=report.tried)
 

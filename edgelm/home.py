@@ -6,6 +6,7 @@ It sits in the bottom layer so that every layer, the file formats included, find
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -14,3 +15,25 @@ def edgelm_home() -> Path:
     if os.environ.get("EDGELM_HOME"):
         return Path(os.environ["EDGELM_HOME"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "edgelm"
+
+
+def write_atomic(path: Path, text: str, *, durable: bool = False) -> None:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all: into a temporary file of its own beside it (two
+    processes never share one), then renamed over it; ``durable`` flushes it to the disk first (fsync), for a file
+    whose loss would lose the user's bookkeeping.  The folder is made if missing; on failure the temporary is gone
+    and the error raised."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

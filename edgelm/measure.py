@@ -23,7 +23,7 @@ from .formats.gguf import read_header
 from .platforms import cpu_signature
 from .platforms.process import peak_rss_bytes
 from .quality import eval_text, perplexity
-from .store_index import edgelm_home
+from .home import edgelm_home, write_atomic
 
 
 @dataclass(frozen=True)
@@ -261,10 +261,7 @@ def step_seconds(model: str | os.PathLike[str], sizes: Sequence[int] = (1, 4), *
         known[key] = {**have, **{str(n): s for n, s in out.items()}, "quant": header.quantization,
                       "architecture": header.architecture, "parameters": header.parameters}
         with contextlib.suppress(OSError):
-            store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = store.with_suffix(".tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            tmp.replace(store)
+            write_atomic(store, json.dumps(known, indent=1))
     return out
 
 

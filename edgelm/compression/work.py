@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import InvalidParameterError
+from edgelm.home import write_atomic
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def source_identity(source: Path) -> dict[str, Any]:

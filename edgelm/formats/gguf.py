@@ -16,13 +16,12 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgelm.errors import InvalidModelFileError, ModelNotFoundError
-from edgelm.home import edgelm_home
+from edgelm.home import edgelm_home, write_atomic
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -403,17 +402,8 @@ class _ArrayEnds:
         table[key] = {str(k): v for k, v in ends.items()}
         while len(table) > self.MAX_FILES:  # the oldest first (a dict keeps insertion order)
             del table[next(iter(table))]
-        target = self._file()
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.NAME}.", suffix=".tmp", dir=target.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump(table, fh)
-                os.replace(tmp, target)  # whole or not at all; a lost update only means one more walk
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            write_atomic(self._file(), json.dumps(table))  # a lost update only means one more walk
         except OSError:
             pass
 
