@@ -145,12 +145,12 @@ def context_for(text_bytes: int, max_tokens: int, *, trained: int | None = None)
     """The context window a one-shot generation needs (a prompt of ``text_bytes`` UTF-8 bytes, then at most
     ``max_tokens``), rounded up to a multiple of 256 (at least 256): every tokenizer edgelm loads (byte-level BPE,
     SentencePiece with byte fallback) makes at most one token per byte, plus a few special ones.  None when that is
-    not below the default window (DEFAULT_MAX_CTX, or ``trained`` when shorter): load with the default then.  A
-    smaller window is a smaller KV cache to allocate and clear (SmolLM2 at 4,096 tokens: 94 MB, ~40 ms of a cold
-    start)."""
+    not below the window a load gets by default (:func:`resolve_n_ctx` for a model trained for ``trained``): load
+    with the default then.  A smaller window is a smaller KV cache to allocate and clear (SmolLM2 at 4,096 tokens:
+    94 MB, ~40 ms of a cold start)."""
     need = text_bytes + max_tokens + 8
     n_ctx = max(256, -(-need // 256) * 256)
-    return n_ctx if n_ctx < min(int(trained or DEFAULT_MAX_CTX), DEFAULT_MAX_CTX) else None
+    return n_ctx if n_ctx < resolve_n_ctx(None, trained) else None
 
 
 def reusable_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:

@@ -9,11 +9,10 @@ import click
 from edgelm import server
 from edgelm.autoconvert import AUTO_CONVERT
 from edgelm.measure import measured_alternatives
+from edgelm.plan import PARALLEL_PPL_BUDGET
 
 from .common import handle_errors
 from .options import generation_options, load_options, pop_generation, pop_given, pop_load, table_options
-
-BUDGET = {s.name: s.default for s in AUTO_CONVERT}["max_ppl_increase"]  # the quality budget a hint suggests
 
 
 @click.command("serve")
@@ -101,7 +100,7 @@ def _faster_layouts(names: dict[str, Any], load: dict[str, Any]) -> None:
             best = faster[0]
             click.secho(f"hint: {best['quant'].upper()} of this model served {parallel} streams {best['speedup']:.2f}x "
                         f"faster than {path.name} on this CPU (measured): `edgelm convert SRC --quant auto --parallel "
-                        f"{parallel} --max-ppl-increase {BUDGET}` keeps the fastest within a quality budget (`edgelm "
+                        f"{parallel} --max-ppl-increase {PARALLEL_PPL_BUDGET}` keeps the fastest within a quality budget (`edgelm "
                         f"serve --parallel {parallel} SRC` with the checkpoint does it by itself).", err=True)
 
 
