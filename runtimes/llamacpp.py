@@ -17,6 +17,7 @@ from edgelm.errors import BackendError, InvalidParameterError, StateMismatchErro
 from edgelm.formats import gguf, kv_state
 from edgelm.native import llamacpp as native  # before llama_cpp: it sets up OpenMP first
 from edgelm.native.llamacpp import llama_cpp
+from edgelm.native.team import decoding as team_decoding
 from edgelm.optional import require
 from edgelm.params import GenerationParams
 from llama_cpp import _internals as internals
@@ -259,7 +260,8 @@ class LlamaCppBackend(BackendBase):
         ctx, start = self._ctx.ctx, len(seq.tokens)
         for i in range(0, len(tokens), self.n_batch):
             part = tokens[i : i + self.n_batch]
-            rc = llama_cpp.llama_decode(ctx, self._fill_batch(seq, part, start + i, all_logits))
+            with team_decoding():  # a prompt often follows an idle pause: its threads start on distinct CPUs
+                rc = llama_cpp.llama_decode(ctx, self._fill_batch(seq, part, start + i, all_logits))
             if rc != 0:
                 raise self._decode_failed(seq, rc, start + i)
             seq.tokens.extend(part)
@@ -275,7 +277,8 @@ class LlamaCppBackend(BackendBase):
         b.seq_id[0][0] = seq.id
         b.n_seq_id[0] = 1
         b.logits[0] = True
-        rc = llama_cpp.llama_decode(self._ctx.ctx, b)
+        with team_decoding():  # often a prompt's last token after a reused prefix, after an idle pause
+            rc = llama_cpp.llama_decode(self._ctx.ctx, b)
         if rc != 0:
             raise self._decode_failed(seq, rc, pos)
         seq.tokens.append(tokens[0])
@@ -337,7 +340,8 @@ class LlamaCppBackend(BackendBase):
                 b.logits[j - 1] = True
                 rows[i] = j - 1
         b.n_tokens = j
-        rc = llama_cpp.llama_decode(self._ctx.ctx, b)
+        with team_decoding():  # the first step after an idle pause starts with its threads on distinct CPUs
+            rc = llama_cpp.llama_decode(self._ctx.ctx, b)
         if rc != 0:
             for seq, _, _ in parts:  # nothing of a failed batch stays in the cache
                 llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq.id, len(seq.tokens), -1)
