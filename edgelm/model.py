@@ -11,14 +11,14 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Sequence
 
 from . import chat as chat_templates
 from .errors import (BackendError, ContextLengthExceededError, InvalidParameterError, ModelClosedError,
                      ModelNotFoundError, NoChatTemplateError, UnsupportedModelError)
 from .native.memory import trim_heap
 from .params import GenerationKwargs, GenerationParams
-from .runtimes.scheduler import Direct, Scheduler
+from .runtimes.scheduler import NO_TOKEN, Direct, Scheduler
 from .tools.spec import ChatKwargs, ToolOptions, split
 from .types import Chunk, Completion, ModelInfo, Timings, ToolCall, Usage
 
@@ -268,11 +268,12 @@ class Model:
         room = n_ctx - n_prompt
         limit = room if p.max_tokens is None else min(p.max_tokens, room)
         # submitted now (a batched model starts reading the prompt at once); checks above raise at call time
+        start = time.perf_counter()  # the time to the first token counts from here, however late the first next()
         source = self._engine.submit(tokens, p, limit)
-        return ChunkStream(self._chunks(source, backend, n_prompt, limit, p), source)
+        return ChunkStream(self._chunks(source, backend, n_prompt, limit, p, start), source)
 
-    def _chunks(self, source: Any, backend: Any, n_prompt: int, limit: int,
-                p: GenerationParams) -> Generator[Chunk, None, None]:
+    def _chunks(self, source: Any, backend: Any, n_prompt: int, limit: int, p: GenerationParams,
+                start: float) -> Generator[Chunk, None, None]:
         stops = p.stop
         longest_stop = max((len(s) for s in stops), default=0)
         if stops:
@@ -283,11 +284,13 @@ class Model:
         n_out = 0
         finish = "length"
         stopped_by_string = False
-        start = time.perf_counter()
         first = None
         ids: list[int] = []  # generated since the last chunk
         try:
             for token in source:
+                if token == NO_TOKEN:  # a watched source with nothing ready yet (ChunkStream.watch)
+                    yield WAITING
+                    continue
                 if first is None:
                     first = time.perf_counter()
                 if is_eog(token):
@@ -517,6 +520,9 @@ class Model:
         return f"<edgelm.Model {i.name or i.path} {i.architecture} {i.quantization} backend={i.backend} n_ctx={i.context_length}>"
 
 
+WAITING = Chunk("")  # what a watched stream gives while its next chunk is not ready (ChunkStream.watch)
+
+
 class ChunkStream:
     """The chunks of one generation, as they come (iterate it).  ``cancel()`` may be called from any thread (a stop
     button, a client that went away): the stream then ends at once with finish_reason "cancelled".  Closing it, or
@@ -531,6 +537,17 @@ class ChunkStream:
 
     def __next__(self) -> Chunk:
         return next(self._chunks)
+
+    @property
+    def watchable(self) -> bool:
+        """Whether :meth:`watch` works: the tokens come from a batched model's scheduler thread."""
+        return self._source.pushes
+
+    def watch(self, notify: Callable[[], None]) -> None:
+        """Read it without a thread of its own (an event loop does): from now on next() never blocks but gives
+        :data:`WAITING` (identity) while the next chunk is not ready, and ``notify()`` is called from the model's
+        thread whenever something came; only where :attr:`watchable`."""
+        self._source.watch(notify)
 
     def cancel(self) -> None:
         self._source.cancel()
@@ -573,6 +590,9 @@ def _tool_chunks(stream: ChunkStream, parser: ToolCallParser) -> Generator[Chunk
     when the answer ended (not cut short) with calls."""
     try:
         for chunk in stream:
+            if chunk is WAITING:
+                yield chunk
+                continue
             text, deltas = parser.feed(chunk.text)
             if chunk.finish_reason is None:
                 if text or deltas or chunk.tokens:

@@ -2,7 +2,8 @@
 
 Both hand out :class:`TokenSource` objects: an iterator of token ids that :class:`edgelm.Model` turns into text,
 which its consumer may close (done) and anyone may :meth:`~TokenSource.cancel` from another thread (a stop button,
-a client that went away).
+a client that went away).  A scheduler's source can also be read without a thread of its own (:meth:`TokenSource.watch`:
+an event loop is told when a token comes and reads it without blocking; the server does this).
 
 The scheduler (continuous batching) runs one thread over a backend that holds N sequences and can decode a batch
 mixing them (:class:`BatchDecoder`, the llama.cpp backend).  Every step decodes the next token of each generating
@@ -29,6 +30,7 @@ from edgelm.errors import BackendError, ModelClosedError
 from .base import Seq, reusable_prefix
 
 _DONE = object()
+NO_TOKEN = -1  # what a watched source's next() gives while no token is ready (token ids are >= 0)
 LOOKAHEAD = 8  # tokens a sequence may generate ahead of its consumer before it skips steps
 # prompt tokens read per step while other sequences are generating: a long prompt is read in chunks this size, so
 # the running streams get a token between chunks instead of freezing for the whole prompt
@@ -92,6 +94,13 @@ class TokenSource:
     arrived.  ``close()`` is for the consumer; ``cancel()`` may be called from any thread: the iterator then ends."""
 
     reused: int = 0
+    pushes: bool = False  # True: watch() works (the tokens come from another thread)
+
+    def watch(self, notify: Callable[[], None]) -> None:
+        """Read without blocking from now on: next() gives NO_TOKEN while no token is ready, and ``notify()`` is
+        called (from the producing thread) after each token, the end or an error is queued.  Only where
+        :attr:`pushes`; a source whose tokens are computed in next() itself (:class:`Direct`'s) cannot."""
+        raise NotImplementedError(f"{type(self).__name__} computes its tokens in next(); read it in a thread.")
 
     def __iter__(self) -> "TokenSource":
         return self
@@ -232,6 +241,8 @@ class BatchDecoder(Protocol):
 class Request(TokenSource):
     """One generation in the scheduler: its prompt, sampler and limit; the tokens come through a queue."""
 
+    pushes = True
+
     def __init__(self, scheduler: "Scheduler", tokens: list[int], sampler: Any, limit: int) -> None:
         self.scheduler = scheduler
         self.prompt = tokens
@@ -246,11 +257,29 @@ class Request(TokenSource):
         self.taken = 0
         self.arrived = time.perf_counter()
         self._ended = False
+        self.notify: Callable[[], None] | None = None
+
+    def watch(self, notify: Callable[[], None]) -> None:
+        self.notify = notify
+        if not self.queue.empty():
+            notify()
+
+    def put(self, item: Any) -> None:
+        """Queue a token, the end (_DONE) or an error for the consumer (any thread)."""
+        self.queue.put(item)
+        if self.notify is not None:
+            self.notify()
 
     def __next__(self) -> int:
         if self._ended:
             raise StopIteration
-        item = self.queue.get()
+        if self.notify is not None:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return NO_TOKEN
+        else:
+            item = self.queue.get()
         if item is _DONE:
             self._ended = True
             raise StopIteration
@@ -269,7 +298,7 @@ class Request(TokenSource):
 
     def cancel(self) -> None:
         self.cancelled = True
-        self.queue.put(_DONE)  # a consumer blocked in next() wakes up at once
+        self.put(_DONE)  # a consumer blocked in next() wakes up at once
         self.scheduler.wake()
 
 
@@ -466,7 +495,7 @@ class Scheduler:
             r.generated += 1
             s.tokens += 1
             self._recent.append((now, 1))
-            r.queue.put(token)
+            r.put(token)
             assert r.slot is not None  # an active request holds a slot
             if self.backend.is_eog(token) or r.generated >= r.limit or len(r.slot.tokens) >= self.backend.n_ctx:
                 self._finish(r, None)
@@ -481,7 +510,7 @@ class Scheduler:
                 self._free.append(r.slot)
                 self._used_at[id(r.slot)] = time.monotonic()
         r.sampler.close()
-        r.queue.put(error if error is not None else _DONE)
+        r.put(error if error is not None else _DONE)
 
 
 class _SchedulerExclusive:

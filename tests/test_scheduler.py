@@ -9,7 +9,7 @@ import threading
 import time
 
 from edgelm.runtimes.base import Seq
-from edgelm.runtimes.scheduler import REUSE_MIN, Scheduler
+from edgelm.runtimes.scheduler import NO_TOKEN, REUSE_MIN, Scheduler
 
 
 class _Sampler:
@@ -164,5 +164,45 @@ def test_a_prompt_joining_running_streams_is_read_first_in_its_own_batch():
         assert sorted(batches[k]) == sorted([running.slot.id, joiner.slot.id, short.slot.id])
         for r in (running, joiner, short):
             r.cancel()
+    finally:
+        s.close()
+
+
+def test_a_watched_request_never_blocks_and_says_when_a_token_or_the_end_came():
+    """What the server's event loop relies on: next() gives NO_TOKEN at once while nothing is ready, notify() is
+    called after every token and after the end, and the tokens and the end come as they would in a thread."""
+    dec = RecordingDecoder(2)
+    dec.go.clear()  # hold the first step
+    s = Scheduler(dec)
+    try:
+        r = s.submit([1, 2], None, 3)
+        calls = []
+        r.watch(lambda: calls.append(r.generated))
+        assert next(r) == NO_TOKEN and calls == []
+        dec.go.set()
+        wait_for(lambda: len(calls) >= 4)  # three tokens, then the end
+        assert calls[:3] == [1, 2, 3]
+        tokens = []
+        while True:
+            try:
+                token = next(r)
+            except StopIteration:
+                break
+            assert token != NO_TOKEN  # everything was queued before this loop
+            tokens.append(token)
+        assert tokens == [7, 7, 7]
+    finally:
+        s.close()
+
+
+def test_watching_after_a_token_came_notifies_at_once():
+    dec = RecordingDecoder(1)
+    s = Scheduler(dec)
+    try:
+        r = s.submit([1], None, 1)
+        wait_for(lambda: r.generated == 1)
+        calls = []
+        r.watch(lambda: calls.append(1))
+        assert calls and next(r) == 7
     finally:
         s.close()

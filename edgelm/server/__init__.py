@@ -194,6 +194,7 @@ async def _read_json(state: ServerState, request: Any) -> dict[str, Any]:
         if len(raw) > state.max_body_bytes:
             raise RequestError(413, f"Request body is over the limit of {state.max_body_bytes:,} bytes.",
                                code="request_too_large")
+    request.state.body_bytes = len(raw)  # core.start: a small request starts its stream on the event loop
     try:
         data = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:

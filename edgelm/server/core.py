@@ -1,9 +1,13 @@
-"""The one streaming path both APIs use: a model's stream run in a worker thread, bridged to asyncio.
+"""The one streaming path both APIs use: a model's stream, read by the event loop or by a worker thread.
 
-The worker loads the model on first use and runs the library stream; the model itself queues requests in arrival
-order, or batches them (a model loaded with parallel=N).  A client that goes away cancels its stream from the event
-loop's side (ChunkStream.cancel is thread-safe), so a waiting request leaves the queue and a running one stops
-within a step, freeing its sequence.
+A batched model (parallel=N: the llama.cpp scheduler) already loaded and a request of at most INLINE_BUILD_BYTES
+are started on the event loop itself: the prompt is tokenized and submitted there, and the loop is told by the
+scheduler's thread when a token came (ChunkStream.watch), so the first token reaches the socket without a thread hop
+(measured: a thread per request cost ~0.5 ms of the time to first token).  Otherwise a worker thread loads the model
+on first use, starts the stream and reads it (a one-at-a-time model computes its tokens in the reading thread); the
+model itself queues requests in arrival order, or batches them.  A client that goes away cancels its stream from
+the event loop's side (ChunkStream.cancel is thread-safe), so a waiting request leaves the queue and a running one
+stops within a step, freeing its sequence.
 """
 
 from __future__ import annotations
@@ -15,12 +19,16 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from edgelm.constraints import Constraint
 from edgelm.errors import InvalidParameterError
+from edgelm.model import WAITING
 from edgelm.types import Chunk
 
 from .errors import RequestError
 from .registry import Entry, Registry
 
 _END = object()
+# a request body up to this size starts its stream on the event loop (tokenizing 8 KB of text takes ~2 ms here;
+# 32 KB ~8 ms, which would hold up every other stream's tokens): larger ones start in a worker thread
+INLINE_BUILD_BYTES = 8192
 
 
 @dataclass
@@ -39,24 +47,93 @@ class _Handle:
             stream.cancel()
 
 
+class _Threaded:
+    """Chunks a worker thread reads (and, first, loads the model and starts the stream)."""
+
+    def __init__(self, registry: Registry, entry: Entry, make: Callable[[], Any], handle: _Handle) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.model: Any = None
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+        def work() -> None:
+            stream = None
+            try:
+                with handle.lock:
+                    if handle.cancelled.is_set():
+                        return
+                    stream = handle.stream = make()
+                for chunk in stream:
+                    put(chunk)
+            except BaseException as exc:  # delivered to the request; never lost in the thread
+                put(exc)
+            finally:
+                if stream is not None:
+                    stream.close()
+                registry.end(entry)
+                put(_END)
+
+        threading.Thread(target=work, name=f"edgelm-gen-{entry.name}", daemon=True).start()
+
+    async def next(self) -> Any:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        pass  # the thread closes the stream and ends the request
+
+
+class _Watched:
+    """Chunks the event loop reads itself, woken by the model's thread when a token came."""
+
+    def __init__(self, registry: Registry, entry: Entry, stream: Any) -> None:
+        loop = asyncio.get_running_loop()
+        self.registry, self.entry, self.stream = registry, entry, stream
+        self.ready = asyncio.Event()
+        self.closed = False
+        stream.watch(lambda: loop.call_soon_threadsafe(self.ready.set))
+
+    async def next(self) -> Any:
+        try:
+            while True:
+                self.ready.clear()
+                chunk = next(self.stream)
+                if chunk is not WAITING:
+                    return chunk
+                await self.ready.wait()
+        except StopIteration:
+            return _END
+        except Exception as exc:
+            return exc
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.stream.close()
+            self.registry.end(self.entry)
+
+
 @dataclass
 class Generation:
-    """A running generation: the first event is already known (so errors become proper statuses)."""
+    """A running generation.  Read in a thread, its first chunk is already known when :func:`start` returns (a model
+    that fails to load, or a one-at-a-time model whose sampler fails, then gives a proper status); read on the event
+    loop it is not: every check ran when the stream was built, and the response starts while the prompt is read."""
 
     entry: Entry
-    first: Chunk
-    queue: asyncio.Queue
+    first: Chunk | None
+    feed: Any  # _Threaded | _Watched
     handle: _Handle
-    model: Any
 
     async def chunks(self) -> AsyncIterator[Chunk]:
-        """Every chunk; raises the worker's exception if the stream fails after it began."""
+        """Every chunk; raises the stream's exception if it fails."""
         try:
-            yield self.first
-            if self.first.finish_reason is not None:
-                return
+            if self.first is not None:
+                yield self.first
+                if self.first.finish_reason is not None:
+                    return
             while True:
-                item = await self.queue.get()
+                item = await self.feed.next()
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
@@ -66,49 +143,47 @@ class Generation:
                     return
         finally:
             self.handle.cancel()  # client gone (or done): the stream stops at once and frees its place
+            self.feed.close()
 
-
-async def start(registry: Registry, entry: Entry, build: Callable[[Any], Iterator[Chunk]]) -> Generation:
-    """Start the stream ``build(model)`` and wait for its first chunk (or its error)."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    handle = _Handle()
-    holder: dict[str, Any] = {}
-
-    def put(item: Any) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def work() -> None:
-        registry.begin(entry)
-        stream = None
+    def __del__(self) -> None:  # a response never sent (the client left first): free the place all the same
         try:
-            model = registry.load(entry)
-            holder["model"] = model
-            with handle.lock:
-                if handle.cancelled.is_set():
-                    return
-                stream = handle.stream = build(model)
-            for chunk in stream:
-                put(chunk)
-        except BaseException as exc:  # delivered to the request; never lost in the thread
-            put(exc)
-        finally:
-            if stream is not None:
-                stream.close()
-            registry.end(entry)
-            put(_END)
+            self.handle.cancel()
+            self.feed.close()
+        except Exception:
+            pass
 
-    threading.Thread(target=work, name=f"edgelm-gen-{entry.name}", daemon=True).start()
+
+async def start(registry: Registry, entry: Entry, build: Callable[[Any], Iterator[Chunk]], *,
+                size: int = 0) -> Generation:
+    """Start the stream ``build(model)`` (its errors raise here); one read in a thread also waits for its first chunk
+    (or its error).  ``size``: the request body's bytes (see INLINE_BUILD_BYTES)."""
+    handle = _Handle()
+    registry.begin(entry)
     try:
-        first = await queue.get()
+        model = registry.loaded(entry) if size <= INLINE_BUILD_BYTES else None
+        stream = handle.stream = build(model) if model is not None else None  # errors: a status, nothing started
+        if stream is not None and stream.watchable:
+            feed: Any = _Watched(registry, entry, stream)
+        else:
+            feed = _Threaded(registry, entry, (lambda: stream) if stream is not None else
+                             (lambda: build(registry.load(entry))), handle)
+    except BaseException:
+        registry.end(entry)
+        raise
+    if isinstance(feed, _Watched):  # the response headers go out while the prompt is read
+        return Generation(entry, None, feed, handle)
+    try:
+        first = await feed.next()
     except asyncio.CancelledError:
         handle.cancel()
+        feed.close()
         raise
-    if isinstance(first, BaseException):
+    if isinstance(first, BaseException) or first is _END:
+        feed.close()
+        if first is _END:
+            raise asyncio.CancelledError()
         raise first
-    if first is _END:
-        raise asyncio.CancelledError()
-    return Generation(entry, first, queue, handle, holder.get("model"))
+    return Generation(entry, first, feed, handle)
 
 
 async def call(registry: Registry, entry: Entry, fn: Callable[[Any], Any]) -> Any:

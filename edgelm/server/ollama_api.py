@@ -102,7 +102,8 @@ async def chat(request: Request, body: dict[str, Any]) -> Response:
         tools["tools"] = body["tools"]
     split(dict(tools))  # a bad tool is a 400 naming its field, before any model loads
     started = time.perf_counter()
-    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params, **tools))
+    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params, **tools),
+                           size=request.state.body_bytes)
     return await _respond(app, entry, gen, body, chat=True, started=started)
 
 
@@ -132,7 +133,7 @@ async def generate(request: Request, body: dict[str, Any]) -> Response:
                 return m.stream(prompt, **params)
             return m.stream_chat(messages, **params)
     started = time.perf_counter()
-    gen = await core.start(app.registry, entry, build)
+    gen = await core.start(app.registry, entry, build, size=request.state.body_bytes)
     return await _respond(app, entry, gen, body, chat=False, started=started)
 
 

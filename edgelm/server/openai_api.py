@@ -70,7 +70,8 @@ async def chat_completions(request: Request, body: dict[str, Any]) -> Response:
     messages = validate_messages(body.get("messages"))
     params = params_from(body)
     tools = tool_kwargs(body)
-    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params, **tools))
+    gen = await core.start(app.registry, entry, lambda m: m.stream_chat(messages, **params, **tools),
+                           size=request.state.body_bytes)
     return await _respond(app, entry.name, gen, body, chat=True)
 
 
@@ -83,7 +84,7 @@ async def completions(request: Request, body: dict[str, Any]) -> Response:
     if not isinstance(prompt, str):
         raise RequestError(400, "prompt must be a string.", param="prompt")
     params = params_from(body)
-    gen = await core.start(app.registry, entry, lambda m: m.stream(prompt, **params))
+    gen = await core.start(app.registry, entry, lambda m: m.stream(prompt, **params), size=request.state.body_bytes)
     return await _respond(app, entry.name, gen, body, chat=False)
 
 

@@ -79,6 +79,15 @@ class Registry:
             self.touch(e)
             return e.model
 
+    def loaded(self, e: Entry) -> Any:
+        """The entry's model when it is loaded, open and healthy, else None (loads nothing: see :meth:`load`).  Call
+        between :meth:`begin` and :meth:`end`."""
+        model = e.model
+        if model is None or model.closed or model.health().get("status") in ("lost", "degraded"):
+            return None
+        self.touch(e)
+        return model
+
     def options_for(self, e: Entry) -> dict[str, Any]:
         """The load options that apply to this entry's backend (one set of options serves GGUF and ONNX models)."""
         path = resolve_model_path(e.path)
