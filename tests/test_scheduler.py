@@ -9,6 +9,7 @@ import threading
 import time
 
 from edgelm.runtimes.base import Seq
+from edgelm.runtimes import scheduler
 from edgelm.runtimes.scheduler import NO_TOKEN, REUSE_MIN, Scheduler
 
 
@@ -204,5 +205,35 @@ def test_watching_after_a_token_came_notifies_at_once():
         calls = []
         r.watch(lambda: calls.append(1))
         assert calls and next(r) == 7
+    finally:
+        s.close()
+
+
+def test_the_step_after_a_first_token_waits_for_its_consumer_to_pass_it_on(monkeypatch):
+    """The next decode would take the CPUs the consumer needs to pass the first token on (a server: to its socket),
+    so it waits until the consumer comes back for more."""
+    monkeypatch.setattr(scheduler, "HANDOVER_SECONDS", 60.0)  # longer than this test: only the consumer ends it
+    dec = RecordingDecoder(1)
+    s = Scheduler(dec)
+    try:
+        r = s.submit([1, 2], None, 5)
+        assert next(r) == 7  # the first token
+        steps = len(dec.batches)
+        time.sleep(0.05)
+        assert len(dec.batches) == steps  # held while the consumer has not come back
+        assert next(r) == 7  # back for more: the steps go on
+        wait_for(lambda: r.generated == 5)
+    finally:
+        s.close()
+
+
+def test_a_consumer_that_does_not_come_back_holds_the_steps_only_briefly(monkeypatch):
+    monkeypatch.setattr(scheduler, "HANDOVER_SECONDS", 0.01)
+    dec = RecordingDecoder(1)
+    s = Scheduler(dec)
+    try:
+        r = s.submit([1, 2], None, 100)
+        assert next(r) == 7
+        wait_for(lambda: r.generated == scheduler.LOOKAHEAD + 1)  # then it waits for the reader, as any stream
     finally:
         s.close()
