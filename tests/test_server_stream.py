@@ -86,3 +86,18 @@ def test_a_client_leaving_a_stream_read_on_the_event_loop_frees_its_sequence(ser
         deadline.wait(0.02)
     assert model.stats()["sequences"]["active"] == 0
     assert app.state.edgelm.registry.entries["m"].users == 0
+
+
+def test_the_server_runs_on_uvicorns_c_parser_and_event_loop_that_the_serve_extra_installs():
+    """httptools and uvloop are in the serve extra for the time to first token (benchmarks/RESULTS.md): uvicorn
+    picks them by itself when they are installed; this fails if they are not, or if the server stops letting it."""
+    import sys
+
+    server = BackgroundServer(create_app({"m": str(edgelm.default_model_path())}, ui=False))
+    config = server.server.config
+    config.load()
+    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    if sys.platform != "win32":
+        import uvloop
+
+        assert config.get_loop_factory() is uvloop.new_event_loop
