@@ -57,6 +57,12 @@ class Model:
         return self._backend
 
     @property
+    def watchable(self) -> bool:
+        """Whether its streams can be read without a thread of their own (:meth:`ChunkStream.watch`): a batched
+        model's (parallel > 1), whose tokens come from the scheduler's thread."""
+        return self._engine.pushes
+
+    @property
     def n_ctx(self) -> int:
         return self.backend.n_ctx
 
@@ -538,15 +544,10 @@ class ChunkStream:
     def __next__(self) -> Chunk:
         return next(self._chunks)
 
-    @property
-    def watchable(self) -> bool:
-        """Whether :meth:`watch` works: the tokens come from a batched model's scheduler thread."""
-        return self._source.pushes
-
     def watch(self, notify: Callable[[], None]) -> None:
         """Read it without a thread of its own (an event loop does): from now on next() never blocks but gives
         :data:`WAITING` (identity) while the next chunk is not ready, and ``notify()`` is called from the model's
-        thread whenever something came; only where :attr:`watchable`."""
+        thread whenever something came.  Only a stream of a model that is :attr:`Model.watchable`."""
         self._source.watch(notify)
 
     def cancel(self) -> None:

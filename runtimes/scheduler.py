@@ -174,6 +174,8 @@ class Direct:
     """Generations one at a time on one sequence of ``backend``, granted in arrival order (onnxruntime, and
     llama.cpp with parallel=1: the fastest path for a single stream)."""
 
+    pushes = False  # its sources compute their tokens in next(): they cannot be watched
+
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.seq = backend.sequences[0]
@@ -306,6 +308,7 @@ class Request(TokenSource):
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.back.set()  # nobody to hand a first token to any more
         self.put(_DONE)  # a consumer blocked in next() wakes up at once
         self.scheduler.wake()
 
@@ -324,6 +327,8 @@ class SchedulerStats:
 
 class Scheduler:
     """Continuous batching over ``backend`` (a :class:`BatchDecoder` with several sequences)."""
+
+    pushes = True  # its sources (Request) can be watched
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend

@@ -4,11 +4,11 @@ A batched model (parallel=N: the llama.cpp scheduler) already loaded and a reque
 are started on the event loop itself: the prompt is tokenized and submitted there, and the loop is told by the
 scheduler's thread when a token came (ChunkStream.watch), so the first token reaches the socket without a thread hop
 (measured: a thread per request cost ~0.5 ms of the time to first token, and 1-4 ms more in the requests where it
-waited for a CPU while the next decode ran).  Otherwise a worker thread loads the model
-on first use, starts the stream and reads it (a one-at-a-time model computes its tokens in the reading thread); the
-model itself queues requests in arrival order, or batches them.  A client that goes away cancels its stream from
-the event loop's side (ChunkStream.cancel is thread-safe), so a waiting request leaves the queue and a running one
-stops within a step, freeing its sequence.
+waited for a CPU while the next decode ran).  Otherwise a worker thread loads the model on first use, starts the
+stream and reads it (a one-at-a-time model computes its tokens in the reading thread); the model itself queues
+requests in arrival order, or batches them.  A client that goes away cancels its stream from the event loop's side
+(ChunkStream.cancel is thread-safe), so a waiting request leaves the queue and a running one stops within a step,
+freeing its sequence.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ class _Threaded:
     def __init__(self, registry: Registry, entry: Entry, make: Callable[[], Any], handle: _Handle) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.model: Any = None
 
         def put(item: Any) -> None:
             loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -160,13 +159,15 @@ async def start(registry: Registry, entry: Entry, build: Callable[[Any], Iterato
     handle = _Handle()
     registry.begin(entry)
     try:
-        model = registry.loaded(entry) if size <= INLINE_BUILD_BYTES else None
-        stream = handle.stream = build(model) if model is not None else None  # errors: a status, nothing started
-        if stream is not None and stream.watchable:
-            feed: Any = _Watched(registry, entry, stream)
+        model = entry.model if size <= INLINE_BUILD_BYTES else None
+        # only a batched model (an in-process llama.cpp one, whose health check is immediate) is started here
+        model = registry.loaded(entry) if model is not None and not model.closed and model.watchable else None
+        feed: Any
+        if model is not None:
+            handle.stream = build(model)  # its errors are statuses; nothing was started
+            feed = _Watched(registry, entry, handle.stream)
         else:
-            feed = _Threaded(registry, entry, (lambda: stream) if stream is not None else
-                             (lambda: build(registry.load(entry))), handle)
+            feed = _Threaded(registry, entry, lambda: build(registry.load(entry)), handle)
     except BaseException:
         registry.end(entry)
         raise
