@@ -5,11 +5,11 @@ llama_decode (the master) and OpenMP workers that libgomp keeps per master threa
 decode starts, the kernel wakes each worker on a CPU of its choosing, and after an idle pause it often chooses the
 CPU the master is running on (measured on a 2-CPU VM, kernel 6.18: in half the server requests after a 0.2 s pause
 the master and the worker then took turns on one CPU for ~10 ms, until the load balancer moved one; the decode of
-one token took 16-20 ms instead of 8).  Linux places a waking thread on its previous CPU when that CPU is idle, so
-the cure is cheap: before a decode that follows an idle pause, :func:`spread` moves the master off any CPU a worker
-last ran on (and pins a worker that shares a CPU with another worker to a free one for that decode).  No thread
-stays pinned: the master's own mask is restored at once (it stays where it was moved, free to go anywhere), a worker's
-after the decode.
+one token took 16-20 ms instead of 8).  Moving the master away is not enough: in a VM the kernel counts a halted
+vCPU as busy and woke the worker next to its waker even when its previous CPU was idle.  So before a decode that
+follows an idle pause, :meth:`Team.spread` pins each worker to a CPU of its own, other than the master's (its last
+CPU when that is free), for that decode only: the workers' masks are restored after it, and the master is never
+pinned.
 
 A master's workers are learned on its first decode under :func:`decoding`: the threads of this process that are not
 Python threads and ran during that decode (their run time in /proc/self/task/*/schedstat grew).  Everything here is
@@ -112,7 +112,7 @@ class Team:
         self.clock = clock
         self.workers: list[int] | None = None  # None: not learned yet
         self.last_end = float("-inf")  # when this thread's last decode ended
-        self.moves = 0  # threads moved so far (tests and benchmarks read it)
+        self.moves = 0  # workers placed away from their last CPU so far (tests read it)
         self._pinned: list[tuple[int, set[int]]] = []
         self._before: dict[int, int] | None = None
 
@@ -135,36 +135,42 @@ class Team:
     # --- placing them ---
 
     def spread(self) -> list[tuple[int, set[int]]]:
-        """Move this thread off any CPU a worker last ran on, and pin a worker sharing a CPU with another worker to
-        a free CPU; returns the workers pinned and their masks (for :meth:`release` after the decode).  Nothing
-        when every team member is on its own CPU already or no CPU is free."""
+        """Pin each worker to a CPU of its own, not this thread's, for the coming decode: its last CPU when that is
+        free, else a free one.  Returns the workers and their masks, for :meth:`release` after the decode; nothing
+        when the team has more threads than CPUs to give them."""
         if not self.workers:
             return []
         system = self.system
         try:
             here = system.current_cpu()
             last = {tid: system.last_cpu(tid) for tid in self.workers}
+            masks = {tid: system.affinity(tid) for tid in self.workers}
         except (OSError, ValueError):  # a worker is gone (libgomp made a new pool): learn the team again
             self.workers = None
             return []
-        allowed = system.affinity(0)
-        used = {here, *last.values()}
-        free = sorted(allowed - used)
+        taken = {here}
+        choice: dict[int, int] = {}
+        for tid, cpu in last.items():  # a worker where it was, if no other team member is there
+            if cpu not in taken and cpu in masks[tid]:
+                choice[tid] = cpu
+                taken.add(cpu)
+        for tid in last:  # the others on free CPUs
+            if tid not in choice:
+                free = sorted(masks[tid] - taken)
+                if not free:
+                    return []
+                choice[tid] = free[0]
+                taken.add(free[0])
         pinned: list[tuple[int, set[int]]] = []
-        if here in last.values() and free:
-            cpu = free.pop(0)
-            system.set_affinity(0, {cpu})  # the calling thread moves now...
-            system.set_affinity(0, allowed)  # ...and keeps its freedom
-            self.moves += 1
-            here = cpu
-        seen = {here}
-        for tid, cpu in last.items():
-            if cpu in seen and free:
-                pinned.append((tid, system.affinity(tid)))
-                system.set_affinity(tid, {free.pop(0)})
-                self.moves += 1
-            else:
-                seen.add(cpu)
+        try:
+            for tid, cpu in choice.items():
+                system.set_affinity(tid, {cpu})
+                pinned.append((tid, masks[tid]))
+                self.moves += cpu != last[tid]
+        except OSError:  # gone meanwhile: free the others and learn the team again
+            self.release(pinned)
+            self.workers = None
+            return []
         return pinned
 
     def release(self, pinned: list[tuple[int, set[int]]]) -> None:
@@ -174,7 +180,8 @@ class Team:
                 self.system.set_affinity(tid, mask)
 
     # around a decode (``with team:``): learns the workers on the thread's first one, spreads the team after an
-    # idle pause; a class, not a generator, since it wraps every prompt and scheduler step (~0.3 us here)
+    # idle pause (two syscalls per worker, and one /proc read); a class, not a generator, since it wraps every
+    # prompt and scheduler step (~0.3 us when there is nothing to do)
 
     def __enter__(self) -> "Team":
         self._pinned = self.spread() if self.clock() - self.last_end > IDLE_SECONDS else []
