@@ -101,3 +101,23 @@ def test_the_server_runs_on_uvicorns_c_parser_and_event_loop_that_the_serve_extr
         import uvloop
 
         assert config.get_loop_factory() is uvloop.new_event_loop
+
+
+def test_a_stream_whose_event_loop_closed_does_not_fail_the_models_thread():
+    """The scheduler's thread calls notify after every token: a server that stopped (its loop closed) while a
+    stream ran must not make that call raise there, where it would end the scheduler."""
+    import asyncio
+
+    class Stream:
+        def watch(self, notify):
+            self.notify = notify
+
+    stream = Stream()
+    loop = asyncio.new_event_loop()
+
+    async def make():
+        return core._Watched(None, None, stream)
+
+    loop.run_until_complete(make())
+    loop.close()
+    stream.notify()  # no RuntimeError("Event loop is closed")

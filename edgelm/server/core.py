@@ -92,7 +92,14 @@ class _Watched:
         self.registry, self.entry, self.stream = registry, entry, stream
         self.ready = asyncio.Event()
         self.closed = False
-        stream.watch(lambda: loop.call_soon_threadsafe(self.ready.set))
+
+        def notify() -> None:  # on the model's thread, which must not fail for a reader that is gone
+            try:
+                loop.call_soon_threadsafe(self.ready.set)
+            except RuntimeError:  # the loop is closed (the server stopped): nobody reads this stream any more
+                pass
+
+        stream.watch(notify)
 
     async def next(self) -> Any:
         try:
