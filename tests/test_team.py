@@ -70,6 +70,14 @@ def learned(system: FakeSystem, clock: Clock, running: set[int]) -> Team:
     return t
 
 
+def decode_after(t: Team, system: FakeSystem, clock: Clock, pause: float) -> None:
+    """One decode after ``pause`` seconds, with the affinity changes recorded from a clean slate."""
+    system.calls.clear()
+    clock.now += pause
+    with t:
+        pass
+
+
 def test_learns_the_threads_that_ran_during_the_first_decode_and_not_python_threads():
     system = FakeSystem(cpus=4, here=0, workers={11: 1, 12: 2, 13: 3}, python={1, 2})
     t = learned(system, Clock(), running={11, 12})  # 13 is some other native thread that stayed asleep
@@ -96,16 +104,10 @@ def test_after_a_pause_a_worker_on_its_own_cpu_is_held_there_for_the_decode_and_
     system = FakeSystem(cpus=2, here=0, workers={11: 1})
     clock = Clock()
     t = learned(system, clock, running={11})
-    system.calls.clear()
-    clock.now += 0.2
-    with t:
-        pass
+    decode_after(t, system, clock, 0.2)
     assert system.calls == [(11, {1}), (11, {0, 1})] and t.moves == 0
-    system.calls.clear()
     system.cpu_of[11] = 0  # shares the master's CPU, but the team decoded a moment ago: its threads are awake
-    clock.now += IDLE_SECONDS / 2
-    with t:
-        pass
+    decode_after(t, system, clock, IDLE_SECONDS / 2)
     assert system.calls == []
 
 
@@ -113,10 +115,7 @@ def test_more_threads_than_cpus_are_left_to_the_kernel():
     system = FakeSystem(cpus=2, here=0, workers={11: 1, 12: 1})
     clock = Clock()
     t = learned(system, clock, running={11, 12})
-    system.calls.clear()
-    clock.now += 1
-    with t:
-        pass
+    decode_after(t, system, clock, 1)
     assert system.calls == []
 
 

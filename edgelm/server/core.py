@@ -166,9 +166,9 @@ async def start(registry: Registry, entry: Entry, build: Callable[[Any], Iterato
     handle = _Handle()
     registry.begin(entry)
     try:
-        model = entry.model if size <= INLINE_BUILD_BYTES else None
         # only a batched model (an in-process llama.cpp one, whose health check is immediate) is started here
-        model = registry.loaded(entry) if model is not None and not model.closed and model.watchable else None
+        model = entry.model
+        model = registry.loaded(entry) if size <= INLINE_BUILD_BYTES and model is not None and model.watchable else None
         feed: Any
         if model is not None:
             handle.stream = build(model)  # its errors are statuses; nothing was started

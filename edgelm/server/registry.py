@@ -35,6 +35,11 @@ class Entry:
     keep_alive: float | None = None  # seconds, set by a request (Ollama's keep_alive); None: the registry's
 
 
+def _lost(model: Any) -> bool:
+    """Whether an open model lost an RPC worker (edgelm.rpc): it must be loaded again."""
+    return model.health().get("status") in ("lost", "degraded")
+
+
 class Registry:
     def __init__(self, models: dict[str, str | Path | None] | None, *, keep_alive: float = 300.0,
                  load_kwargs: dict[str, Any] | None = None) -> None:
@@ -70,7 +75,7 @@ class Registry:
     def load(self, e: Entry) -> Any:
         """The entry's model, loading it on first use.  Call between :meth:`begin` and :meth:`end`."""
         with e.load_lock:
-            if e.model is not None and not e.model.closed and e.model.health().get("status") in ("lost", "degraded"):
+            if e.model is not None and not e.model.closed and _lost(e.model):
                 e.model.close()  # an RPC worker went away (edgelm.rpc): load again, which checks the workers first
             if e.model is None or e.model.closed:
                 t = time.perf_counter()
@@ -83,7 +88,7 @@ class Registry:
         """The entry's model when it is loaded, open and healthy, else None (loads nothing: see :meth:`load`).  Call
         between :meth:`begin` and :meth:`end`."""
         model = e.model
-        if model is None or model.closed or model.health().get("status") in ("lost", "degraded"):
+        if model is None or model.closed or _lost(model):
             return None
         self.touch(e)
         return model
